@@ -1,0 +1,3 @@
+from sinkless.cli import main
+
+raise SystemExit(main())
