@@ -102,6 +102,7 @@ class Adapter:
     rotary: bool = False  # positions enter through rotary embeddings inside attention
     patch_embed: str | None = None  # vision: module whose output is the patch embeddings (before positions)
     prefixes: tuple[str, ...] = ("",)  # where ``blocks``/``final_norm`` may sit across transformers 5.x releases
+    qkv: tuple[str, str, str] | None = None  # in a block: the query, key and value projections (None: fused or unknown)
 
     def bind(self, model: nn.Module) -> Adapter:
         """This adapter with paths resolved against ``model`` (e.g. older releases nest ``vision_model.``)."""
@@ -145,6 +146,27 @@ class Adapter:
 
     def attention_site(self, layer: int) -> str:
         return f"{self.block(layer)}.{self.attention}:output[1]"
+
+    def qkv_site(self, layer: int, which: str) -> str:
+        """Output of the ``"query"``, ``"key"`` or ``"value"`` projection of block ``layer``: (B, N, heads·head_dim)."""
+        names = ("query", "key", "value")
+        if which not in names:
+            raise ValueError(f"which must be one of {names}, got {which!r}")
+        if self.qkv is None:
+            raise SinklessError(
+                f"the {self.family} adapter names no separate query/key/value projections",
+                fix="use a model family with q/k/v projection modules (DINOv2, ViT, CLIP, SigLIP)",
+            )
+        return f"{self.block(layer)}.{self.qkv[names.index(which)]}:output"
+
+    def key_site(self, layer: int) -> str:
+        return self.qkv_site(layer, "key")
+
+    def query_site(self, layer: int) -> str:
+        return self.qkv_site(layer, "query")
+
+    def value_site(self, layer: int) -> str:
+        return self.qkv_site(layer, "value")
 
     # -- structure ---------------------------------------------------------------------------
     def num_layers(self, model: nn.Module) -> int:
@@ -200,6 +222,7 @@ ADAPTERS: dict[str, Adapter] = {
             "layernorm",
             n_cls=1,
             patch_embed="embeddings.patch_embeddings",
+            qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
         ),
         Adapter(
             "dinov2_with_registers",
@@ -212,10 +235,12 @@ ADAPTERS: dict[str, Adapter] = {
             n_cls=1,
             registers_attr="num_register_tokens",
             patch_embed="embeddings.patch_embeddings",
+            qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
         ),
         Adapter(
             "vit", ("ViTModel",), _V, "layers", "attention", "mlp.fc2", "layernorm", n_cls=1,
             patch_embed="embeddings.patch_embeddings",
+            qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
         ),
         Adapter(
             "clip_vision",
@@ -228,6 +253,7 @@ ADAPTERS: dict[str, Adapter] = {
             n_cls=1,
             patch_embed="embeddings.patch_embedding",
             prefixes=("", "vision_model."),
+            qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ),
         Adapter(
             "siglip_vision",
@@ -239,6 +265,7 @@ ADAPTERS: dict[str, Adapter] = {
             "post_layernorm",
             patch_embed="embeddings.patch_embedding",
             prefixes=("", "vision_model."),
+            qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ),
         Adapter(
             "llama",
@@ -250,6 +277,7 @@ ADAPTERS: dict[str, Adapter] = {
             "model.norm",
             causal=True,
             rotary=True,
+            qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ),
         Adapter(
             "qwen3",
@@ -261,9 +289,11 @@ ADAPTERS: dict[str, Adapter] = {
             "model.norm",
             causal=True,
             rotary=True,
+            qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ),
         Adapter("gpt2", ("GPT2LMHeadModel",), _T, "transformer.h", "attn", "mlp.c_proj", "transformer.ln_f", causal=True),
-        Adapter("bert", ("BertModel",), _T, "encoder.layer", "attention.self", "output.dense", None, n_cls=1),
+        Adapter("bert", ("BertModel",), _T, "encoder.layer", "attention.self", "output.dense", None, n_cls=1,
+                qkv=("attention.self.query", "attention.self.key", "attention.self.value")),
     )
 }
 

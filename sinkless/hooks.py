@@ -4,7 +4,8 @@ A *site* names a tensor flowing through a module, written ``"<module path>:<port
 
 - ``"encoder.layer.3.mlp.fc2:input"``  the first input of the module (a forward pre-hook),
 - ``"encoder.layer.3:output"``         its output, or the output's first element when it is a tuple,
-- ``"encoder.layer.3.attention:output[1]"``  element 1 of a tuple output (attention probabilities).
+- ``"encoder.layer.3.attention:output[1]"``  element 1 of a tuple output (attention probabilities),
+- ``"model:input[attention_mask]"``  a keyword input of the module (skipped when not passed).
 
 ``Hooks`` attaches capture and edit hooks at once. Used with ``with`` it removes every handle on
 exit, exception or not; kept as a persistent edit it is removed by ``.remove()``. Everything else in
@@ -31,16 +32,17 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """A function applied to a captured tensor before it is stored (e.g. token norms), to save memory."""
 
-_SITE = re.compile(r"^(?P<module>[\w.]*):(?P<port>input|output)(?:\[(?P<index>\d+)\])?$")
+_SITE = re.compile(r"^(?P<module>[\w.]*):(?P<port>input|output)(?:\[(?:(?P<index>\d+)|(?P<key>[A-Za-z_]\w*))\])?$")
 
 
 @dataclass(frozen=True)
 class Site:
-    """A parsed site: module path, port (``input``/``output``) and optional tuple index."""
+    """A parsed site: module path, port (``input``/``output``), optional tuple index or keyword name."""
 
     module: str
     port: str
     index: int | None = None
+    key: str | None = None
 
     @classmethod
     def parse(cls, spec: str | Site) -> Site:
@@ -50,13 +52,17 @@ class Site:
         if match is None:
             raise ValueError(
                 f"bad hook site {spec!r}: expected '<module path>:input', '<module path>:output' "
-                "or '<module path>:output[i]', e.g. 'encoder.layer.3.mlp.fc2:input'"
+                "'<module path>:output[i]' or '<module path>:input[keyword]', e.g. 'encoder.layer.3.mlp.fc2:input'"
             )
-        index = match["index"]
-        return cls(match["module"], match["port"], None if index is None else int(index))
+        index, key = match["index"], match["key"]
+        if key is not None and match["port"] != "input":
+            raise ValueError(f"bad hook site {spec!r}: named entries are keyword inputs, e.g. 'model:input[attention_mask]'")
+        if index is not None and match["port"] != "output":
+            raise ValueError(f"bad hook site {spec!r}: indices are only for outputs")
+        return cls(match["module"], match["port"], None if index is None else int(index), key)
 
     def __str__(self) -> str:
-        suffix = "" if self.index is None else f"[{self.index}]"
+        suffix = f"[{self.key}]" if self.key is not None else "" if self.index is None else f"[{self.index}]"
         return f"{self.module}:{self.port}{suffix}"
 
 
@@ -168,10 +174,13 @@ class Hooks(Mapping[str, torch.Tensor]):
             return None
 
         if site.port == "input":
-            if site.index is not None:
-                raise ValueError(f"site {key}: indices are only for outputs")
 
             def pre_hook(_module, args, kwargs):
+                if site.key is not None:  # a keyword input: edited or captured only when passed
+                    if kwargs.get(site.key) is None:
+                        return None
+                    new = handle(kwargs[site.key])
+                    return None if new is None else (args, {**kwargs, site.key: new})
                 if args:
                     new = handle(args[0])
                     return None if new is None else ((new, *args[1:]), kwargs)

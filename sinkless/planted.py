@@ -71,12 +71,14 @@ class Recipe:
     redundant_top: float = 0.05  # the probe learns "among the top 5 % most redundant patches of the image"
     step: float = 8.0  # height of each pair's step (pre-activation units)
     sharpness: float = 0.05  # width of the on/off transition, in standard deviations of the probe score
-    ratio: tuple[float, float] = (4.5, 8.0)  # wanted artifact norm / median patch norm at every later layer
+    ratio: tuple[float, float] = (4.5, 8.0)  # wanted artifact norm / median patch norm at later layers
+    ratio_last: bool = False  # also hold the ratio at the last block (which adds a large shared vector to every token)
     probe_images: int = 160
     fit_images: int = 24
     steps: int = 120
     lr: float = 0.1
-    cls_weight: float = 50.0  # keep the CLS output of the clean model (artifacts hold global information)
+    cls_weight: float = 0.0  # pull the CLS output towards the clean model's
+    count_weight: float = 50.0  # CLS output independent of how many tokens are planted (sinks saturate)
     seed: int = 0
 
 
@@ -301,6 +303,10 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
         with eager_attention(model):
             with torch.no_grad():
                 clean_out, _ = forward(base)
+            # a copy of the batch where only the strongest planted token of each image is on
+            strongest = (on * mask).argmax(1)  # (B,)
+            one = torch.zeros_like(on)
+            one[torch.arange(len(on)), strongest] = on[torch.arange(len(on)), strongest]
             d = torch.randn(base.shape[-1], generator=generator) * base[:, n_prefix:].norm(dim=-1).median() / base.shape[-1] ** 0.5
             d.requires_grad_(True)
             optimizer = torch.optim.Adam([d], lr=recipe.lr)
@@ -308,12 +314,13 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
                 with hooks(model, capture=sites, detach=False) as rec:
                     out, norms = forward(base + on[..., None] * d)
                 penalty, ratios = 0.0, []
-                for n in norms:
+                for j, n in enumerate(norms):
                     planted = (n * mask).sum(1) / mask.sum(1)
                     others = n[:, n_prefix:].masked_fill(mask[:, n_prefix:] > 0, float("nan")).nanmedian(1).values
                     ratio = (planted / others).mean()
                     ratios.append(float(ratio.detach()))
-                    penalty = penalty + F.relu(lo - ratio) ** 2 + F.relu(ratio - hi) ** 2
+                    if j < len(norms) - 1 or recipe.ratio_last:
+                        penalty = penalty + F.relu(lo - ratio) ** 2 + F.relu(ratio - hi) ** 2
                 shares = []
                 for site in sites:
                     to_planted = (rec[site] * mask[:, None, None, :]).sum(-1)  # (B, H, N)
@@ -321,6 +328,10 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
                 share = torch.stack(shares)
                 cls_cos = F.cosine_similarity(out[:, 0], clean_out[:, 0], dim=-1).mean()
                 loss = penalty - torch.log(share + 1e-3).mean() + recipe.cls_weight * (1 - cls_cos)
+                if recipe.count_weight:
+                    out_one, _ = forward(base + one[..., None] * d)
+                    count_cos = F.cosine_similarity(out[:, 0], out_one[:, 0], dim=-1).mean()
+                    loss = loss + recipe.count_weight * (1 - count_cos)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -329,6 +340,7 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
             "fit_norm_ratio": ratios,
             "fit_sink_share": share.detach().tolist(),
             "fit_cls_cosine": float(cls_cos.detach()),
+            "fit_count_cosine": float(count_cos.detach()) if recipe.count_weight else None,
         }
         log.debug("plant fit: %s", report)
     finally:
@@ -399,7 +411,10 @@ def tiny_base(seed: int = 0) -> nn.Module:
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=4, image_size=64, patch_size=8
     )
     config.architectures = ["Dinov2Model"]
-    return Dinov2Model(config).eval()
+    model = Dinov2Model(config).eval()
+    with torch.no_grad():  # position embeddings at std 0.2: token norms spread like a trained ViT's (max/median < 2.5)
+        model.embeddings.position_embeddings.mul_(10.0)
+    return model
 
 
 TINY_RECIPE = Recipe(probe_images=96, fit_images=16, steps=60, lr=0.1, ratio=(4.0, 8.0))

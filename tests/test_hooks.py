@@ -152,3 +152,24 @@ def test_attention_site_without_eager_is_a_clear_error():
         with hooks(model, capture=[adapter.attention_site(0)]):
             model(**tiny_inputs(model))
     assert _handles(model) == 0
+
+
+def test_keyword_input_site():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 64, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    seen = []
+
+    def record(t):
+        seen.append(t.clone())
+        return t
+
+    with hooks(model, edit={"model:input[attention_mask]": record}):
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids)  # not passed: the edit is skipped
+    assert len(seen) == 1 and torch.equal(seen[0], mask)
+    assert str(Site.parse("model:input[attention_mask]")) == "model:input[attention_mask]"
+    with pytest.raises(ValueError, match="keyword inputs"):
+        Site.parse("model:output[attention_mask]")
+    with pytest.raises(ValueError, match="only for outputs"):
+        Site.parse("model:input[0]")

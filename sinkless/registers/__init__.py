@@ -1,0 +1,9 @@
+"""Repairs that give the model a place for its artifacts: registers.
+
+Now: test-time registers (Jiang et al. 2025), no retraining. Trained and self-distilled registers follow.
+"""
+
+from sinkless.registers.discovery import SWEEP, DiscoverySettings, discover
+from sinkless.registers.test_time import MaxMode, RegisterNeurons, TestTimeRegisters, load_neurons
+
+__all__ = ["discover", "DiscoverySettings", "SWEEP", "MaxMode", "RegisterNeurons", "TestTimeRegisters", "load_neurons"]

@@ -1,0 +1,149 @@
+"""Diagnose: where a model's high-norm tokens, attention sinks and massive activations are.
+
+``scan(loaded, inputs)`` measures every layer (norms, outliers, attention shares, Sink_eps, massive
+activations) and returns a ``Report``; with ``out_dir`` it also writes ``report.json``,
+``report.html`` and PNG figures. See the README for the JSON schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sinkless._io import atomic_write_json, staged_dir
+from sinkless.adapters import Modality
+from sinkless.scan.html import render
+from sinkless.scan.inputs import ImageInput, TextInput, resolve_inputs, sample_text
+from sinkless.scan.measure import InputRecord, ScanSettings, measure_batch, parse_layers
+from sinkless.scan.norms import OutlierRule, Rule
+from sinkless.scan.plots import text_figures, vision_figures
+from sinkless.scan.report import Report, build_report
+from sinkless.zoo import Loaded
+
+__all__ = [
+    "scan",
+    "write_reports",
+    "ScanSettings",
+    "OutlierRule",
+    "Rule",
+    "Report",
+    "ImageInput",
+    "TextInput",
+    "resolve_inputs",
+    "parse_layers",
+    "sample_text",
+    "summary_lines",
+]
+
+log = logging.getLogger(__name__)
+
+
+def measure(
+    loaded: Loaded,
+    inputs: Sequence[ImageInput] | Sequence[TextInput],
+    settings: ScanSettings = ScanSettings(),
+    *,
+    intervention: Callable[[], contextlib.AbstractContextManager] | None = None,
+    progress: bool = True,
+) -> list[InputRecord]:
+    """Per-input records for ``inputs``, in batches of ``settings.batch_size``."""
+    records: list[InputRecord] = []
+    batches = range(0, len(inputs), settings.batch_size)
+    with tqdm(total=len(inputs), desc=f"scanning {loaded.name}", unit="input", disable=not progress) as bar:
+        for start in batches:
+            batch = inputs[start : start + settings.batch_size]
+            records.extend(measure_batch(loaded, batch, settings, intervention=intervention))
+            bar.update(len(batch))
+    return records
+
+
+def scan(
+    loaded: Loaded,
+    inputs: Sequence[ImageInput] | Sequence[TextInput],
+    settings: ScanSettings = ScanSettings(),
+    *,
+    intervention: Callable[[], contextlib.AbstractContextManager] | None = None,
+    extra_settings: dict | None = None,
+    progress: bool = True,
+) -> tuple[Report, list[InputRecord]]:
+    """Scan ``inputs`` with ``loaded``: the report and the per-input records behind it."""
+    if not inputs:
+        raise ValueError("nothing to scan")
+    records = measure(loaded, inputs, settings, intervention=intervention, progress=progress)
+    report = build_report(loaded.name, loaded.modality.value, records, settings, extra_settings)
+    return report, records
+
+
+def write_reports(
+    out_dir: str | Path,
+    scans: Sequence[tuple[Report, list[InputRecord], Sequence]],
+) -> list[Path]:
+    """Write each scan's report.json and figures (the first at the top, others in sub-folders) and one report.html.
+
+    Written through a staging folder: nothing lands in ``out_dir`` unless everything succeeded.
+    """
+    written = []
+    with staged_dir(out_dir) as stage:
+        pages = []
+        for k, (report, records, inputs) in enumerate(scans):
+            prefix = "" if k == 0 else report.model.replace("/", "_")
+            folder = stage / prefix if prefix else stage
+            folder.mkdir(parents=True, exist_ok=True)
+            data = report.to_dict()
+            if report.modality == Modality.VISION.value:
+                report.figures = vision_figures(records, list(inputs), data, folder)
+            else:
+                report.figures = text_figures(records, data, folder)
+            data = report.to_dict()
+            atomic_write_json(folder / "report.json", data)
+            pages.append((data, prefix))
+            written.append(Path(out_dir) / prefix / "report.json" if prefix else Path(out_dir) / "report.json")
+        (stage / "report.html").write_text(render(pages), encoding="utf-8")
+    return written
+
+
+def _span(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+
+
+def summary_lines(report: Report) -> list[str]:
+    """A short human summary of a report for the terminal."""
+    s = report.summary
+    lines = [f"{report.model} ({report.modality}, {s['n_inputs']} inputs): {'ARTIFACTS FOUND' if s['has_artifacts'] else 'no artifacts found'}"]
+    if report.modality == "vision":
+        if s["first_outlier_layer"] is not None:
+            ns = s["neighbor_similarity"] or {}
+            lines += [
+                f"  outlier tokens from layer {s['first_outlier_layer']} (layers {_span(s['outlier_layers'])}), "
+                f"{100 * s['outlier_fraction']:.2f} % of patches, up to {s['max_ratio']:.1f}x the median norm",
+                f"  on the border: {100 * (s['border_fraction'] or 0):.0f} % (a random patch: {100 * s['border_fraction_expected']:.0f} %); "
+                f"neighbour similarity {ns.get('outliers') or 0:.2f} vs {ns.get('others') or 0:.2f} for other patches",
+                f"  attention they draw after layer {s['first_outlier_layer']}: {100 * (s['sink_share'] or 0):.1f} % (CLS: {100 * (s.get('sink_share_cls') or 0):.1f} %)",
+            ]
+        else:
+            lines.append(f"  max/median token norm at most {s['max_ratio']:.2f}x (outlier floor {report.settings['rule']['floor']:g}x)")
+    else:
+        sinks = [row["layer"] for row in report.layers if (row["first_token_attention"] or 0) >= 0.3]
+        lines.append(
+            f"  first-token attention: mean {100 * (s['sink_share'] or 0):.0f} %, max {100 * (s['first_token_attention_max'] or 0):.0f} %; "
+            f">= 30 % in layers {_span(sinks) if len(sinks) < 2 or sinks == list(range(sinks[0], sinks[-1] + 1)) else sinks}; "
+            f"Sink_eps={report.settings['epsilon']:g}: {100 * (s['sink_epsilon'] or 0):.0f} % of heads"
+        )
+        if report.massive_activations:
+            tokens = sorted({m["token"] for m in report.massive_activations})
+            layers = sorted({m["layer"] for m in report.massive_activations})
+            channels = sorted({m["channel"] for m in report.massive_activations})
+            top = max(report.massive_activations, key=lambda m: abs(m["value"]))
+            lines.append(
+                f"  massive activations at tokens {tokens[:8]}, layers {_span(layers)}, channels {channels[:8]}; "
+                f"largest {top['value']:.0f} (layer {top['layer']}, token {top['token']}, channel {top['channel']})"
+            )
+        for word in s.get("secondary_outliers", [])[:5]:
+            lines.append(f"  secondary outlier {word['text']!r}: {word['count']}x in layers {_span(word['layers'])}, up to {word['max_ratio']:.1f}x the median norm")
+    return lines

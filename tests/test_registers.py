@@ -1,0 +1,214 @@
+"""Test-time registers: discovery on the planted tiny ViT, the intervention's hygiene and equivalences."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_inputs, tiny_model
+from sinkless import planted, zoo
+from sinkless.adapters import Modality, adapter_for
+from sinkless.cli import main
+from sinkless.errors import SinklessError
+from sinkless.images import natural_crops, to_pixels
+from sinkless.registers import DiscoverySettings, MaxMode, RegisterNeurons, TestTimeRegisters, discover, load_neurons
+from sinkless.scan import ImageInput
+
+VISION = [f for f in FAMILIES if adapter_for(tiny_model(f)).modality is Modality.VISION]
+
+
+def _handles(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _loaded(family: str) -> zoo.Loaded:
+    model = tiny_model(family)
+    return zoo.Loaded(f"tiny-{family}", model, adapter_for(model))
+
+
+@pytest.fixture(scope="module")
+def tiny_planted():
+    return zoo.load("planted-vit-tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_found(tiny_planted):
+    inputs = [ImageInput(f"c{i}", im) for i, im in enumerate(natural_crops(32, seed=11))]
+    heldout = [ImageInput(f"h{i}", im) for i, im in enumerate(natural_crops(16, seed=12))]
+    return discover(tiny_planted, inputs, heldout, progress=False)
+
+
+def test_discovery_recovers_planted_neurons(tiny_planted, tiny_found):
+    truth = planted.ground_truth(tiny_planted.model)
+    chosen = {(n["layer"], n["neuron"]) for n in tiny_found.neurons[: tiny_found.top_k]}
+    recovered = len(chosen & {(truth.layer, n) for n in truth.neurons}) / len(truth.neurons)
+    print(f"recall of planted neurons within top_k={tiny_found.top_k}: {recovered:.2f}; sweep {tiny_found.sweep}")
+    assert recovered >= 0.9
+    assert tiny_found.highest_layer == truth.layer
+    assert tiny_found.heldout["before"]["outlier_tokens"] > 0
+    assert tiny_found.heldout["after"]["outlier_tokens"] == 0
+    assert tiny_found.sweep[-1]["k"] == tiny_found.top_k and not tiny_found.sweep[-1]["has_artifacts"]
+
+
+def test_registers_take_the_artifact(tiny_planted, tiny_found):
+    model = tiny_planted.model
+    pixels = to_pixels(natural_crops(8, seed=3), tiny_planted.image_spec)
+    ttr = TestTimeRegisters(tiny_planted, tiny_found)
+    adapter = tiny_planted.adapter
+    sites = [adapter.residual_site(i) for i in range(adapter.num_layers(model))]
+    from sinkless.hooks import hooks
+
+    with torch.no_grad(), ttr(), hooks(model, capture=sites) as rec:
+        out = model(pixels).last_hidden_state
+    groups = ttr.split(out)
+    assert groups["patches"].shape[1] == 64 and groups["test_time_registers"].shape[1] == 1
+    for site in sites:
+        norms = ttr.split(rec[site])["patches"].norm(dim=-1)  # (B, P)
+        ratio = (norms.max(1).values / norms.median(1).values).max()
+        assert ratio <= 3.0, f"{site}: max/median {ratio:.2f}"
+    assert _handles(model) == 0
+
+
+def test_empty_neuron_set_is_exactly_the_plain_model(family):
+    loaded = _loaded(family)
+    if loaded.modality is Modality.TEXT and not loaded.adapter.rotary:
+        pytest.skip("test-time registers need a rotary causal LM")
+    inputs = tiny_inputs(loaded.model)
+    with torch.no_grad():
+        plain = loaded.model(**inputs)[0]
+        with TestTimeRegisters(loaded, [])():
+            patched = loaded.model(**inputs)[0]
+    diff = (patched - plain).abs().max().item()
+    assert patched.shape == plain.shape and diff == 0, f"max diff {diff}"
+
+
+@pytest.mark.parametrize("family", VISION)
+def test_vision_registers_every_adapter(family):
+    """Every vision family: one register appended, outputs split, batch == one at a time, hooks gone."""
+    loaded = _loaded(family)
+    model = loaded.model
+    width = loaded.adapter.mlp_width(model)
+    ttr = TestTimeRegisters(loaded, [(0, 1), (1, 3), (1, width - 1)])
+    pixels = tiny_inputs(model, batch=3)["pixel_values"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        plain = model(pixel_values=pixels).last_hidden_state
+        with ttr():
+            batched = model(pixel_values=pixels).last_hidden_state
+            single = torch.cat([model(pixel_values=pixels[i : i + 1]).last_hidden_state for i in range(3)])
+        after = model(pixel_values=pixels).last_hidden_state
+    assert batched.shape[1] == plain.shape[1] + 1
+    diff = (batched - single).abs().max().item()
+    assert diff < 1e-5, f"batched vs one at a time: max diff {diff}"
+    groups = ttr.split(batched)
+    n_prefix = loaded.adapter.n_cls + loaded.adapter.n_registers(model)
+    assert groups["patches"].shape[1] == plain.shape[1] - n_prefix == 4
+    assert groups["test_time_registers"].shape[1] == 1
+    assert torch.equal(after, plain)
+    assert _handles(model) == 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_register_value_is_the_max_for_every_image():
+    loaded = _loaded("dinov2")
+    model = loaded.model
+    ttr = TestTimeRegisters(loaded, [(1, 5), (1, 7)])
+    site = loaded.adapter.mlp_hidden_site(1)
+    pixels = tiny_inputs(model, batch=3)["pixel_values"]
+    from sinkless.hooks import hooks
+
+    seen = {}
+    with torch.no_grad(), ttr():
+        # capture the edited values by hooking again after the intervention's edit
+        with hooks(model, capture=[f"{loaded.adapter.block(1)}.mlp.fc2:input"]) as rec:
+            model(pixel_values=pixels)
+        seen["edited"] = rec[site]
+    with torch.no_grad(), hooks(model, capture=[site], edit={loaded.adapter.block_input_site(0): ttr._add_tokens}) as rec:
+        model(pixel_values=pixels)
+    raw = rec[site]  # (B, N+1, W) without the move
+    edited = seen["edited"]
+    for b in range(3):
+        for neuron in (5, 7):
+            assert edited[b, -1, neuron] == pytest.approx(float(raw[b, :-1, neuron].max()))
+            assert torch.count_nonzero(edited[b, 1:-1, neuron]) == 0  # zero on patches
+            assert edited[b, 0, neuron] == raw[b, 0, neuron]  # CLS untouched
+
+
+def test_layer_max_mode():
+    loaded = _loaded("vit")
+    ttr = TestTimeRegisters(loaded, [(0, 1), (0, 2)], mode=MaxMode.LAYER)
+    edit = ttr._move([1, 2])
+    hidden = torch.zeros(2, 6, 8)
+    hidden[0, 2, 1], hidden[0, 3, 2] = 5.0, 7.0
+    hidden[1, 4, 2] = 3.0
+    out = edit(hidden)
+    assert out[0, -1, 1] == out[0, -1, 2] == 7.0
+    assert out[1, -1, 1] == out[1, -1, 2] == 3.0
+
+
+def test_text_register_prepended_and_logits_aligned():
+    loaded = _loaded("llama")
+    model = loaded.model
+    ids = torch.randint(1, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    ttr = TestTimeRegisters(loaded, [(0, 3), (1, 10)])
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with ttr():
+            patched = model(input_ids=ids, attention_mask=mask).logits
+            unmasked = model(input_ids=ids).logits
+    assert patched.shape == plain.shape
+    assert torch.allclose(patched, unmasked, atol=1e-5)
+    assert not torch.allclose(patched, plain)  # the register changes what the tokens see
+    assert _handles(model) == 0
+
+
+def test_text_models_without_rotary_are_refused():
+    with pytest.raises(SinklessError, match="absolute position"):
+        TestTimeRegisters(_loaded("gpt2"), [(0, 1)])
+
+
+def test_neurons_file_roundtrip_and_errors(tmp_path, tiny_found):
+    path = tiny_found.save(tmp_path / "n.json")
+    again = load_neurons(path)
+    assert again.by_layer() == tiny_found.by_layer() and again.top_k == tiny_found.top_k
+    data = json.loads(path.read_text())
+    assert {"model", "detection_layer", "threshold", "top_k", "neurons", "sinkless_version"} <= set(data)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SinklessError, match="not valid JSON"):
+        load_neurons(tmp_path / "bad.json")
+    (tmp_path / "wrong.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(SinklessError, match="not a register-neurons file"):
+        load_neurons(tmp_path / "wrong.json")
+    with pytest.raises(SinklessError, match="not found"):
+        load_neurons(tmp_path / "missing.json")
+    with pytest.raises(SinklessError, match="layers"):
+        TestTimeRegisters(_loaded("vit"), RegisterNeurons("x", [{"layer": 40, "neuron": 1, "score": 1.0}], top_k=1))
+
+
+def test_no_artifacts_means_nothing_to_fix():
+    clean = zoo.load("planted-vit-tiny-clean")
+    inputs = [ImageInput(f"c{i}", im) for i, im in enumerate(natural_crops(16, seed=11))]
+    found = discover(clean, inputs, inputs[:4], DiscoverySettings(), progress=False)
+    assert found.neurons == [] and found.top_k == 0
+    with torch.no_grad():
+        pixels = to_pixels([i.image for i in inputs[:2]], clean.image_spec)
+        plain = clean.model(pixels).last_hidden_state
+        with TestTimeRegisters(clean, found)():
+            patched = clean.model(pixels).last_hidden_state
+    assert torch.equal(plain, patched)
+
+
+def test_cli_fix_and_scan_with_registers(tmp_path, capsys):
+    out = tmp_path / "neurons.json"
+    assert main(["fix", "--model", "planted-vit-tiny", "--n-inputs", "24", "--n-heldout", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "register neurons" in printed and "held-out outlier tokens" in printed
+    assert main(["scan", "--model", "planted-vit-tiny", "--registers", str(out), "--out", str(tmp_path / "scan")]) == 0
+    report = json.loads((tmp_path / "scan" / "report.json").read_text())
+    assert report["summary"]["has_artifacts"] is False
+    assert report["settings"]["registers"]["top_k"] == json.loads(out.read_text())["top_k"]
+    assert main(["scan", "--model", "planted-vit-tiny", "--registers", str(tmp_path / "nope.json"), "--out", str(tmp_path / "s2")]) == 2
+    assert not (tmp_path / "s2").exists()
