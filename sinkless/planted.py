@@ -72,13 +72,15 @@ class Recipe:
     step: float = 8.0  # height of each pair's step (pre-activation units)
     sharpness: float = 0.05  # width of the on/off transition, in standard deviations of the probe score
     ratio: tuple[float, float] = (4.5, 8.0)  # wanted artifact norm / median patch norm at later layers
-    ratio_last: bool = False  # also hold the ratio at the last block (which adds a large shared vector to every token)
+    ratio_last: float | None = None  # lower bound at the last block (which adds a large shared vector to every token); None: free
     probe_images: int = 160
     fit_images: int = 24
     steps: int = 120
     lr: float = 0.1
-    cls_weight: float = 0.0  # pull the CLS output towards the clean model's
-    count_weight: float = 50.0  # CLS output independent of how many tokens are planted (sinks saturate)
+    cls_weight: float = 150.0  # keep the CLS output of the clean model (artifacts do not hurt classification)
+    count_weight: float = 0.0  # CLS output independent of how many tokens are planted (sinks saturate)
+    cls_sink_weight: float = 1.0  # draw the last layer's CLS attention (what CLS-attention maps show)
+    key_weight: float = 5.0  # last-layer keys of planted tokens unlike the other patches' (what trips LOST)
     seed: int = 0
 
 
@@ -284,6 +286,7 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
     final_norm = model.get_submodule(adapter.final_norm)
     later = list(range(layer + 1, adapter.num_layers(model)))
     sites = [adapter.attention_site(i) for i in later]
+    key_site = adapter.key_site(later[-1])
     lo, hi = recipe.ratio
     mask = (on > 0.5).float()  # (B, N) planted tokens
     queries = 1 - mask  # every other token, CLS included
@@ -311,7 +314,7 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
             d.requires_grad_(True)
             optimizer = torch.optim.Adam([d], lr=recipe.lr)
             for _ in tqdm(range(recipe.steps), desc="fitting plant", disable=not progress):
-                with hooks(model, capture=sites, detach=False) as rec:
+                with hooks(model, capture=[*sites, key_site], detach=False) as rec:
                     out, norms = forward(base + on[..., None] * d)
                 penalty, ratios = 0.0, []
                 for j, n in enumerate(norms):
@@ -319,8 +322,10 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
                     others = n[:, n_prefix:].masked_fill(mask[:, n_prefix:] > 0, float("nan")).nanmedian(1).values
                     ratio = (planted / others).mean()
                     ratios.append(float(ratio.detach()))
-                    if j < len(norms) - 1 or recipe.ratio_last:
+                    if j < len(norms) - 1:
                         penalty = penalty + F.relu(lo - ratio) ** 2 + F.relu(ratio - hi) ** 2
+                    elif recipe.ratio_last is not None:
+                        penalty = penalty + F.relu(recipe.ratio_last - ratio) ** 2 + F.relu(ratio - hi) ** 2
                 shares = []
                 for site in sites:
                     to_planted = (rec[site] * mask[:, None, None, :]).sum(-1)  # (B, H, N)
@@ -328,6 +333,15 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
                 share = torch.stack(shares)
                 cls_cos = F.cosine_similarity(out[:, 0], clean_out[:, 0], dim=-1).mean()
                 loss = penalty - torch.log(share + 1e-3).mean() + recipe.cls_weight * (1 - cls_cos)
+                # the last layer: CLS attention drawn to the planted tokens, and their keys unlike the others'
+                cls_share = (rec[sites[-1]][:, :, 0, :] * mask[:, None, :]).sum(-1).mean()
+                keys = F.normalize(rec[key_site][:, n_prefix:], dim=-1)  # (B, P, D)
+                similar = keys @ keys.transpose(1, 2)  # (B, P, P)
+                planted_p, other_p = mask[:, n_prefix:], 1 - mask[:, n_prefix:]
+                to_others = (similar * planted_p[:, :, None] * other_p[:, None, :]).sum((1, 2)) / (planted_p.sum(1) * other_p.sum(1))
+                among_others = (similar * other_p[:, :, None] * other_p[:, None, :]).sum((1, 2)) / other_p.sum(1) ** 2
+                key_gap = (to_others - among_others).mean()  # < 0: planted keys stand apart
+                loss = loss - recipe.cls_sink_weight * torch.log(cls_share + 1e-3) + recipe.key_weight * key_gap
                 if recipe.count_weight:
                     out_one, _ = forward(base + one[..., None] * d)
                     count_cos = F.cosine_similarity(out[:, 0], out_one[:, 0], dim=-1).mean()
@@ -340,6 +354,8 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
             "fit_norm_ratio": ratios,
             "fit_sink_share": share.detach().tolist(),
             "fit_cls_cosine": float(cls_cos.detach()),
+            "fit_last_cls_share": float(cls_share.detach()),
+            "fit_last_key_gap": float(key_gap.detach()),
             "fit_count_cosine": float(count_cos.detach()) if recipe.count_weight else None,
         }
         log.debug("plant fit: %s", report)
@@ -458,3 +474,101 @@ def load_named(name: str):
     plant = _focus_plant(base.model)
     apply_plant(base.model, plant, clean=clean)
     return Loaded(name, base.model, base.adapter, DINOV2_SPEC, source=f"dinov2-s-focus + plant ({base.source})")
+
+
+# -- measured properties -------------------------------------------------------------------------
+@torch.no_grad()
+def properties(planted_model: nn.Module, clean_model: nn.Module, pixels: torch.Tensor, base_model: nn.Module | None = None) -> dict:
+    """What the plant does on these images, next to its clean twin (and the unplanted base, if given).
+
+    Returns the share of planted patches, their norm / median per layer (and the largest ratio of
+    any other patch), their neighbour similarity, the attention share they draw, and how far the
+    other patches' and CLS outputs move from the clean twin.
+    """
+    adapter = adapter_for(planted_model)
+    truth = ground_truth(planted_model)
+    n_layers = adapter.num_layers(planted_model)
+    sites = [adapter.residual_site(i) for i in range(n_layers)] + [adapter.attention_site(i) for i in range(n_layers)]
+    sites.append(adapter.patch_embed_site())
+    mask = planted_tokens(planted_model, pixels)  # (B, N)
+    n_prefix = 1 + adapter.n_registers(planted_model)
+
+    def run(model):
+        with eager_attention(model), hooks(model, capture=sites) as rec:
+            out = model(pixels).last_hidden_state
+        return rec, out
+
+    rec_p, out_p = run(planted_model)
+    rec_c, out_c = run(clean_model)
+    patches = mask[:, n_prefix:]  # (B, P)
+    with_planted = patches.any(1)
+    grid = (pixels.shape[-2] // adapter.patch_size(planted_model), pixels.shape[-1] // adapter.patch_size(planted_model))
+    redundancy = neighbor_similarity(rec_p[adapter.patch_embed_site()], grid)
+    layers = []
+    for i in range(n_layers):
+        norms = rec_p[adapter.residual_site(i)].norm(dim=-1)[:, n_prefix:]  # (B, P)
+        ratio = norms / norms.median(1, keepdim=True).values
+        clean_norms = rec_c[adapter.residual_site(i)].norm(dim=-1)[:, n_prefix:]
+        attn = rec_p[adapter.attention_site(i)].mean(1)  # (B, N, N)
+        to_planted = (attn * mask[:, None, :]).sum(-1)  # (B, N): mass each query sends to planted tokens
+        queries = ~mask
+        queries[:, 0] = False
+        layers.append({
+            "layer": i,
+            "planted_ratio_mean": float(ratio[patches].mean()) if patches.any() else None,
+            "planted_ratio_min": float(ratio[patches].min()) if patches.any() else None,
+            "other_ratio_max": float(ratio[~patches].max()),
+            "clean_ratio_max": float((clean_norms / clean_norms.median(1, keepdim=True).values).max()),
+            "attention_share_cls": float(to_planted[with_planted, 0].mean()) if with_planted.any() else None,
+            "attention_share_patches": float(((to_planted * queries).sum(1) / queries.sum(1))[with_planted].mean()) if with_planted.any() else None,
+        })
+    cosine = F.cosine_similarity(out_p, out_c, dim=-1)  # (B, N)
+    result = {
+        "plant_layer": truth.layer,
+        "neurons": truth.neurons,
+        "n_images": int(pixels.shape[0]),
+        "planted_fraction": float(patches.float().mean()),
+        "planted_fraction_max_image": float(patches.float().mean(1).max()),
+        "images_without_planted": int((~with_planted).sum()),
+        "neighbor_similarity_planted": float(redundancy[patches].mean()) if patches.any() else None,
+        "neighbor_similarity_other": float(redundancy[~patches].mean()),
+        "cosine_to_clean_other_patches": float(cosine[:, n_prefix:][~patches].mean()),
+        "cosine_to_clean_planted_patches": float(cosine[:, n_prefix:][patches].mean()) if patches.any() else None,
+        "cosine_to_clean_cls": float(cosine[:, 0].mean()),
+        "layers": layers,
+    }
+    if base_model is not None:
+        out_b = base_model(pixels).last_hidden_state
+        result["clean_vs_base_max_abs_diff"] = float((out_c - out_b).abs().max())
+        result["clean_vs_base_min_cosine"] = float(F.cosine_similarity(out_c, out_b, dim=-1).min())
+    return result
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m sinkless.planted``: measure planted-vit's properties, or refit its plant."""
+    import argparse
+
+    from sinkless.zoo import load
+
+    parser = argparse.ArgumentParser(prog="python -m sinkless.planted", description=_main.__doc__)
+    parser.add_argument("--images", type=int, default=48, help="held-out natural crops to measure on")
+    parser.add_argument("--seed", type=int, default=777, help="seed of the held-out crops")
+    parser.add_argument("--tiny", action="store_true", help="planted-vit-tiny instead of planted-vit")
+    parser.add_argument("--refit", metavar="FILE", help="fit the plant anew (Recipe defaults) and save it to FILE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.refit:
+        base = load("dinov2-s-focus").model
+        make_plant(base, Recipe(), progress=True).save(args.refit)
+        print(f"wrote {args.refit}")
+        return 0
+    prefix = "planted-vit-tiny" if args.tiny else "planted-vit"
+    planted_model, clean = load(prefix), load(f"{prefix}-clean")
+    base = None if args.tiny else load("dinov2-s-focus").model
+    pixels = to_pixels(natural_crops(args.images, seed=args.seed), planted_model.image_spec)
+    print(json.dumps(properties(planted_model.model, clean.model, pixels, base), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -131,7 +131,8 @@ def test_register_value_is_the_max_for_every_image():
     edited = seen["edited"]
     for b in range(3):
         for neuron in (5, 7):
-            assert edited[b, -1, neuron] == pytest.approx(float(raw[b, :-1, neuron].max()))
+            values = raw[b, :-1, neuron]
+            assert edited[b, -1, neuron] == pytest.approx(float(values[values.abs().argmax()]))
             assert torch.count_nonzero(edited[b, 1:-1, neuron]) == 0  # zero on patches
             assert edited[b, 0, neuron] == raw[b, 0, neuron]  # CLS untouched
 
@@ -139,7 +140,7 @@ def test_register_value_is_the_max_for_every_image():
 def test_layer_max_mode():
     loaded = _loaded("vit")
     ttr = TestTimeRegisters(loaded, [(0, 1), (0, 2)], mode=MaxMode.LAYER)
-    edit = ttr._move([1, 2])
+    edit = ttr._move(0, [1, 2])
     hidden = torch.zeros(2, 6, 8)
     hidden[0, 2, 1], hidden[0, 3, 2] = 5.0, 7.0
     hidden[1, 4, 2] = 3.0
@@ -148,7 +149,7 @@ def test_layer_max_mode():
     assert out[1, -1, 1] == out[1, -1, 2] == 3.0
 
 
-def test_text_register_prepended_and_logits_aligned():
+def test_text_register_inserted_and_logits_aligned():
     loaded = _loaded("llama")
     model = loaded.model
     ids = torch.randint(1, 64, (2, 9))
@@ -161,7 +162,12 @@ def test_text_register_prepended_and_logits_aligned():
             unmasked = model(input_ids=ids).logits
     assert patched.shape == plain.shape
     assert torch.allclose(patched, unmasked, atol=1e-5)
-    assert not torch.allclose(patched, plain)  # the register changes what the tokens see
+    # the register sits after the first token: that token sees nothing new, every later one sees it
+    assert torch.allclose(patched[:, 0], plain[:, 0], atol=1e-5)
+    assert not torch.allclose(patched[:, 1:], plain[:, 1:])
+    with torch.no_grad(), TestTimeRegisters(loaded, [(0, 3)], after_first=False)():
+        before_first = model(input_ids=ids).logits
+    assert before_first.shape == plain.shape and not torch.allclose(before_first[:, 0], plain[:, 0])
     assert _handles(model) == 0
 
 
@@ -212,3 +218,25 @@ def test_cli_fix_and_scan_with_registers(tmp_path, capsys):
     assert report["settings"]["registers"]["top_k"] == json.loads(out.read_text())["top_k"]
     assert main(["scan", "--model", "planted-vit-tiny", "--registers", str(tmp_path / "nope.json"), "--out", str(tmp_path / "s2")]) == 2
     assert not (tmp_path / "s2").exists()
+
+
+def test_text_register_with_kv_cache_prepended_once():
+    """Chunked decoding with a cache: the register is prepended on the first call only, and the
+    result equals one forward over the whole sequence (the register value is causal: a stored peak)."""
+    from transformers import DynamicCache
+
+    loaded = _loaded("llama")
+    model = loaded.model
+    neurons = RegisterNeurons("tiny-llama", [{"layer": 0, "neuron": 3, "score": 1.0, "peak": 2.5}, {"layer": 1, "neuron": 10, "score": 1.0, "peak": -0.7}], top_k=2)
+    ttr = TestTimeRegisters(loaded, neurons)
+    ids = torch.randint(1, 64, (2, 12))
+    with torch.no_grad(), ttr():
+        whole = model(input_ids=ids).logits
+        cache = DynamicCache(config=model.config)
+        parts = [model(input_ids=ids[:, i : i + 4], past_key_values=cache, use_cache=True).logits for i in range(0, 12, 4)]
+    chunked = torch.cat(parts, 1)
+    diff = (whole - chunked).abs().max().item()
+    assert chunked.shape == whole.shape == (2, 12, 64)
+    assert diff < 1e-4, f"chunked vs whole: max diff {diff}"
+    assert cache.get_seq_length() == 13  # 12 tokens + 1 register
+    assert _handles(model) == 0

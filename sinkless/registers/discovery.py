@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 
 from sinkless.adapters import Modality, TokenLayout
 from sinkless.hooks import hooks
-from sinkless.registers.test_time import RegisterNeurons, TestTimeRegisters
+from sinkless.registers.test_time import RegisterNeurons, TestTimeRegisters, _extreme
 from sinkless.scan import ScanSettings
 from sinkless.scan import measure as measure_inputs
 from sinkless.scan.inputs import ImageInput, TextInput
+from sinkless.scan.measure import body_tokens
 from sinkless.scan.measure import model_inputs
 from sinkless.scan.norms import OutlierRule, thresholds
 from sinkless.scan.report import MIN_FRACTION, build_report
@@ -65,9 +66,11 @@ class _Tally:
         self.score_sum = torch.zeros(L, L, W, dtype=torch.float64)  # [detection layer, layer, neuron]
         self.images = torch.zeros(L, dtype=torch.long)  # images with outliers, per detection layer
         self.outliers = torch.zeros(L, dtype=torch.long)
-        self.body_tokens = 0
+        self.n_body = 0
         self.quiet = torch.zeros(L, W, dtype=torch.float64)  # tokens with |activation| < 0.5
         self.tokens = 0
+        self.peak_sum = torch.zeros(L, W, dtype=torch.float64)  # per-input extreme (largest |a|, signed) over body tokens
+        self.inputs = 0
 
 
 def _layouts(loaded: Loaded, n_tokens: int, lengths: list, image_hw) -> list[TokenLayout]:
@@ -95,18 +98,18 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
         layouts = _layouts(loaded, norms.shape[-1], lengths, image_hw)
         for i, layout in enumerate(layouts):
             n = layout.n_tokens
-            body = torch.zeros(n, dtype=torch.bool)
-            body[layout.body] = True
-            if loaded.modality is Modality.TEXT:
-                body[layout.body.start] = False  # the first token is the model's own sink
+            body = body_tokens(layout, text=loaded.modality is Modality.TEXT)
             tau = thresholds(norms[i, :, :n], settings.rule, body.expand(n_layers, n))  # (L,)
             flagged = (norms[i, :, :n] > tau[:, None]) & body  # (L, N)
             tally.outliers += flagged.sum(-1)
-            tally.body_tokens += int(body.sum())
-            hidden = [rec[adapter.mlp_hidden_site(l)][i, :n].abs().double().cpu() for l in range(n_layers)]  # L x (N, W)
+            tally.n_body += int(body.sum())
+            signed = [rec[adapter.mlp_hidden_site(l)][i, :n].double().cpu() for l in range(n_layers)]  # L x (N, W)
+            hidden = [h.abs() for h in signed]
             for l in range(n_layers):
                 tally.quiet[l] += (hidden[l] < 0.5).sum(0)
+                tally.peak_sum[l] += _extreme(signed[l][body], dim=0)
             tally.tokens += n
+            tally.inputs += 1
             for d in flagged.any(-1).nonzero().flatten().tolist():
                 positions = flagged[d]
                 tally.images[d] += 1
@@ -138,7 +141,7 @@ def discover(
 ) -> RegisterNeurons:
     """Find ``loaded``'s register neurons on ``inputs``; choose and check top_k on ``heldout``."""
     tally = _tally(loaded, inputs, settings, progress)
-    fractions = [tally.outliers[l].item() / max(tally.body_tokens, 1) for l in range(tally.n_layers)]
+    fractions = [tally.outliers[l].item() / max(tally.n_body, 1) for l in range(tally.n_layers)]
     with_outliers = [l for l, f in enumerate(fractions) if f >= MIN_FRACTION]
     base = RegisterNeurons(
         model=loaded.name,
@@ -171,7 +174,12 @@ def discover(
         scores[quiet_share < 0.5] = float("-inf")
     order = scores.flatten().argsort(descending=True)[: settings.max_k]
     width = scores.shape[1]
-    ranked = [{"layer": int(i // width), "neuron": int(i % width), "score": float(scores.flatten()[i])} for i in order if torch.isfinite(scores.flatten()[i])]
+    peaks = (tally.peak_sum / max(tally.inputs, 1)).float()
+    ranked = [
+        {"layer": int(i // width), "neuron": int(i % width), "score": float(scores.flatten()[i]), "peak": float(peaks[i // width, i % width])}
+        for i in order
+        if torch.isfinite(scores.flatten()[i])
+    ]
     found = replace(base, neurons=ranked, detection_layer=detection, highest_layer=highest)
 
     before = _outlier_count(loaded, heldout, settings)

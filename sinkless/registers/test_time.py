@@ -6,9 +6,19 @@ an extra token is added where every token can see it (appended after the patches
 prepended for causal LMs); in each layer holding register neurons, the register receives the
 neurons' maximum activation and the other tokens get zero, so the artifact moves into the register.
 
+For causal LMs the register goes right after the first token, so every later token sees it while
+the first token keeps position 0 and stays the model's own attention sink (putting the register
+before it instead costs SmolLM2 +12 % perplexity against +1 %, see docs/RESULTS.md). Giving the
+register the maximum over the sequence would leak later tokens into earlier predictions; it
+receives instead each neuron's typical peak (the mean over the discovery inputs of the per-input
+extreme), which keeps the model causal and works with KV caches: the register is inserted only
+when the cache is empty.
+
 Differences from the official code: every element of a batch is edited (not only the first),
 patch tokens are selected through the adapter's layout (the official DINOv2 slicing is off by one),
-and both the paper's per-neuron max and the code's per-layer max are offered.
+and both the paper's per-neuron max and the code's per-layer max are offered. "Max" is the signed
+value of largest magnitude: the maximum for neurons that fire positive (GELU ViTs), and the firing
+value for the gated MLPs of LLMs, whose register neurons can fire negative.
 
 Shapes: B batch, N tokens (with registers), W MLP width, K register neurons of a layer.
 """
@@ -32,7 +42,7 @@ from sinkless.errors import SinklessError
 from sinkless.hooks import Hooks
 from sinkless.zoo import Loaded
 
-__all__ = ["MaxMode", "RegisterNeurons", "TestTimeRegisters", "load_neurons"]
+__all__ = ["MaxMode", "RegisterNeurons", "TestTimeRegisters", "ZeroNeurons", "load_neurons"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +57,7 @@ class RegisterNeurons:
     """The register neurons of a model and how they were found (the JSON file ``sinkless fix`` writes)."""
 
     model: str
-    neurons: list[dict]  # [{"layer", "neuron", "score"}], best first
+    neurons: list[dict]  # [{"layer", "neuron", "score", "peak"}], best first; peak: mean per-input max activation
     detection_layer: int | None = None
     highest_layer: int | None = None
     threshold: float | None = None  # absolute norm threshold, when one was given
@@ -57,6 +67,10 @@ class RegisterNeurons:
     heldout: dict = field(default_factory=dict)  # before/after outlier counts on held-out inputs
     settings: dict = field(default_factory=dict)
     sinkless_version: str = __version__
+
+    def peaks(self) -> dict[tuple[int, int], float]:
+        """Typical peak activation of each chosen neuron (used for the causal-LM register)."""
+        return {(int(e["layer"]), int(e["neuron"])): float(e["peak"]) for e in self.neurons[: self.top_k] if e.get("peak") is not None}
 
     def by_layer(self) -> dict[int, list[int]]:
         layers: dict[int, list[int]] = {}
@@ -75,7 +89,10 @@ class RegisterNeurons:
         if not isinstance(data, dict) or "neurons" not in data or "model" not in data:
             raise SinklessError(f"{source} is not a register-neurons file (no 'model'/'neurons')", fix="pass a file written by `sinkless fix --out`")
         try:
-            neurons = [{"layer": int(n["layer"]), "neuron": int(n["neuron"]), "score": float(n.get("score", 0.0))} for n in data["neurons"]]
+            neurons = [
+                {"layer": int(n["layer"]), "neuron": int(n["neuron"]), "score": float(n.get("score", 0.0)), "peak": n.get("peak")}
+                for n in data["neurons"]
+            ]
         except (TypeError, KeyError, ValueError):
             raise SinklessError(f"{source}: every neuron needs integer 'layer' and 'neuron'", fix="pass a file written by `sinkless fix --out`") from None
         known = {f for f in cls.__dataclass_fields__}
@@ -102,8 +119,9 @@ class TestTimeRegisters:
 
     Vision: ``n_registers`` zero tokens are appended after the patches (after position embeddings, with
     none of their own); outputs are ``[CLS, trained registers, patches, test-time registers]`` and
-    ``split()`` names the groups. Causal LMs: the register is prepended (every later token sees it)
-    and the logits of the real tokens are returned aligned with the input, the register's dropped.
+    ``split()`` names the groups. Causal LMs: the register is inserted after the first token
+    (``after_first=False``: before it), every later token sees it, and the logits of the real tokens
+    are returned aligned with the input, the register's dropped.
     With no neurons there is nothing to move: no token is added and the model is left exactly as it is.
     """
 
@@ -117,6 +135,8 @@ class TestTimeRegisters:
         n_registers: int = 1,
         mode: MaxMode | str = MaxMode.NEURON,
         keep_first: bool = True,
+        only_firing: float | None = None,
+        after_first: bool = True,
     ) -> None:
         if n_registers < 1:
             raise ValueError(f"n_registers must be >= 1, got {n_registers}")
@@ -125,8 +145,14 @@ class TestTimeRegisters:
         self.n = n_registers
         self.mode = MaxMode(mode)
         self.keep_first = keep_first  # text: leave the first real token (the model's own sink) untouched
+        # zero a neuron only where |a| >= only_firing x |its peak| (None: everywhere, as in the paper)
+        self.only_firing = only_firing
+        # text: insert the register after the first real token (which keeps position 0) instead of before it
+        self._at = 1 if after_first else 0
+        self.peaks: dict[tuple[int, int], float] = {}
         if isinstance(neurons, RegisterNeurons):
             self.layers = neurons.by_layer()
+            self.peaks = neurons.peaks()
         else:
             self.layers = {}
             for layer, neuron in neurons:
@@ -141,6 +167,9 @@ class TestTimeRegisters:
         if any(not 0 <= n < width for ids in self.layers.values() for n in ids):
             raise SinklessError(f"register neurons outside 0..{width - 1}", fix="use the neurons file made for this model")
         self.text = loaded.modality is Modality.TEXT
+        self._in_call = self.n  # text: registers present in the current forward call (0 once cached)
+        if self.text and self.layers and any((l, n) not in self.peaks for l, ids in self.layers.items() for n in ids):
+            log.info("no stored peak activations: the register gets each forward call's own maximum")
         if self.text and not self.adapter.causal:
             raise SinklessError(f"test-time registers for {self.adapter.family} are not supported", fix="use a causal LM (Llama, Qwen3) or a vision model")
         if self.text and not self.adapter.rotary:
@@ -152,8 +181,8 @@ class TestTimeRegisters:
     # -- token groups ----------------------------------------------------------------------------
     def layout(self, n_tokens: int, image_hw: tuple[int, int] | None = None) -> TokenLayout:
         """Layout of a sequence of ``n_tokens`` (registers included) while the intervention is on."""
-        if self.text:
-            return TokenLayout(n_tokens, 0, self.n)
+        if self.text:  # after_first: the first real token plays the part of a CLS token
+            return TokenLayout(n_tokens, self._at, self.n)
         return self.adapter.layout(self.loaded.model, n_tokens, image_hw)
 
     def split(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,37 +191,54 @@ class TestTimeRegisters:
         return {"cls": groups["cls"], "registers": groups["registers"], "patches": groups["body"], "test_time_registers": groups["appended"]}
 
     def _register_slice(self, n_total: int) -> slice:
-        return slice(0, self.n) if self.text else slice(n_total - self.n, n_total)
+        return slice(self._at, self._at + self._in_call) if self.text else slice(n_total - self.n, n_total)
 
     def _edited_tokens(self, n_total: int) -> slice:
         """Tokens whose register-neuron activations are zeroed (patches; real text tokens)."""
-        if self.text:
-            return slice(self.n + (1 if self.keep_first else 0), n_total)
+        if self.text:  # the first real token (the model's own sink) is left alone, like ViTs' CLS
+            if not self._in_call:  # a later chunk: every token is an ordinary one
+                return slice(0, n_total)
+            first = 1 if self.keep_first and self._at == 0 else 0
+            return slice(self._at + self._in_call + first, n_total)
         prefix = self.adapter.n_cls + self.adapter.n_registers(self.loaded.model)
         return slice(prefix, n_total - self.n)
 
     # -- edits -----------------------------------------------------------------------------------
     def _add_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        zeros = x.new_zeros(x.shape[0], self.n, x.shape[2])  # (B, n, D): no position embedding
-        return torch.cat([zeros, x], 1) if self.text else torch.cat([x, zeros], 1)
+        n = self._in_call if self.text else self.n
+        zeros = x.new_zeros(x.shape[0], n, x.shape[2])  # (B, n, D): no position embedding
+        if self.text:
+            return torch.cat([x[:, : self._at], zeros, x[:, self._at :]], 1)
+        return torch.cat([x, zeros], 1)
 
-    def _move(self, neurons: list[int]):
+    def _move(self, layer: int, neurons: list[int]):
         index = torch.tensor(neurons)
+        stored = [self.peaks.get((layer, n)) for n in neurons]
+        fixed = torch.tensor(stored) if self.text and all(v is not None for v in stored) else None
 
         def edit(hidden: torch.Tensor) -> torch.Tensor:  # (B, N, W)
             n_total = hidden.shape[1]
             registers = self._register_slice(n_total)
-            real = torch.ones(n_total, dtype=torch.bool, device=hidden.device)
-            real[registers] = False
-            values = hidden[:, real][..., index]  # (B, N_real, K)
-            peak = values.max(dim=1).values  # (B, K): every image of the batch gets its own
-            if self.mode is MaxMode.LAYER:
-                peak = peak.max(dim=-1, keepdim=True).values.expand_as(peak)
+            n_reg = registers.stop - registers.start
             hidden = hidden.clone()
-            hidden[:, registers, index] = peak[:, None, :].expand(-1, self.n, -1).to(hidden.dtype)
+            if n_reg:
+                real = torch.ones(n_total, dtype=torch.bool, device=hidden.device)
+                real[registers] = False
+                if fixed is not None:
+                    peak = fixed.to(hidden).expand(hidden.shape[0], -1)  # (B, K): causal, no look-ahead
+                else:
+                    peak = _extreme(hidden[:, real][..., index], dim=1)  # (B, K): every image its own
+                if self.mode is MaxMode.LAYER:
+                    peak = _extreme(peak, dim=-1)[:, None].expand_as(peak)
+                hidden[:, registers, index] = peak[:, None, :].expand(-1, n_reg, -1).to(hidden.dtype)
             zeroed = self._edited_tokens(n_total)
             block = hidden[:, zeroed]
-            block[..., index] = 0
+            if self.only_firing is None:
+                block[..., index] = 0
+            else:
+                values = block[..., index]  # (B, N', K)
+                limit = self.only_firing * (fixed.to(values).abs() if fixed is not None else values.abs().amax(1, keepdim=True))
+                block[..., index] = values.masked_fill(values.abs() >= limit, 0.0)
             hidden[:, zeroed] = block
             return hidden
 
@@ -205,17 +251,33 @@ class TestTimeRegisters:
             return edits
         if self.text:
             embed = _embedding_path(self.loaded)
+            # order matters: a call starts with registers, unless its KV cache already holds them
+            edits[":input"] = self._start_call
+            edits[":input[past_key_values]"] = self._check_cache
             edits[f"{embed}:output"] = self._add_tokens
-            edits[":input[attention_mask]"] = lambda mask: torch.cat([mask.new_ones(mask.shape[0], self.n), mask], 1)
+            edits[":input[attention_mask]"] = self._extend_mask
             edits[":output"] = self._drop_register_logits
         else:
             edits[adapter.block_input_site(0)] = self._add_tokens
         for layer, neurons in self.layers.items():
-            edits[adapter.mlp_hidden_site(layer)] = self._move(neurons)
+            edits[adapter.mlp_hidden_site(layer)] = self._move(layer, neurons)
         return edits
 
+    def _start_call(self, first_input):
+        self._in_call = self.n
+        return first_input
+
+    def _check_cache(self, cache):
+        if hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            self._in_call = 0  # the register was prepended by an earlier call and sits in the cache
+        return cache
+
+    def _extend_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        ones = mask.new_ones(mask.shape[0], self._in_call)
+        return torch.cat([mask[:, : self._at], ones, mask[:, self._at :]], 1)
+
     def _drop_register_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, self.n :]
+        return torch.cat([logits[:, : self._at], logits[:, self._at + self._in_call :]], 1)
 
     def attach(self) -> Hooks:
         """Apply persistently; the returned handle's ``.remove()`` restores the model."""
@@ -227,9 +289,51 @@ class TestTimeRegisters:
             yield self
 
 
+def _extreme(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The signed value of largest magnitude along ``dim``: the max for neurons that fire positive
+    (GELU ViTs), the firing value also for gated MLPs whose register neurons fire negative."""
+    index = values.abs().argmax(dim=dim, keepdim=True)
+    return values.gather(dim, index).squeeze(dim)
+
+
 def _embedding_path(loaded: Loaded) -> str:
     embeddings = loaded.model.get_input_embeddings()
     for name, module in loaded.model.named_modules():
         if module is embeddings:
             return name
     raise SinklessError(f"cannot find the token embedding of {type(loaded.model).__name__}")
+
+
+class ZeroNeurons:
+    """The ablation the papers compare against: the same neurons set to zero on every token, no register.
+
+    ``with ZeroNeurons(loaded, neurons)(): ...`` — Jiang et al. report it hurts (OpenCLIP zero-shot 71.3 -> 55.6).
+    """
+
+    def __init__(self, loaded: Loaded, neurons: RegisterNeurons | Sequence[tuple[int, int]]) -> None:
+        self.loaded = loaded
+        if isinstance(neurons, RegisterNeurons):
+            self.layers = neurons.by_layer()
+        else:
+            self.layers = {}
+            for layer, neuron in neurons:
+                self.layers.setdefault(int(layer), []).append(int(neuron))
+
+    def _zero(self, neurons: list[int]):
+        index = torch.tensor(neurons)
+
+        def edit(hidden: torch.Tensor) -> torch.Tensor:
+            hidden = hidden.clone()
+            hidden[..., index] = 0
+            return hidden
+
+        return edit
+
+    def attach(self) -> Hooks:
+        adapter = self.loaded.adapter
+        return Hooks(self.loaded.model, edit={adapter.mlp_hidden_site(l): self._zero(n) for l, n in self.layers.items()})
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[ZeroNeurons]:
+        with self.attach():
+            yield self

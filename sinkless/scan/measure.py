@@ -100,12 +100,17 @@ class InputRecord:
     image_hw: tuple[int, int] | None = None
 
 
-def _body(layout: TokenLayout, skip_first: bool) -> torch.Tensor:
-    """(N,) bool: body tokens, without the first one for text (the model's own sink, not a secondary outlier)."""
+def first_token(layout: TokenLayout) -> int:
+    """Text: index of the first real token, the model's own sink (a CLS-like first token, else the body's first)."""
+    return 0 if layout.n_cls else layout.body.start
+
+
+def body_tokens(layout: TokenLayout, text: bool) -> torch.Tensor:
+    """(N,) bool: where outliers are looked for; text leaves out its first real token (the sink itself)."""
     body = torch.zeros(layout.n_tokens, dtype=torch.bool)
     body[layout.body] = True
-    if skip_first:
-        body[layout.body.start] = False
+    if text:
+        body[first_token(layout)] = False
     return body
 
 
@@ -216,7 +221,7 @@ def measure_batch(
             layout = layout_of(n_tokens, image_hw)
         else:
             layout = adapter.layout(model, n_tokens, image_hw) if vision else TokenLayout(n_tokens, adapter.n_cls)
-        body = _body(layout, skip_first=not vision)
+        body = body_tokens(layout, text=not vision)
         norms = torch.stack([r.float().norm(dim=-1) for r in residuals]).cpu()  # (L, N)
         tau, outliers, medians = _outlier_masks(norms, body, settings.rule)
         record = InputRecord(item.name, layout, layers, body, norms, tau, outliers, medians, image_hw=image_hw)
@@ -237,7 +242,7 @@ def measure_batch(
                 mean_attn = attn if vision else attn.mean(0)  # (N, N)
                 shares.append(_shares(mean_attn, key_masks[li], layout, body))
                 if not vision:  # the first real token (after any prepended register) is the sink
-                    first = layout.body.start
+                    first = first_token(layout)
                     warm = min(first + settings.warmup, n_tokens - 1)
                     share0 = attn[:, warm:, first].mean()[None]
                     record.first_token = share0 if record.first_token is None else torch.cat([record.first_token, share0])

@@ -1,0 +1,115 @@
+"""``sinkless compare``: a dense task before/after each artifact fix, as one table (and JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sinkless._io import atomic_write_json, to_jsonable
+from sinkless.errors import SinklessError
+from sinkless.tasks.compare import TASKS, compare, write_pictures
+from sinkless.tasks.fixes import fix_names
+
+EPILOG = """\
+data: 'synthetic' (built-in scenes), 'mini' (shipped photos), a Pascal VOC folder, a COCO JSON,
+or a folder with annotations.json / annotations.csv. Protocols and formats: docs/TASKS.md.
+
+example:
+  sinkless compare --model planted-vit --fix none --fix ttr --task lost --data synthetic --json lost.json
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "compare", help="LOST / zero-shot segmentation / probes before and after fixes", description=__doc__,
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="zoo name (see `sinkless models`), hub id or local folder")
+    parser.add_argument("--fix", action="append", metavar="FIX", help=f"repeatable; one of {', '.join(fix_names())} (default: none)")
+    tasks_help = "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()).replace("%", "%%")
+    parser.add_argument("--task", required=True, choices=list(TASKS), help=tasks_help)
+    parser.add_argument("--data", required=True, help="synthetic, mini, or a path (see below)")
+    parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    parser.add_argument("--limit", type=int, metavar="N", help="use the first N images only")
+    parser.add_argument("--registers", metavar="FILE", help="ttr: the neurons file from `sinkless fix` (default: found on the bundled photos)")
+    parser.add_argument("--split", help="Pascal VOC: the ImageSets/Main list to use (e.g. trainval)")
+    parser.add_argument("--images", metavar="DIR", help="COCO: the image folder (default: found beside the JSON)")
+    parser.add_argument("--out-dir", metavar="DIR", help="write qualitative pictures (boxes, masks) per fix and image")
+    protocol = parser.add_argument_group("protocol (defaults: the papers'; recorded in every result)")
+    protocol.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this (default 448; 0: full size)")
+    protocol.add_argument("--layer", type=int, help="lost: attention layer to read features from (default -1: the last)")
+    protocol.add_argument("--features", choices=["keys", "queries", "values", "tokens"], help="lost: which features (default keys)")
+    protocol.add_argument("--l2", action=argparse.BooleanOptionalAction, default=None, help="lost: L2-normalise features (default: no)")
+    protocol.add_argument("--gram-bias", type=_bias, metavar="B|median",
+                          help="lost: add B to the Gram matrix before counting positives, or subtract its median per image (default 0)")
+    protocol.add_argument("--k", type=int, help="lost: expansion size (default 100)")
+    protocol.add_argument("--mass", type=float, help="zeroseg: share of CLS attention kept as foreground (default 0.6)")
+    protocol.add_argument("--probe-labels", dest="labels", choices=["classes", "foreground"], help="probe: dense targets (default classes)")
+    protocol.add_argument("--knn-k", type=int, help="probe: neighbours of the k-NN probe (default 20)")
+    parser.set_defaults(run=run)
+
+
+def _bias(text: str) -> float | str:
+    if text == "median":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'median', got {text!r}") from None
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = ("layer", "features", "l2", "gram_bias", "k", "mass", "labels", "knn_k")
+    out = {k: getattr(args, k) for k in keys}
+    if args.max_side is not None:
+        if args.max_side < 0:
+            raise SinklessError(f"--max-side must be >= 0, got {args.max_side}", fix="0 keeps images at full size")
+        out["max_side"] = args.max_side or None
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from sinkless.tasks.data import open_dataset
+
+    data = args.data
+    if args.split or args.images:
+        data = open_dataset(args.data, split=args.split, image_dir=args.images)
+        data.name = args.data
+    comparison, pictures = compare(
+        args.model, args.task, data, args.fix or ["none"], overrides=_overrides(args), limit=args.limit,
+        progress=not args.quiet, visuals=bool(args.out_dir),
+        fix_options={"ttr": {"registers": args.registers}} if args.registers else None,
+    )
+    result = comparison.to_json()
+    json.dumps(to_jsonable(result))  # fail here, before writing anything, if something is not serialisable
+    if args.out_dir:
+        write_pictures(pictures, args.out_dir)
+    if args.json:
+        atomic_write_json(args.json, result)
+    print(_table(result))
+    return 0
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _table(result: dict) -> str:
+    metrics = {"lost": ["corloc"], "zeroseg": ["miou", "pixel_accuracy"], "probe": ["miou", "accuracy"]}[result["task"]]
+    headline = metrics[0]
+    base = next((r for r in result["results"] if r["fix"] == "none"), None) if len(result["results"]) > 1 else None
+    dataset = result["dataset"]
+    shown = {k: v for k, v in result["protocol"].items() if k not in ("preprocessing", "attention", "task")}
+    lines = [
+        f"{result['model']} · task {result['task']} · data {result['data']} ({dataset['n_images']} images)",
+        "protocol: " + ", ".join(f"{k}={v}" for k, v in shown.items()),
+        "",
+        f"{'fix':<10}" + "".join(f"{m:>16}" for m in metrics) + (f"{'Δ vs none':>12}" if base else "") + f"{'images':>8}{'seconds':>10}",
+    ]
+    for r in result["results"]:
+        delta = f"{r[headline] - base[headline]:+12.1f}" if base and r[headline] is not None and base[headline] is not None else ""
+        lines.append(
+            f"{r['fix']:<10}" + "".join(f"{_fmt(r.get(m)):>16}" for m in metrics)
+            + (delta if base else "") + f"{r['n_images']:>8}{r['seconds']:>10.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""The long English text bundled for the offline StreamingLLM evaluation (Xiao et al. 2024, "Efficient
+Streaming Language Models with Attention Sinks", scored PG19 books), and reading the user's own text files.
+
+Bundled: Shakespeare's *Hamlet* (public domain), about 56,000 SmolLM2 tokens; see
+``sinkless/data/hamlet.README.md`` for where it comes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sinkless.errors import SinklessError
+
+__all__ = ["DEFAULT_TEXT", "read_text", "tokenize"]
+
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "hamlet.txt"
+
+
+def read_text(path: str | Path | None = None) -> str:
+    """The text of ``path`` (UTF-8), or the bundled *Hamlet* when ``path`` is None."""
+    path = DEFAULT_TEXT if path is None else Path(path).expanduser()
+    if not path.is_file():
+        raise SinklessError(f"text file {str(path)!r} does not exist", fix="pass --text with a UTF-8 text file, or leave it out for the bundled Hamlet")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SinklessError(f"{str(path)!r} is not UTF-8 text", fix="convert it with `iconv -t utf-8`") from None
+    if not text.strip():
+        raise SinklessError(f"text file {str(path)!r} is empty", fix="pass a file with some text in it")
+    return text
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``(N,)`` of ``text`` without added special tokens, cut to ``max_tokens`` (None: all)."""
+    if tokenizer is None:
+        raise SinklessError("this model has no tokenizer", fix="use a zoo name or a folder that holds a tokenizer")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return ids if max_tokens is None else ids[:max_tokens]

@@ -1,0 +1,114 @@
+"""LOST against results computed by hand on tiny feature maps: degree, seed, expansion, 4-connected box."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sinkless.tasks.lost import box_iou, component, lost
+
+# A 3x4 grid of 2-D features (row-major patch indices 0..11):
+#   b b b b        b = (1, 0)      background
+#   b o o g        o = (-1, 1)     object
+#   b b b o2       o2 = (-1, 2)    object, brighter
+#                  g = (4, 4.5)    a "bridge" patch positively correlated with everything
+# Gram entries: b·b=1 b·o=-1 b·o2=-1 b·g=4 | o·o=2 o·o2=3 o·g=0.5 | o2·o2=5 o2·g=5 | g·g=36.25
+B, O, O2, G = (1.0, 0.0), (-1.0, 1.0), (-1.0, 2.0), (4.0, 4.5)
+GRID = (3, 4)
+FEATURES = torch.tensor([B, B, B, B, B, O, O, G, B, B, B, O2])
+
+
+def test_degree_and_seed_with_deterministic_ties():
+    result = lost(FEATURES, GRID)
+    # b rows: 8 b + g = 9; o rows: o, o, o2, g = 4; o2 row: 4; g row: all 12
+    assert result.degree.tolist() == [9, 9, 9, 9, 9, 4, 4, 12, 9, 9, 9, 4]
+    assert result.seed == 5  # patches 5, 6 and 11 tie at degree 4: the lowest index wins
+    assert result.candidates == [5, 6, 11, 0, 1, 2, 3, 4, 8, 9, 10, 7]  # stable order of degrees
+
+
+def test_expansion_limited_to_k_lowest_degrees():
+    small = lost(FEATURES, GRID, k=3)
+    assert small.expansion == [5, 6, 11]  # all three correlate positively with the seed
+    # M = rows 5 + 6 + 11: b columns -1-1-1 = -3, o 2+2+3 = 7, o2 3+3+5 = 11, g 0.5+0.5+5 = 6
+    assert small.score.view(GRID)[0].tolist() == [-3.0] * 4
+    assert small.score[[5, 6, 7, 11]].tolist() == [7.0, 7.0, 6.0, 11.0]
+    # M > 0 on 5, 6, 7, 11, a 4-connected chain: rows 1-2, columns 1-3
+    assert small.mask.nonzero().tolist() == [[1, 1], [1, 2], [1, 3], [2, 3]]
+    assert small.box == (1, 1, 4, 3)
+
+    full = lost(FEATURES, GRID, k=100)
+    assert full.expansion == [5, 6, 11, 7]  # g joins (A[5, 7] = 0.5 > 0); b patches do not (-1)
+    # adding g's row turns the background positive (-3 + 4 = 1): the whole grid is one component
+    assert full.score[0].item() == 1.0
+    assert full.box == (0, 0, 4, 3)
+
+
+def test_four_connectivity_excludes_diagonals():
+    positive = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    assert component(positive, 4).nonzero().tolist() == [[1, 1], [1, 2], [2, 2]]
+    assert component(positive, 0).nonzero().tolist() == [[0, 0]]  # only diagonal neighbours
+    # a seed that is not positive is a component of its own
+    assert component(positive, 1).nonzero().tolist() == [[0, 1]]
+
+
+def test_isolated_object_patches_are_not_joined():
+    b, o = (1.0, 0.0), (-1.0, 1.0)
+    features = torch.tensor([b, b, b, b, o, o, b, b, b, b, b, o])  # object at (1,0)-(1,1) and a lone one at (2,3)
+    result = lost(features, GRID)
+    assert result.seed == 4
+    assert result.expansion == [4, 5, 11]
+    assert result.box == (0, 1, 2, 2)
+
+
+def test_gram_bias_and_l2():
+    same = torch.tensor([[1.0, 0.0]] * 12)
+    # bias -2 makes every entry negative: degree 0 everywhere, seed 0, nothing expands, box = the seed
+    result = lost(same, GRID, gram_bias=-2.0)
+    assert result.degree.tolist() == [0] * 12
+    assert result.expansion == [] and result.box == (0, 0, 1, 1)
+    # L2 normalisation: rescaling rows changes nothing
+    scaled = FEATURES * torch.arange(1, 13, dtype=torch.float32)[:, None]
+    assert lost(scaled, GRID, l2=True).box == lost(FEATURES, GRID, l2=True).box
+    assert lost(scaled, GRID, l2=True).degree.tolist() == lost(FEATURES, GRID, l2=True).degree.tolist()
+
+
+def test_median_bias_subtracts_the_median_entry():
+    # A for [b, b, o, o] (b = (1, 0), o = (-1, 1)): entries -1 (x8), 1 (x4), 2 (x4); median (the lower
+    # middle one) = -1, so A + 1: b·o = 0 is no longer positive and each patch has degree 2
+    features = torch.tensor([B, B, O, O])
+    result = lost(features, (2, 2), gram_bias="median")
+    assert result.degree.tolist() == [2, 2, 2, 2]
+    shifted = lost(features, (2, 2), gram_bias=1.0)
+    assert torch.equal(result.score, shifted.score) and result.box == shifted.box
+
+
+def test_box_iou_by_hand():
+    box = np.array([0.0, 0.0, 10.0, 10.0])
+    truth = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30], [0, 0, 10, 5]], dtype=float)
+    assert box_iou(box, truth) == pytest.approx([1.0, 25 / 175, 0.0, 0.5])
+
+
+def test_pixel_box_is_clipped_to_the_image(monkeypatch):
+    """evaluate() maps the patch box to pixels and clips it to the resized image (before padding)."""
+    from types import SimpleNamespace
+
+    from sinkless.tasks import lost as lost_module
+    from sinkless.tasks.data import Dataset, Sample
+    from sinkless.tasks._features import Extracted, Prepared
+    from sinkless.adapters import TokenLayout
+    from PIL import Image
+
+    image = Image.new("RGB", (38, 25))  # padded to 40 x 30 with 10 px patches: a 3 x 4 grid
+    prepared = Prepared(torch.zeros(1, 3, 30, 40), (25, 38), 1.0)
+    monkeypatch.setattr(lost_module, "prepare", lambda *a, **k: prepared)
+    monkeypatch.setattr(lost_module, "extract", lambda *a, **k: Extracted(TokenLayout(13, 1, 0, GRID), features=FEATURES))
+    monkeypatch.setattr(lost_module, "check_vision", lambda *a: None)
+    monkeypatch.setattr(lost_module, "resolve_layer", lambda loaded, layer: 0)
+    loaded = SimpleNamespace(adapter=SimpleNamespace(patch_size=lambda model: 10), model=None)
+    truth = np.array([[10.0, 10.0, 38.0, 25.0]])
+    data = Dataset("hand", "folder", ["one"], [lambda: Sample("one", image, truth, ["o"])], ["background", "o"])
+    score = lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=3), progress=False)
+    # patch box (1, 1, 4, 3) -> pixels (10, 10, 40, 30) -> clipped to the 38 x 25 image
+    assert score.per_image[0]["box"] == [10.0, 10.0, 38.0, 25.0]
+    assert score.per_image[0]["iou"] == 1.0 and score.corloc == 100.0
