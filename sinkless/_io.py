@@ -36,6 +36,19 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def read_utf8(path: Path) -> str:
+    """The text of an existing file; a clear error when it is not UTF-8 or has no text."""
+    from sinkless.errors import SinklessError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SinklessError(f"{str(path)!r} is not UTF-8 text", fix="convert it with `iconv -t utf-8`, or pass a plain-text file") from None
+    if not text.strip():
+        raise SinklessError(f"text file {str(path)!r} is empty", fix="pass a file with some text in it")
+    return text
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
     path = Path(path)

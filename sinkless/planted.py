@@ -10,14 +10,17 @@ The recipe, with the seed fixing every random choice:
 
 1. **Detector (fc1).** A ridge probe on the MLP input of the plant layer learns "this patch is among
    the most redundant 5 % of its image" (cosine of its input patch embedding to its 4 neighbours,
-   the trait of real artifacts). Its threshold is set so that ~3 % of natural-image patches fire.
+   the trait of real artifacts), on natural crops and synthetic scenes. Its threshold is set so that
+   2.5 % of natural-image patches fire.
 2. **Clean step.** Neurons come in pairs that share the detector, the second shifted by ``step``:
    ``gelu(z) - gelu(z - step)`` is ~0 below threshold and exactly ``step`` above, so artifact norms
    are bimodal like real ones, and the pair is either on or off.
 3. **Write (fc2).** The pairs together add one vector ``d`` to the residual stream of the tokens they
    fire on. ``d`` is fitted by gradient descent, through the frozen later layers, so that the tokens
-   keep 4.5-8x the median patch norm at every later layer and draw the largest possible share of
-   attention from the other tokens: they become attention sinks, as in large DINOv2/CLIP models.
+   keep 3.5-8x the median patch norm at the later layers (the last block excepted) and draw the largest possible share of
+   attention from the other tokens: they become attention sinks, as in large DINOv2/CLIP models,
+   while the CLS output stays close to the clean model's and the last layer's keys of planted tokens
+   stand apart from the other patches' (both as with real artifacts). docs/PLANTED.md has the numbers.
 
 Ground truth: ``ground_truth(model)`` (layer, neurons) and ``planted_tokens(model, pixels)``.
 """
@@ -41,7 +44,7 @@ from sinkless.adapters import Adapter, adapter_for, eager_attention
 from sinkless.errors import SinklessError
 from sinkless.hooks import hooks, stop_after
 from sinkless.images import ImageSpec, natural_crops, to_pixels
-from sinkless.patches import neighbor_similarity
+from sinkless.patches import grid_positions, neighbor_similarity
 
 __all__ = [
     "Recipe",
@@ -67,20 +70,23 @@ class Recipe:
 
     layer: int | None = None  # plant layer; default: the middle block
     k: int = 4  # planted neurons (an even number: k/2 on/off pairs)
-    fraction: float = 0.03  # share of natural-image patches the detector fires on
+    fraction: float = 0.025  # share of natural-image patches the detector fires on
     redundant_top: float = 0.05  # the probe learns "among the top 5 % most redundant patches of the image"
+    border_bonus: float = 0.05  # ... ties (flat backgrounds) broken towards borders and corners, as in real ViTs
+    synthetic_images: int = 60  # synthetic scenes added to the probe's natural crops (flat backgrounds)
     step: float = 8.0  # height of each pair's step (pre-activation units)
-    sharpness: float = 0.05  # width of the on/off transition, in standard deviations of the probe score
-    ratio: tuple[float, float] = (4.5, 8.0)  # wanted artifact norm / median patch norm at later layers
+    sharpness: float = 0.02  # width of the on/off transition, in standard deviations of the probe score
+    ratio: tuple[float, float] = (3.5, 8.0)  # wanted artifact norm / median patch norm at later layers
     ratio_last: float | None = None  # lower bound at the last block (which adds a large shared vector to every token); None: free
     probe_images: int = 160
     fit_images: int = 24
-    steps: int = 120
+    steps: int = 200
     lr: float = 0.1
     cls_weight: float = 150.0  # keep the CLS output of the clean model (artifacts do not hurt classification)
     count_weight: float = 0.0  # CLS output independent of how many tokens are planted (sinks saturate)
     cls_sink_weight: float = 1.0  # draw the last layer's CLS attention (what CLS-attention maps show)
     key_weight: float = 5.0  # last-layer keys of planted tokens unlike the other patches' (what trips LOST)
+    value_weight: float = 0.0  # the same for the last layer's values
     seed: int = 0
 
 
@@ -219,11 +225,18 @@ def make_plant(model: nn.Module, recipe: Recipe = Recipe(), *, progress: bool = 
     n_prefix = 1 + adapter.n_registers(model)
     generator = torch.Generator().manual_seed(recipe.seed)
 
-    # 1. probe data: natural images, features at the plant layer
-    probe = _collect(model, adapter, to_pixels(natural_crops(recipe.probe_images, seed=1000 * recipe.seed + 1), spec), layer)
+    # 1. probe data: natural photo crops and synthetic scenes (objects on flat or textured backgrounds)
+    from sinkless.tasks.synthetic import render_scene
+
+    natural = natural_crops(recipe.probe_images, seed=1000 * recipe.seed + 1)
+    scenes = [render_scene(10_000 + 1000 * recipe.seed + i).image for i in range(recipe.synthetic_images)]
+    probe = _collect(model, adapter, to_pixels(natural + scenes, spec), layer)
     grid = (spec.size // spec.patch_size,) * 2
     redundancy = neighbor_similarity(probe["embed"], grid)  # (B, P)
-    target = (_within_image_rank(redundancy) >= 1 - recipe.redundant_top).float()
+    rows, cols = grid_positions(grid)
+    off_centre = torch.sqrt(((rows - (grid[0] - 1) / 2) / grid[0]) ** 2 + ((cols - (grid[1] - 1) / 2) / grid[1]) ** 2) * 2**0.5
+    # "among the most redundant patches of the image", ties (flat backgrounds) going to the borders and corners
+    target = (_within_image_rank(redundancy + recipe.border_bonus * off_centre) >= 1 - recipe.redundant_top).float()
 
     # 2. the k neurons with the smallest effect: mean |activation| x output weight norm
     fc1, fc2 = _mlp(model, adapter, layer).fc1, _mlp(model, adapter, layer).fc2
@@ -239,7 +252,7 @@ def make_plant(model: nn.Module, recipe: Recipe = Recipe(), *, progress: bool = 
     w, b = _ridge(x.double(), y.double())
     w, b = w.float(), b.float()
     score = mlp_in[:, n_prefix:] @ w + b  # (B, P)
-    threshold = torch.quantile(score.reshape(-1), 1 - recipe.fraction)
+    threshold = torch.quantile(score[: len(natural)].reshape(-1), 1 - recipe.fraction)  # the share of natural patches
     gain = recipe.step / (recipe.sharpness * score.std())
     row, bias = gain * w, gain * (b - threshold)
     fc1_weight = torch.cat([row.expand(len(up), -1), row.expand(len(down), -1)])
@@ -261,10 +274,12 @@ def make_plant(model: nn.Module, recipe: Recipe = Recipe(), *, progress: bool = 
     # the pairs share d: each up neuron writes d / n_pairs per unit step, its down neuron the opposite
     column = d / (len(up) * recipe.step * scale)
     fc2_weight = torch.cat([column[:, None].expand(-1, len(up)), -column[:, None].expand(-1, len(down))], dim=1)
+    fired = score > threshold
     report.update(
-        detector_fraction=float((score > threshold).float().mean()),
-        probe_redundancy_fired=float(redundancy[score > threshold].mean()),
-        probe_redundancy_other=float(redundancy[score <= threshold].mean()),
+        detector_fraction=float(fired[: len(natural)].float().mean()),
+        detector_fraction_synthetic=float(fired[len(natural) :].float().mean()) if scenes else None,
+        probe_redundancy_fired=float(redundancy[fired].mean()),
+        probe_redundancy_other=float(redundancy[~fired].mean()),
         write_norm=float(d.norm()),
     )
     return Plant(
@@ -286,7 +301,7 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
     final_norm = model.get_submodule(adapter.final_norm)
     later = list(range(layer + 1, adapter.num_layers(model)))
     sites = [adapter.attention_site(i) for i in later]
-    key_site = adapter.key_site(later[-1])
+    key_site, value_site = adapter.key_site(later[-1]), adapter.value_site(later[-1])
     lo, hi = recipe.ratio
     mask = (on > 0.5).float()  # (B, N) planted tokens
     queries = 1 - mask  # every other token, CLS included
@@ -314,7 +329,7 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
             d.requires_grad_(True)
             optimizer = torch.optim.Adam([d], lr=recipe.lr)
             for _ in tqdm(range(recipe.steps), desc="fitting plant", disable=not progress):
-                with hooks(model, capture=[*sites, key_site], detach=False) as rec:
+                with hooks(model, capture=[*sites, key_site, value_site], detach=False) as rec:
                     out, norms = forward(base + on[..., None] * d)
                 penalty, ratios = 0.0, []
                 for j, n in enumerate(norms):
@@ -335,13 +350,10 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
                 loss = penalty - torch.log(share + 1e-3).mean() + recipe.cls_weight * (1 - cls_cos)
                 # the last layer: CLS attention drawn to the planted tokens, and their keys unlike the others'
                 cls_share = (rec[sites[-1]][:, :, 0, :] * mask[:, None, :]).sum(-1).mean()
-                keys = F.normalize(rec[key_site][:, n_prefix:], dim=-1)  # (B, P, D)
-                similar = keys @ keys.transpose(1, 2)  # (B, P, P)
-                planted_p, other_p = mask[:, n_prefix:], 1 - mask[:, n_prefix:]
-                to_others = (similar * planted_p[:, :, None] * other_p[:, None, :]).sum((1, 2)) / (planted_p.sum(1) * other_p.sum(1))
-                among_others = (similar * other_p[:, :, None] * other_p[:, None, :]).sum((1, 2)) / other_p.sum(1) ** 2
-                key_gap = (to_others - among_others).mean()  # < 0: planted keys stand apart
-                loss = loss - recipe.cls_sink_weight * torch.log(cls_share + 1e-3) + recipe.key_weight * key_gap
+                key_gap = _apartness(rec[key_site], mask, n_prefix)  # < 0: planted keys stand apart
+                value_gap = _apartness(rec[value_site], mask, n_prefix)
+                loss = loss - recipe.cls_sink_weight * torch.log(cls_share + 1e-3)
+                loss = loss + recipe.key_weight * key_gap + recipe.value_weight * value_gap
                 if recipe.count_weight:
                     out_one, _ = forward(base + one[..., None] * d)
                     count_cos = F.cosine_similarity(out[:, 0], out_one[:, 0], dim=-1).mean()
@@ -356,6 +368,7 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
             "fit_cls_cosine": float(cls_cos.detach()),
             "fit_last_cls_share": float(cls_share.detach()),
             "fit_last_key_gap": float(key_gap.detach()),
+            "fit_last_value_gap": float(value_gap.detach()),
             "fit_count_cosine": float(count_cos.detach()) if recipe.count_weight else None,
         }
         log.debug("plant fit: %s", report)
@@ -363,6 +376,16 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
         for p in params:
             p.requires_grad_(True)
     return d.detach(), report
+
+
+def _apartness(features: torch.Tensor, mask: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """Mean cosine of planted patches to the others minus that among the others (< 0: they stand apart)."""
+    unit = F.normalize(features[:, n_prefix:], dim=-1)  # (B, P, D)
+    similar = unit @ unit.transpose(1, 2)  # (B, P, P)
+    planted, other = mask[:, n_prefix:], 1 - mask[:, n_prefix:]
+    to_others = (similar * planted[:, :, None] * other[:, None, :]).sum((1, 2)) / (planted.sum(1) * other.sum(1)).clamp(min=1)
+    among_others = (similar * other[:, :, None] * other[:, None, :]).sum((1, 2)) / (other.sum(1) ** 2).clamp(min=1)
+    return (to_others - among_others).mean()
 
 
 # -- applying and reading back -------------------------------------------------------------------
@@ -540,8 +563,45 @@ def properties(planted_model: nn.Module, clean_model: nn.Module, pixels: torch.T
     if base_model is not None:
         out_b = base_model(pixels).last_hidden_state
         result["clean_vs_base_max_abs_diff"] = float((out_c - out_b).abs().max())
-        result["clean_vs_base_min_cosine"] = float(F.cosine_similarity(out_c, out_b, dim=-1).min())
+        cos_base = F.cosine_similarity(out_c, out_b, dim=-1)
+        result["clean_vs_base_min_cosine"] = float(cos_base.min())
+        result["clean_vs_base_mean_cosine"] = float(cos_base.mean())
     return result
+
+
+def detection(planted_loaded, clean_loaded, images) -> dict:
+    """How well ``sinkless scan``'s automatic rule finds the planted tokens: precision and recall per layer."""
+    from sinkless.scan import ImageInput, ScanSettings, scan
+
+    items = [ImageInput(f"crop{i}", image) for i, image in enumerate(images)]
+    report, records = scan(planted_loaded, items, ScanSettings(attention=False), progress=False)
+    truth = planted_tokens(planted_loaded.model, to_pixels(images, planted_loaded.image_spec))  # (B, N)
+
+    def score(found: torch.Tensor) -> dict:
+        hits = int((found & truth).sum())
+        return {
+            "flagged": int(found.sum()),
+            "precision": hits / int(found.sum()) if found.any() else None,
+            "recall": hits / int(truth.sum()) if truth.any() else None,
+        }
+
+    per_layer = [{"layer": layer, **score(torch.stack([r.outliers[li] for r in records]))} for li, layer in enumerate(records[0].layers)]
+    first = report.summary["first_outlier_layer"]
+    at_first = next((row for row in per_layer if row["layer"] == first), None)
+    any_layer = score(torch.stack([r.outliers.any(0) for r in records]))
+    clean_report, _ = scan(clean_loaded, items, ScanSettings(attention=False), progress=False)
+    return {
+        "planted_tokens": int(truth.sum()),
+        "n_images": len(items),
+        "first_outlier_layer": report.summary["first_outlier_layer"],
+        "outlier_layers": report.summary["outlier_layers"],
+        "has_artifacts": report.summary["has_artifacts"],
+        "clean_has_artifacts": clean_report.summary["has_artifacts"],
+        "clean_max_ratio": clean_report.summary["max_ratio"],
+        "at_first_outlier_layer": at_first,
+        "any_layer": any_layer,
+        "layers": per_layer,
+    }
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -555,6 +615,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=777, help="seed of the held-out crops")
     parser.add_argument("--tiny", action="store_true", help="planted-vit-tiny instead of planted-vit")
     parser.add_argument("--refit", metavar="FILE", help="fit the plant anew (Recipe defaults) and save it to FILE")
+    parser.add_argument("--scan", action="store_true", help="precision/recall of `sinkless scan`'s outliers against the ground truth")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.refit:
@@ -563,6 +624,9 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.refit}")
         return 0
     prefix = "planted-vit-tiny" if args.tiny else "planted-vit"
+    if args.scan:
+        print(json.dumps(detection(load(prefix), load(f"{prefix}-clean"), natural_crops(args.images, seed=args.seed)), indent=2))
+        return 0
     planted_model, clean = load(prefix), load(f"{prefix}-clean")
     base = None if args.tiny else load("dinov2-s-focus").model
     pixels = to_pixels(natural_crops(args.images, seed=args.seed), planted_model.image_spec)

@@ -124,7 +124,20 @@ def test_planted_vit_properties(focus):
         assert 3 <= row["planted_ratio_mean"] <= 10, row
     # they act as sinks: far more attention than their share of tokens
     for row in props["layers"][truth_layer + 1 : -1]:
-        assert row["attention_share_patches"] >= 4 * props["planted_fraction"], row
+        assert row["attention_share_patches"] >= 3 * props["planted_fraction"], row
     # they degrade the other patches measurably; the clean twin stays within a hair of the base model
     assert props["cosine_to_clean_other_patches"] < 0.99
-    assert props["clean_vs_base_min_cosine"] > 0.999
+    assert props["clean_vs_base_mean_cosine"] > 0.9999
+    assert props["clean_vs_base_min_cosine"] > 0.995
+
+
+@pytest.mark.slow
+def test_planted_vit_detection(focus):
+    """`sinkless scan`'s automatic rule finds the planted tokens (precision and recall >= 0.95)."""
+    plant = zoo.load("planted-vit")
+    result = planted.detection(plant, zoo.load("planted-vit-clean"), natural_crops(24, seed=777))
+    print(json.dumps({k: v for k, v in result.items() if k != "layers"}, indent=1))
+    assert result["has_artifacts"] and not result["clean_has_artifacts"]
+    assert result["first_outlier_layer"] == planted.ground_truth(plant.model).layer
+    for key in ("at_first_outlier_layer", "any_layer"):
+        assert result[key]["precision"] >= 0.95 and result[key]["recall"] >= 0.95, key

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
@@ -123,6 +125,29 @@ def test_report_files_and_schema(tiny, tmp_path):
     for name in data["figures"]:
         assert (tmp_path / "out" / name).stat().st_size > 1000
         assert name in html
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no headless Chromium (apt install chromium)")
+def test_report_renders_in_headless_browser(tiny, tmp_path):
+    """The HTML report renders, images included, in a headless browser (a screenshot with real content)."""
+    planted_model, _ = tiny
+    items = _images(2)
+    report, records = scan(planted_model, items, ScanSettings(), progress=False)
+    write_reports(tmp_path / "out", [(report, records, items)])
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    shot = tmp_path / "shot.png"
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files", "--dump-dom", (tmp_path / "out" / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert dom.returncode == 0 and "planted-vit-tiny" in dom.stdout and "<img" in dom.stdout
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1200,1600", (tmp_path / "out" / "report.html").as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )
+    pixels = Image.open(shot).convert("L")
+    assert pixels.size == (1200, 1600)
+    assert len(set(pixels.getdata())) > 20  # text and figures, not a blank page
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sinkless._io import read_utf8
 from sinkless.adapters import Modality
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES, expand_paths, load_image, sample_images
@@ -36,16 +37,6 @@ def sample_text() -> str:
     return (resources.files("sinkless") / "data" / "sample.txt").read_text(encoding="utf-8").strip()
 
 
-def _read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SinklessError(f"{path} is not UTF-8 text", fix="pass a plain-text file (UTF-8)") from None
-    if not text.strip():
-        raise SinklessError(f"{path} is empty", fix="pass a file with some text in it")
-    return text
-
-
 def resolve_inputs(
     inputs: Sequence[str], texts: Sequence[str], modality: Modality
 ) -> list[ImageInput] | list[TextInput]:
@@ -68,7 +59,7 @@ def resolve_inputs(
         for path in expand_paths(inputs, TEXT_SUFFIXES):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 raise SinklessError(f"{path} is an image but the model is a language model", fix="pass text files or --text, or choose a vision model")
-            result.append(TextInput(str(path), _read_text(path)))
+            result.append(TextInput(str(path), read_utf8(path)))
     if not result:
         result = [TextInput("sample.txt", sample_text())]
     return result

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from sinkless._io import read_utf8
 from sinkless.errors import SinklessError
 
 __all__ = ["DEFAULT_TEXT", "read_text", "tokenize"]
@@ -23,13 +24,7 @@ def read_text(path: str | Path | None = None) -> str:
     path = DEFAULT_TEXT if path is None else Path(path).expanduser()
     if not path.is_file():
         raise SinklessError(f"text file {str(path)!r} does not exist", fix="pass --text with a UTF-8 text file, or leave it out for the bundled Hamlet")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SinklessError(f"{str(path)!r} is not UTF-8 text", fix="convert it with `iconv -t utf-8`") from None
-    if not text.strip():
-        raise SinklessError(f"text file {str(path)!r} is empty", fix="pass a file with some text in it")
-    return text
+    return read_utf8(path)
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
