@@ -185,3 +185,7 @@ def test_cli_scan_tiny_end_to_end(tmp_path, capsys):
     assert "planted-vit-tiny" in out
     data = json.loads((tmp_path / "o" / "report.json").read_text())
     assert len(data["inputs"]) == 3 and data["settings"]["batch_size"] == 2
+    # -q: the summary still prints, the progress bar does not
+    assert main(["-q", "scan", str(images), "--model", "planted-vit-tiny", "--out", str(tmp_path / "q")]) == 0
+    captured = capsys.readouterr()
+    assert "planted-vit-tiny" in captured.out and "scanning" not in captured.err

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         batch_size=args.batch_size,
     )
-    found = discover(loaded, inputs, heldout, settings)
+    found = discover(loaded, inputs, heldout, settings, progress=not args.quiet)
     found.save(args.out)
     print(f"{loaded.name}: {len(inputs)} discovery inputs, {len(heldout)} held out")
     before, after = found.heldout.get("before") or {}, found.heldout.get("after") or {}

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                    "top_k": neurons.top_k, "layers": {str(k): v for k, v in neurons.by_layer().items()}}
     result = ppl.perplexity(
         loaded.model, tokens, config, model_name=loaded.name,
-        text_name=str(args.text or text.DEFAULT_TEXT.name), progress=not args.no_progress, intervention=intervention,
+        text_name=str(args.text or text.DEFAULT_TEXT.name), progress=not (args.no_progress or args.quiet), intervention=intervention,
     )
     settings = f"sinks={result.sinks} window={result.window} " if result.mode != "full" else ""
     print(

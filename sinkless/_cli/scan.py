@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         intervention, extra = None, {}
         if args.registers:
             intervention, extra = _registers(loaded, args.registers)
-        report, records = scan(loaded, items, job_settings, intervention=intervention, extra_settings=extra)
+        report, records = scan(loaded, items, job_settings, intervention=intervention, extra_settings=extra, progress=not args.quiet)
         scans.append((report, records, items))
     written = write_reports(args.out, scans)
     for report, _, _ in scans:

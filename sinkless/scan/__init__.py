@@ -119,9 +119,10 @@ def summary_lines(report: Report) -> list[str]:
     if report.modality == "vision":
         if s["first_outlier_layer"] is not None:
             ns = s["neighbor_similarity"] or {}
+            peak = max((o["ratio"] for o in report.outliers), default=s["max_ratio"])
             lines += [
                 f"  outlier tokens from layer {s['first_outlier_layer']} (layers {_span(s['outlier_layers'])}), "
-                f"{100 * s['outlier_fraction']:.2f} % of patches, up to {s['max_ratio']:.1f}x the median norm",
+                f"{100 * s['outlier_fraction']:.2f} % of patches, up to {peak:.1f}x the median norm (typical image: {s['max_ratio']:.1f}x)",
                 f"  on the border: {100 * (s['border_fraction'] or 0):.0f} % (a random patch: {100 * s['border_fraction_expected']:.0f} %); "
                 f"neighbour similarity {ns.get('outliers') or 0:.2f} vs {ns.get('others') or 0:.2f} for other patches",
                 f"  attention they draw after layer {s['first_outlier_layer']}: {100 * (s['sink_share'] or 0):.1f} % (CLS: {100 * (s.get('sink_share_cls') or 0):.1f} %)",
