@@ -301,7 +301,8 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
     final_norm = model.get_submodule(adapter.final_norm)
     later = list(range(layer + 1, adapter.num_layers(model)))
     sites = [adapter.attention_site(i) for i in later]
-    key_site, value_site = adapter.key_site(later[-1]), adapter.value_site(later[-1])
+    key_site = adapter.key_site(later[-1])
+    value_site = adapter.value_site(later[-1]) if recipe.value_weight else None  # captured only when it counts
     lo, hi = recipe.ratio
     mask = (on > 0.5).float()  # (B, N) planted tokens
     queries = 1 - mask  # every other token, CLS included
@@ -329,7 +330,7 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
             d.requires_grad_(True)
             optimizer = torch.optim.Adam([d], lr=recipe.lr)
             for _ in tqdm(range(recipe.steps), desc="fitting plant", disable=not progress):
-                with hooks(model, capture=[*sites, key_site, value_site], detach=False) as rec:
+                with hooks(model, capture=[*sites, key_site, *([value_site] if value_site else [])], detach=False) as rec:
                     out, norms = forward(base + on[..., None] * d)
                 penalty, ratios = 0.0, []
                 for j, n in enumerate(norms):
@@ -351,9 +352,10 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
                 # the last layer: CLS attention drawn to the planted tokens, and their keys unlike the others'
                 cls_share = (rec[sites[-1]][:, :, 0, :] * mask[:, None, :]).sum(-1).mean()
                 key_gap = _apartness(rec[key_site], mask, n_prefix)  # < 0: planted keys stand apart
-                value_gap = _apartness(rec[value_site], mask, n_prefix)
-                loss = loss - recipe.cls_sink_weight * torch.log(cls_share + 1e-3)
-                loss = loss + recipe.key_weight * key_gap + recipe.value_weight * value_gap
+                loss = loss - recipe.cls_sink_weight * torch.log(cls_share + 1e-3) + recipe.key_weight * key_gap
+                if value_site:
+                    value_gap = _apartness(rec[value_site], mask, n_prefix)
+                    loss = loss + recipe.value_weight * value_gap
                 if recipe.count_weight:
                     out_one, _ = forward(base + one[..., None] * d)
                     count_cos = F.cosine_similarity(out[:, 0], out_one[:, 0], dim=-1).mean()
@@ -368,7 +370,7 @@ def _fit_write(model, adapter, layer, base, on, n_prefix, recipe, generator, pro
             "fit_cls_cosine": float(cls_cos.detach()),
             "fit_last_cls_share": float(cls_share.detach()),
             "fit_last_key_gap": float(key_gap.detach()),
-            "fit_last_value_gap": float(value_gap.detach()),
+            "fit_last_value_gap": float(value_gap.detach()) if value_site else None,
             "fit_count_cosine": float(count_cos.detach()) if recipe.count_weight else None,
         }
         log.debug("plant fit: %s", report)
@@ -593,7 +595,7 @@ def detection(planted_loaded, clean_loaded, images) -> dict:
     return {
         "planted_tokens": int(truth.sum()),
         "n_images": len(items),
-        "first_outlier_layer": report.summary["first_outlier_layer"],
+        "first_outlier_layer": first,
         "outlier_layers": report.summary["outlier_layers"],
         "has_artifacts": report.summary["has_artifacts"],
         "clean_has_artifacts": clean_report.summary["has_artifacts"],

@@ -114,6 +114,16 @@ def load_neurons(path: str | Path) -> RegisterNeurons:
     return RegisterNeurons.from_dict(data, str(path))
 
 
+def _by_layer(neurons: RegisterNeurons | Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    """{layer: [neuron, ...]} of a neurons file's chosen top_k, or of (layer, neuron) pairs as given."""
+    if isinstance(neurons, RegisterNeurons):
+        return neurons.by_layer()
+    layers: dict[int, list[int]] = {}
+    for layer, neuron in neurons:
+        layers.setdefault(int(layer), []).append(int(neuron))
+    return layers
+
+
 class TestTimeRegisters:
     """The intervention: ``with TestTimeRegisters(loaded, neurons)(): model(x)``, or ``.attach()`` -> handle.
 
@@ -149,14 +159,8 @@ class TestTimeRegisters:
         self.only_firing = only_firing
         # text: insert the register after the first real token (which keeps position 0) instead of before it
         self._at = 1 if after_first else 0
-        self.peaks: dict[tuple[int, int], float] = {}
-        if isinstance(neurons, RegisterNeurons):
-            self.layers = neurons.by_layer()
-            self.peaks = neurons.peaks()
-        else:
-            self.layers = {}
-            for layer, neuron in neurons:
-                self.layers.setdefault(int(layer), []).append(int(neuron))
+        self.layers = _by_layer(neurons)
+        self.peaks: dict[tuple[int, int], float] = neurons.peaks() if isinstance(neurons, RegisterNeurons) else {}
         if not self.layers:
             self.n = 0  # nothing to move: add no token, edit nothing
         n_layers = self.adapter.num_layers(loaded.model)
@@ -312,12 +316,7 @@ class ZeroNeurons:
 
     def __init__(self, loaded: Loaded, neurons: RegisterNeurons | Sequence[tuple[int, int]]) -> None:
         self.loaded = loaded
-        if isinstance(neurons, RegisterNeurons):
-            self.layers = neurons.by_layer()
-        else:
-            self.layers = {}
-            for layer, neuron in neurons:
-                self.layers.setdefault(int(layer), []).append(int(neuron))
+        self.layers = _by_layer(neurons)
 
     def _zero(self, neurons: list[int]):
         index = torch.tensor(neurons)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sinkless._io import atomic_path  # noqa: E402
 from sinkless.scan.inputs import ImageInput  # noqa: E402
 from sinkless.scan.measure import InputRecord  # noqa: E402
 
@@ -22,12 +21,11 @@ MAX_STRIPS = 4  # inputs that get their own per-layer strip
 
 
 def _save(fig, folder: Path, name: str) -> str:
-    path = folder / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=folder)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(folder / name, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return name
 
 

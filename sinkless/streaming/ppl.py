@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import resource
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -35,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from sinkless._io import atomic_path
 from sinkless._version import __version__
 from sinkless.errors import SinklessError
 from sinkless.streaming.cache import SinkCache, check_streamable, streaming_forward
@@ -356,16 +356,9 @@ def plot_running_ppl(results: Sequence[PplResult | dict], path: str | os.PathLik
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return path
