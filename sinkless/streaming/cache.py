@@ -99,13 +99,16 @@ def check_streamable(model: nn.Module, sinks: int, window: int) -> torch.Tensor:
             f"{_arch(model)} attends over a sliding window of {sliding} tokens, smaller than sinks + window ({sinks + window})",
             fix=f"use --sinks + --window <= {sliding}",
         )
-    impl = model.config._attn_implementation
+    _check_attention(model.config._attn_implementation)
+    return inv_freq
+
+
+def _check_attention(impl: str | None) -> None:
     if impl not in _MASK_KINDS:
         raise SinklessError(
             f"streaming needs sdpa or eager attention, and the model uses {impl!r}",
             fix="model.set_attn_implementation('sdpa')",
         )
-    return inv_freq
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -272,11 +275,7 @@ class SinkCache(Cache):
         if n_new < 1:
             raise ValueError("n_new must be >= 1")
         impl = self._config._attn_implementation  # read per step: a caller may switch it (eager_attention)
-        if impl not in _MASK_KINDS:
-            raise SinklessError(
-                f"streaming needs sdpa or eager attention, and the model uses {impl!r}",
-                fix="model.set_attn_implementation('sdpa')",
-            )
+        _check_attention(impl)
         s, w, t0 = self.sinks, self.window, self.seen
         self._evict_for(t0)
         self._rebase(t0, n_new)
