@@ -7,9 +7,11 @@ User mistakes (``SinklessError``) print one message with its fix and exit with s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from sinkless._version import __version__
@@ -49,7 +51,14 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C: every ``finally`` runs, so staged outputs and temp folders are cleaned up."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    with contextlib.suppress(ValueError):  # not in the main thread (e.g. called from a worker): leave signals alone
+        signal.signal(signal.SIGTERM, _terminate)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.verb is None:

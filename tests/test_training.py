@@ -1,0 +1,92 @@
+"""The shared training loop: schedules, exact resumption, refusing to overwrite, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from sinkless.errors import SinklessError
+from sinkless.training import CHECKPOINT, LOG, TrainSettings, learning_rate, train
+
+
+def _problem(seed=0):
+    torch.manual_seed(0)
+    target = torch.nn.Linear(4, 1)  # the task: the same in every process
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+
+    def step(t, generator):
+        x = torch.randn(16, 4, generator=generator)  # all randomness of a step comes from its generator
+        y = target(x).detach()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        return {"loss": loss, "mse": loss.detach()}
+
+    return model, step
+
+
+def _params(model):
+    return dict(model.named_parameters())
+
+
+def test_schedules():
+    s = TrainSettings(steps=11, lr=1.0, final_lr=0.1, schedule="cosine", warmup=0)
+    assert learning_rate(s, 0) == pytest.approx(1.0)
+    assert learning_rate(s, 10) == pytest.approx(0.1)
+    e = TrainSettings(steps=11, lr=1e-4, final_lr=5e-6, schedule="exponential")
+    assert learning_rate(e, 10) == pytest.approx(5e-6)
+    assert learning_rate(e, 5) == pytest.approx((1e-4 * 5e-6) ** 0.5)
+    w = TrainSettings(steps=20, lr=1.0, warmup=4, schedule="constant")
+    assert [learning_rate(w, t) for t in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_loss_goes_down_and_log_written(tmp_path):
+    model, step = _problem()
+    result = train(_params(model), step, TrainSettings(steps=60, lr=3e-2, log_every=10), tmp_path, meta={"model": "toy"}, progress=False)
+    data = json.loads((tmp_path / LOG).read_text())
+    assert data["model"] == "toy" and data["finished"] and data["steps_done"] == 60
+    assert data["loss_curve"][-1]["loss"] < data["loss_curve"][0]["loss"]
+    assert result.final_loss == data["loss_curve"][-1]["loss"]
+    assert (tmp_path / CHECKPOINT).exists()
+
+
+def test_interrupt_and_resume_give_the_same_weights(tmp_path):
+    settings = TrainSettings(steps=30, lr=1e-2, checkpoint_every=7, log_every=5)
+    model, step = _problem()
+    train(_params(model), step, settings, tmp_path / "straight", progress=False)
+
+    model2, step2 = _problem()
+
+    def interrupting(t, generator):
+        if t == 17:
+            raise KeyboardInterrupt
+        return step2(t, generator)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_params(model2), interrupting, settings, tmp_path / "resumed", progress=False)
+    model3, step3 = _problem(seed=123)  # a fresh process: different initial weights, restored from the checkpoint
+    result = train(_params(model3), step3, settings, tmp_path / "resumed", resume=True, progress=False)
+    assert result.resumed_from == [14]  # interrupted inside step 17: the checkpoint of step 14 stays
+    for (name, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: max diff {(a - b).abs().max():.3g}"
+
+
+def test_existing_checkpoint_needs_resume_and_matching_settings(tmp_path):
+    model, step = _problem()
+    train(_params(model), step, TrainSettings(steps=3), tmp_path, progress=False)
+    with pytest.raises(SinklessError, match="--resume"):
+        train(_params(model), step, TrainSettings(steps=3), tmp_path, progress=False)
+    with pytest.raises(SinklessError, match="other settings"):
+        train(_params(model), step, TrainSettings(steps=3, lr=1.0), tmp_path, resume=True, progress=False)
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(SinklessError, match="cannot read"):
+        train(_params(model), step, TrainSettings(steps=3), tmp_path, resume=True, progress=False)
+
+
+def test_bad_settings_and_diverging_loss(tmp_path):
+    with pytest.raises(SinklessError):
+        TrainSettings(steps=0)
+    with pytest.raises(SinklessError):
+        TrainSettings(lr=float("nan"))
+    model, _ = _problem()
+    with pytest.raises(SinklessError, match="loss became"):
+        train(_params(model), lambda t, g: {"loss": torch.tensor(float("nan"), requires_grad=True)}, TrainSettings(steps=2), tmp_path, progress=False)
