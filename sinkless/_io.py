@@ -1,17 +1,62 @@
-"""Writing outputs so that a failed command leaves nothing half-written."""
+"""Writing outputs so that a failed or killed command leaves nothing half-written and deletes nothing it did not write.
+
+- ``atomic_path`` / ``atomic_write_text`` / ``atomic_write_json``: one file, written beside its target
+  and renamed into place.
+- ``staged_dir``: a folder of outputs, written in a staging folder and merged into ``out`` at the end.
+  Files of ``out`` are replaced only where this run writes the same name; files an *earlier* run of the
+  same kind wrote (recorded in ``out/.sinkless-outputs.json``, with size and mtime) are removed when
+  this run does not write them again and nobody changed them. Nothing else in ``out`` is touched.
+- Temporary files and folders are named ``.NAME.sinkless-tmp-XXXX`` and hold an ``flock`` while they
+  live: Ctrl-C / SIGTERM remove them on the way out, and the next write into the same folder removes
+  those a SIGKILL left (their lock died with the process). ``clean_stale`` does that sweep.
+- Outputs get the permissions of an ordinary file (``0o666 & ~umask``), not ``mkstemp``'s 0600; a file
+  that already exists keeps its own.
+- ``check_writable``: is an output path usable? Called by the CLI before any long work starts.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "staged_dir", "to_jsonable"]
+try:  # POSIX; elsewhere temp files are still removed on errors, but stale ones are not swept
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_write_json",
+    "staged_dir",
+    "to_jsonable",
+    "read_utf8",
+    "check_writable",
+    "clean_stale",
+    "deferred_signals",
+    "default_mode",
+    "sinkless_outputs",
+    "TMP_MARK",
+    "MANIFEST",
+]
+
+log = logging.getLogger(__name__)
+
+TMP_MARK = ".sinkless-tmp-"
+"""In the name of every temporary file or folder sinkless creates (and may sweep when its owner died)."""
+_NEW_MARK = ".sinkless-new-"  # a temp entry between its creation and its lock (microseconds)
+MANIFEST = ".sinkless-outputs.json"
+"""Per output folder: the files each kind of sinkless output wrote there (so later runs remove only those)."""
 
 
 def to_jsonable(value: Any) -> Any:
@@ -40,30 +85,237 @@ def read_utf8(path: Path) -> str:
     """The text of an existing file; a clear error when it is not UTF-8 or has no text."""
     from sinkless.errors import SinklessError
 
+    path = Path(path)
+    if path.is_dir():
+        raise SinklessError(f"{str(path)!r} is a folder, not a text file", fix="pass a text file (or the files inside the folder)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise SinklessError(f"{str(path)!r} is not UTF-8 text", fix="convert it with `iconv -t utf-8`, or pass a plain-text file") from None
+    except OSError as error:
+        raise SinklessError(f"cannot read {str(path)!r} ({type(error).__name__}: {error.strerror or error})", fix="check the path and its permissions") from None
     if not text.strip():
         raise SinklessError(f"text file {str(path)!r} is empty", fix="pass a file with some text in it")
     return text
 
 
+# -- permissions ---------------------------------------------------------------------------------
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: read it the only portable way (and put it back)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file / folder: 0o666 / 0o777 minus the umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+# -- signals -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM for the few renames/removals inside: they act right after the block.
+
+    Only in the main thread (the only one Python runs signal handlers in); elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum, frame) -> None:
+        received.append(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None:  # installed outside Python: cannot be put back, leave it alone
+            continue
+        previous[sig] = signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+# -- temporary entries that a later run can sweep ------------------------------------------------
+def _lock(fd: int, block: bool) -> bool:
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _temp(parent: Path, name: str, *, directory: bool, suffix: str = "") -> tuple[Path, int]:
+    """A new temporary file or folder in ``parent`` named after ``name``, locked by the returned fd."""
+    prefix = f".{name}{_NEW_MARK}"
+    if directory:
+        made = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
+        fd = os.open(made, os.O_RDONLY)
+    else:
+        fd, made = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
+    _lock(fd, block=True)  # fresh entry: nobody else holds it
+    final = Path(made).with_name(Path(made).name.replace(_NEW_MARK, TMP_MARK, 1))
+    try:
+        os.rename(made, final)  # only now can a sweeper see it, and it is already locked
+    except BaseException:
+        os.close(fd)
+        _remove(Path(made))
+        raise
+    return final, fd
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def clean_stale(folder: str | os.PathLike, *, new_after_s: float = 600.0) -> list[Path]:
+    """Remove the temporary entries in ``folder`` whose owner is gone (killed): those nobody holds locked.
+
+    Entries still being created (``.sinkless-new-``) are removed only when older than ``new_after_s``.
+    Returns what was removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if TMP_MARK in name:
+            try:
+                fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                if _lock(fd, block=False):
+                    _remove(entry)
+                    removed.append(entry)
+            finally:
+                os.close(fd)
+        elif _NEW_MARK in name:
+            with contextlib.suppress(OSError):
+                if time.time() - entry.lstat().st_mtime > new_after_s:
+                    _remove(entry)
+                    removed.append(entry)
+    if removed:
+        log.info("removed %d temporary file(s) an interrupted sinkless run left in %s", len(removed), folder)
+    return removed
+
+
+# -- folders -------------------------------------------------------------------------------------
+def _missing_dirs(folder: Path) -> tuple[list[Path], Path]:
+    """The folders that would have to be created for ``folder`` (deepest first) and the nearest existing one."""
+    missing = []
+    probe = folder
+    while not probe.exists() and not probe.is_symlink():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    return missing, probe
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created (deepest first), to undo on failure."""
+    from sinkless.errors import SinklessError
+
+    missing, existing = _missing_dirs(folder)
+    if not existing.is_dir():
+        raise SinklessError(f"cannot create {folder}: {existing} is a file, not a folder", fix="choose another output path")
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as error:
+            _remove_dirs([p for p in missing if p.exists()])
+            raise SinklessError(f"cannot create folder {path} ({error.strerror or error})", fix="choose a writable output location") from None
+    return missing
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    for path in created:  # deepest first; only if still empty
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def check_writable(path: str | os.PathLike, *, directory: bool, what: str = "output") -> Path:
+    """Raise ``SinklessError`` unless ``path`` can be written as a file (``directory=False``) or a folder.
+
+    Nothing is created: the nearest existing folder is probed with an unnamed temporary file.
+    ``what`` names the path in messages (e.g. ``"--out"``).
+    """
+    from sinkless.errors import SinklessError
+
+    path = Path(path).expanduser()
+    if str(path) in ("", "."):
+        path = Path.cwd()
+    kind = "folder" if directory else "file"
+    if path.exists():
+        if directory and not path.is_dir():
+            raise SinklessError(f"{what} {path} is an existing file, not a folder", fix=f"choose a folder for {what} (it is created if missing)")
+        if not directory and path.is_dir():
+            raise SinklessError(f"{what} {path} is a folder, not a file", fix=f"give {what} a file name, e.g. {path / 'result.json'}")
+        probe = path if directory else path.parent
+    else:
+        missing, probe = _missing_dirs(path.parent if not directory else path)
+        if not probe.is_dir():
+            raise SinklessError(f"{what} {path} cannot be created: {probe} is a file, not a folder", fix=f"choose another {kind} for {what}")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        raise SinklessError(
+            f"{what} {path} cannot be written: folder {probe} is not writable ({error.strerror or type(error).__name__})",
+            fix=f"choose a writable location for {what}",
+        ) from None
+    return path
+
+
+# -- single files --------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """A temporary file beside ``path`` that replaces ``path`` when the block succeeds and is removed
     when it fails. ``suffix`` keeps the extension for writers that read it (e.g. ``.png`` for matplotlib)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    created = _make_dirs(path.parent)
+    clean_stale(path.parent)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else default_mode()
+        tmp, fd = _temp(path.parent, path.name, directory=False, suffix=suffix)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _remove_dirs(created)
         raise
+    try:
+        os.fchmod(fd, mode)
+        yield tmp
+        with deferred_signals():
+            os.replace(tmp, path)
+    except BaseException:
+        with deferred_signals():
+            _remove(tmp)
+            _remove_dirs(created)
+        raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -77,20 +329,121 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2) + "\n")
 
 
+# -- folders of outputs --------------------------------------------------------------------------
+def _read_manifest(out: Path) -> dict:
+    try:
+        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) and isinstance(data.get("outputs"), dict) else {"outputs": {}}
+    except (OSError, ValueError):
+        return {"outputs": {}}
+
+
+def sinkless_outputs(folder: str | os.PathLike) -> set[Path]:
+    """Absolute paths of the files sinkless wrote into ``folder`` (any kind), from its manifest."""
+    folder = Path(folder).resolve()
+    files = set()
+    for entries in _read_manifest(folder)["outputs"].values():
+        if isinstance(entries, dict):
+            files.update(folder / rel for rel in entries)
+    return files
+
+
+def _relative_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
 @contextlib.contextmanager
-def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder whose files move into ``out`` only if the block succeeds."""
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock on a folder while outputs are moved in (two runs into one folder take turns)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        _lock(fd, block=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _unchanged(path: Path, info: dict) -> bool:
+    try:
+        stat = path.lstat()
+    except OSError:
+        return False
+    return path.is_file() and stat.st_size == info.get("size") and stat.st_mtime_ns == info.get("mtime_ns")
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, *, kind: str = "outputs") -> Iterator[Path]:
+    """A temporary folder whose files move into ``out`` only if the block succeeds.
+
+    Files in ``out`` with the names this run writes are replaced; files the previous run of the same
+    ``kind`` wrote and this one does not are removed (if nobody changed them since); anything else in
+    ``out`` is left alone. On failure ``out`` is exactly as before (folders created for it removed).
+    """
+    from sinkless.errors import SinklessError
+
     out = Path(out)
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=parent))
+    if out.exists() and not out.is_dir():
+        raise SinklessError(f"output folder {out} is an existing file", fix="choose a folder name for the outputs")
+    # stage beside the outputs (same file system, so moving them in is a rename): inside ``out`` when
+    # it exists (only ``out`` need be writable), else in its parent, which must be writable to create it
+    parent = out.resolve() if out.is_dir() else out.resolve().parent
+    created = _make_dirs(parent)
+    clean_stale(parent)
+    try:
+        stage, fd = _temp(parent, out.resolve().name or "out", directory=True)
+    except BaseException:
+        _remove_dirs(created)
+        raise
+    succeeded = False
     try:
         yield stage
-        out.mkdir(parents=True, exist_ok=True)
-        for item in stage.iterdir():
-            target = out / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        with deferred_signals():
+            created = ([out] if not out.exists() else []) + created
+            out.mkdir(exist_ok=True)
+            with _folder_lock(out):
+                _merge(stage, out, kind)
+        succeeded = True
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with deferred_signals():
+            os.close(fd)
+            shutil.rmtree(stage, ignore_errors=True)
+            if not succeeded:
+                _remove_dirs(created)
+
+
+def _merge(stage: Path, out: Path, kind: str) -> None:
+    """Move the staged files into ``out``, drop the previous same-kind files not written again, record the new ones."""
+    from sinkless.errors import SinklessError
+
+    manifest = _read_manifest(out)
+    previous = manifest["outputs"].get(kind) or {}
+    written = _relative_files(stage)
+    for rel in written:
+        target = out / rel
+        if target.is_dir() and not target.is_symlink():
+            raise SinklessError(f"cannot write {target}: a folder of that name exists", fix="move that folder away or choose another output folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / rel, target)
+    for rel, info in previous.items():
+        if rel in written or not isinstance(info, dict):
+            continue
+        target = out / rel
+        if _unchanged(target, info):
+            target.unlink()
+            folder = target.parent
+            while folder != out and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
+    entries = {}
+    for rel in written:
+        with contextlib.suppress(OSError):
+            stat = (out / rel).lstat()
+            entries[rel] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    manifest["outputs"][kind] = entries
+    from sinkless._version import __version__
+
+    manifest["sinkless_version"] = __version__
+    atomic_write_json(out / MANIFEST, manifest)

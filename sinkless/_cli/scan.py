@@ -11,6 +11,7 @@ import logging
 from dataclasses import replace
 
 from sinkless import zoo
+from sinkless._cli import _args
 from sinkless.adapters import Modality
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES
@@ -43,13 +44,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace) -> ScanSettings:
-    if args.batch_size < 1:
-        raise SinklessError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threshold is not None and args.threshold <= 0:
-        raise SinklessError(f"--threshold must be positive, got {args.threshold}")
+    """Every flag checked before any model loads (numbers, the output folder, the registers file)."""
+    _args.positive_int(args.batch_size, "--batch-size")
+    _args.positive_number(args.threshold, "--threshold", fix="pass a norm above which a token is an outlier (e.g. 50), or leave it out for the automatic rule")
+    _args.positive_int(args.image_size, "--image-size", fix="pass a side in pixels of at least one patch (e.g. 224), or leave it out for the model's own")
+    _args.positive_int(args.max_tokens, "--max-tokens")
+    _args.input_file(args.registers, "--registers", made_by="`sinkless fix --out`")
+    _args.output_dir(args.out, "--out")
     rule = OutlierRule(rule=Rule(args.rule), absolute=args.threshold)
     return ScanSettings(rule=rule, batch_size=args.batch_size, image_size=args.image_size,
                         max_tokens=args.max_tokens, attention=not args.no_attention)
+
+
+def _check_for_model(loaded, settings: ScanSettings) -> ScanSettings:
+    """The checks that need the model: image size against its patch, max tokens against its context."""
+    if loaded.modality is Modality.VISION:
+        patch = loaded.image_spec.patch_size
+        if settings.image_size is not None and settings.image_size < patch:
+            raise SinklessError(
+                f"--image-size {settings.image_size} is smaller than one {patch}-pixel patch of {loaded.name}",
+                fix=f"pass --image-size of at least {patch} (the model's own is {loaded.image_spec.size})",
+            )
+        return settings
+    return replace(settings, max_tokens=_args.max_tokens_for(loaded, settings.max_tokens))
 
 
 def _jobs(args: argparse.Namespace) -> list[tuple[str, list[str], list[str]]]:
@@ -65,30 +82,33 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, list[str], list[str]]]:
     return [(DEFAULT_TEXT if texty else DEFAULT_VISION, args.inputs, args.text)]
 
 
-def _registers(loaded, path: str):
-    from sinkless.registers import TestTimeRegisters, load_neurons
+def _registers(loaded, neurons, path: str):
+    from sinkless.registers import TestTimeRegisters
 
-    neurons = load_neurons(path)
-    if neurons.model != loaded.name:
-        log.warning("%s was made for %s, not %s", path, neurons.model, loaded.name)
-    ttr = TestTimeRegisters(loaded, neurons)
+    ttr = TestTimeRegisters(loaded, neurons)  # warns when the file was made for another model
     extra = {"registers": {"file": path, "model": neurons.model, "top_k": neurons.top_k, "layers": {str(k): v for k, v in neurons.by_layer().items()}, "n_registers": ttr.n}}
     return ttr, extra
 
 
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    neurons = None
+    if args.registers:
+        from sinkless.registers import load_neurons
+
+        neurons = load_neurons(args.registers)
     scans = []
     for name, inputs, texts in _jobs(args):
         loaded = zoo.load(name)
+        job_settings = _check_for_model(loaded, settings)
         items = resolve_inputs(inputs, texts, loaded.modality)
         layers = parse_layers(args.layers, loaded.num_layers)
-        job_settings = replace(settings, layers=layers)
+        job_settings = replace(job_settings, layers=layers)
         if loaded.modality is Modality.TEXT:
             job_settings = replace(job_settings, batch_size=min(job_settings.batch_size, 4))
         intervention, extra = None, {}
-        if args.registers:
-            intervention, extra = _registers(loaded, args.registers)
+        if neurons is not None:
+            intervention, extra = _registers(loaded, neurons, args.registers)
         report, records = scan(loaded, items, job_settings, intervention=intervention, extra_settings=extra, progress=not args.quiet)
         scans.append((report, records, items))
     written = write_reports(args.out, scans)
