@@ -127,6 +127,7 @@ def cached(name: str, key: str, build: Callable[[Path], None]) -> Path:
     root = cache_dir()
     target = root / name
     if _stamped(target, key):
+        clean_stale(root)  # what a killed build left (a listing of the cache root: cheap)
         return target
     try:
         root.mkdir(parents=True, exist_ok=True)

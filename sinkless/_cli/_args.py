@@ -37,6 +37,7 @@ __all__ = [
     "output_file",
     "output_dir",
     "input_file",
+    "not_an_input",
     "max_tokens_for",
 ]
 
@@ -120,6 +121,18 @@ def output_dir(path: str | None, flag: str) -> str | None:
         if str(path).strip() == "":
             raise SinklessError(f"{flag} is empty", fix=f"give {flag} a folder name")
         check_writable(path, directory=True, what=flag)
+    return path
+
+
+def not_an_input(path: str | None, inputs, flag: str) -> str | None:
+    """An output must not overwrite one of the inputs (a file named, or one inside a folder named)."""
+    if path is None:
+        return None
+    target = Path(path).expanduser().resolve()
+    for item in inputs or []:
+        given = Path(item).expanduser()
+        if given.exists() and (given.resolve() == target or (given.is_dir() and target.exists() and target.parent == given.resolve())):
+            raise SinklessError(f"{flag} {path} is one of the inputs: writing it would destroy that input", fix=f"choose another file for {flag}")
     return path
 
 

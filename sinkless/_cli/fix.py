@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     _args.positive_int(args.n_heldout, "--n-heldout", fix="pass --n-heldout N >= 1 (default 16): the fix is checked on held-out inputs")
     _args.positive_int(args.batch_size, "--batch-size")
     _args.output_file(args.out, "--out")
+    _args.not_an_input(args.out, args.inputs, "--out")
     loaded = zoo.load(args.model)
     detection = _args.layer_index(args.detection_layer, "--detection-layer", loaded.num_layers, model=loaded.name)
     inputs, heldout = discovery_inputs(loaded, args.inputs, args.text, args.n_inputs, args.n_heldout)

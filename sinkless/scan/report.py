@@ -246,9 +246,9 @@ def _measured_only(summary: dict, records: list[InputRecord], layers: list[dict]
     if not settings.attention:
         notes.append("first-token attention not measured (--no-attention)")
     elif long_enough == 0:
-        notes.append(f"first-token attention not measured: every text is too short (it needs more than {settings.warmup + 1} tokens)")
+        notes.append(f"first-token attention not measured: every text is too short (it needs at least {settings.warmup + 1} tokens)")
     elif long_enough < len(records):
-        notes.append(f"first-token attention from the {long_enough} of {len(records)} texts longer than {settings.warmup + 1} tokens")
+        notes.append(f"first-token attention from the {long_enough} of {len(records)} texts of at least {settings.warmup + 1} tokens")
     sink_measured = settings.attention and long_enough > 0
     if not sink_measured:
         summary["sink_share"] = summary["first_token_attention_max"] = summary["sink_epsilon"] = None

@@ -1,0 +1,186 @@
+"""Outputs and the cache when runs meet: earlier runs' files, the user's own files, two runs at once,
+two environments sharing one cache, output folders inside input folders, file permissions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from robustness_helpers import photos, temp_entries, text_model, tree, umask_is, words  # noqa: F401 (fixture)
+from sinkless import zoo
+from sinkless._io import MANIFEST, atomic_write_json, staged_dir
+from sinkless.cli import main
+
+pytestmark = pytest.mark.robustness
+
+
+def _scan(*argv) -> None:
+    assert main(["-q", "scan", *argv]) == 0
+
+
+def test_a_scan_never_deletes_the_users_files(tmp_path, capsys, monkeypatch, text_model):
+    """Before: `scan --out o/dl` (the main job: a vision and a text model) deleted o/dl/<text model>/notes.txt."""
+    import sinkless._cli.scan as verb
+
+    monkeypatch.setattr(verb, "DEFAULT_VISION", "planted-vit-tiny")
+    monkeypatch.setattr(verb, "DEFAULT_TEXT", str(text_model))
+    out = tmp_path / "o" / "dl"
+    assert main(["-q", "scan", "--out", str(out)]) == 0
+    sub = next(p for p in out.iterdir() if p.is_dir())
+    (sub / "notes.txt").write_text("my notes")
+    (out / "draft.md").write_text("my draft")
+    assert main(["-q", "scan", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert (sub / "notes.txt").read_text() == "my notes" and (out / "draft.md").read_text() == "my draft"
+    assert (sub / "report.json").exists()
+
+
+def test_figures_of_an_earlier_scan_do_not_stay_beside_a_new_report(tmp_path, capsys):
+    photos(tmp_path / "many", 3)
+    photos(tmp_path / "one", 1)
+    out = tmp_path / "out"
+    _scan(str(tmp_path / "many"), "--model", "planted-vit-tiny", "--out", str(out))
+    first = set(json.loads((out / "report.json").read_text())["figures"])
+    _scan(str(tmp_path / "one"), "--model", "planted-vit-tiny", "--out", str(out))
+    second = set(json.loads((out / "report.json").read_text())["figures"])
+    capsys.readouterr()
+    assert first - second, "the test needs figures the second scan does not write"
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*.png")}
+    assert on_disk == second
+
+
+def test_an_earlier_figure_the_user_changed_is_kept(tmp_path):
+    out = tmp_path / "out"
+    with staged_dir(out, kind="scan") as stage:
+        (stage / "a.png").write_text("a")
+        (stage / "b.png").write_text("b")
+    (out / "b.png").write_text("annotated by hand")
+    with staged_dir(out, kind="scan") as stage:
+        (stage / "c.png").write_text("c")
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "b.png", "c.png"])
+
+
+def test_other_kinds_of_outputs_in_the_same_folder_stay(tmp_path):
+    out = tmp_path / "out"
+    with staged_dir(out, kind="scan") as stage:
+        (stage / "report.json").write_text("{}")
+    with staged_dir(out, kind="compare-pictures") as stage:
+        (stage / "lost").mkdir()
+        (stage / "lost" / "0.png").write_text("x")
+    assert (out / "report.json").exists() and (out / "lost" / "0.png").exists()
+
+
+def test_out_inside_the_input_folder_is_not_read_back(tmp_path, capsys):
+    photos(tmp_path / "imgs", 2)
+    for _ in range(2):
+        _scan(str(tmp_path / "imgs"), "--model", "planted-vit-tiny", "--out", str(tmp_path / "imgs"))
+        data = json.loads((tmp_path / "imgs" / "report.json").read_text())
+        assert [Path(i["name"]).name for i in data["inputs"]] == ["photo0.png", "photo1.png"]
+    _scan(str(tmp_path / "imgs" / "*.png"), "--model", "planted-vit-tiny", "--out", str(tmp_path / "imgs"))  # a glob too
+    capsys.readouterr()
+    assert len(json.loads((tmp_path / "imgs" / "report.json").read_text())["inputs"]) == 2
+
+
+def test_two_scans_into_one_folder_at_once(tmp_path):
+    """Two writers merging into one folder take turns (a lock on the folder): one complete result, no debris."""
+    out = tmp_path / "out"
+    errors = []
+
+    def write(tag: str):
+        try:
+            with staged_dir(out, kind="scan") as stage:
+                for i in range(20):
+                    (stage / f"fig{i}.png").write_text(tag)
+                    time.sleep(0.005)
+                (stage / "report.json").write_text(json.dumps({"tag": tag}))
+        except Exception as error:  # pragma: no cover
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(tag,)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not temp_entries(tmp_path)
+    tag = json.loads((out / "report.json").read_text())["tag"]
+    assert all((out / f"fig{i}.png").read_text() == tag for i in range(20))  # whole runs, not a mix
+    assert set(json.loads((out / MANIFEST).read_text())["outputs"]["scan"]) == {f"fig{i}.png" for i in range(20)} | {"report.json"}
+
+
+def test_two_builders_of_one_cache_entry_build_it_once(tmp_cache):
+    calls = []
+
+    def build(folder):
+        calls.append(1)
+        time.sleep(0.5)
+        (folder / "weights.bin").write_text("w")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(zoo.cached("shared", "k", build))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(results)) == 1 and (results[0] / "weights.bin").read_text() == "w"
+    assert not temp_entries(tmp_cache)
+
+
+def test_cache_key_is_the_content_not_the_install_path(tmp_path):
+    """Two environments install the same package at different paths: one cache entry, no rebuilds."""
+    first = tmp_path / "env-a" / "model.onnx"
+    second = tmp_path / "env-b" / "lib" / "model.onnx"
+    first.parent.mkdir(parents=True)
+    second.parent.mkdir(parents=True)
+    first.write_bytes(b"weights" * 1000)
+    shutil.copy(first, second)
+    assert zoo._fingerprint(first) == zoo._fingerprint(second)
+    changed = tmp_path / "env-c.onnx"
+    changed.write_bytes(b"weights" * 999 + b"WEIGHTS")
+    assert zoo._fingerprint(changed) != zoo._fingerprint(first)
+
+
+def test_an_entry_built_by_another_environment_is_used(tmp_cache, tmp_path):
+    package = tmp_path / "site-packages-a" / "weights.gguf"
+    package.parent.mkdir()
+    package.write_bytes(b"gguf" * 500)
+    zoo.cached("env-shared", zoo._fingerprint(package), lambda folder: (folder / "w").write_text("built by a"))
+    other = tmp_path / "site-packages-b" / "weights.gguf"
+    other.parent.mkdir()
+    shutil.copy2(package, other)
+    folder = zoo.cached("env-shared", zoo._fingerprint(other), lambda folder: pytest.fail("rebuilt"))
+    assert (folder / "w").read_text() == "built by a"
+
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_outputs_follow_the_umask(tmp_path, capsys, mask, file_mode, dir_mode):
+    """Before: JSON and PNGs 0600 (mkstemp) beside a 0644 HTML."""
+    photos(tmp_path / "imgs", 1)
+    with umask_is(mask):
+        _scan(str(tmp_path / "imgs"), "--model", "planted-vit-tiny", "--out", str(tmp_path / "out"))
+        atomic_write_json(tmp_path / "single" / "r.json", {"a": 1})
+    capsys.readouterr()
+    modes = {p.suffix: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert set(modes) >= {".json", ".html", ".png"} and set(modes.values()) == {file_mode}
+    assert (tmp_path / "single" / "r.json").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "single").stat().st_mode & 0o777 == dir_mode
+
+
+def test_an_existing_file_keeps_its_permissions(tmp_path):
+    target = tmp_path / "private.json"
+    target.write_text("{}")
+    target.chmod(0o600)
+    with umask_is(0o022):
+        atomic_write_json(target, {"b": 2})
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_cache_entry_is_readable_by_the_other_environment(tmp_cache):
+    with umask_is(0o022):
+        folder = zoo.cached("perm", "k", lambda folder: (folder / "w").write_text("w"))
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert tree(folder)["w"][1] == 0o644

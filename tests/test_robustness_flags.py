@@ -1,0 +1,131 @@
+"""Bad flags on every verb: exit 2 with one line naming the problem and the fix, before any long work,
+no traceback, nothing written or deleted. (Argument *types* — ``--batch-size abc`` — are argparse's.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from robustness_helpers import expect_error, photos, text_model  # noqa: F401 (fixture)
+from sinkless.cli import main
+
+pytestmark = pytest.mark.robustness
+
+TINY = ["--model", "planted-vit-tiny"]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A folder with two photos, an earlier output and a file in the way; the CLI runs inside it."""
+    monkeypatch.chdir(tmp_path)
+    photos(tmp_path / "imgs", 2)
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "report.json").write_text('{"mine": true}')
+    (tmp_path / "afile").write_text("not a folder")
+    return tmp_path
+
+
+SCAN = [
+    (["--threshold", "nan"], "--threshold must be a finite number"),
+    (["--threshold", "inf"], "--threshold must be a finite number"),
+    (["--threshold", "-3"], "--threshold must be a positive number"),
+    (["--threshold", "0"], "--threshold must be a positive number"),
+    (["--image-size", "-28"], "--image-size must be a whole number >= 1"),
+    (["--image-size", "0"], "--image-size must be a whole number >= 1"),
+    (["--image-size", "5"], "smaller than one 8-pixel patch"),
+    (["--max-tokens", "0"], "--max-tokens must be a whole number >= 1"),
+    (["--max-tokens", "-5"], "--max-tokens must be a whole number >= 1"),
+    (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+    (["--batch-size", "-4"], "--batch-size must be a whole number >= 1"),
+    (["--layers", "3-1"], "runs backwards"),
+    (["--layers", "2-9"], "outside 0..3"),
+    (["--layers", "-9"], "outside 0..3"),
+    (["--layers", "one"], "bad --layers"),
+    (["--out", "afile"], "is an existing file"),
+    (["--out", "afile/sub"], "afile is a file"),
+    (["--out", ""], "--out is empty"),
+    (["--registers", "missing.json"], "file not found"),
+    (["--registers", "imgs"], "is a folder"),
+]
+
+
+@pytest.mark.parametrize("flags, message", SCAN, ids=[" ".join(f) or "empty" for f, _ in SCAN])
+def test_scan_flags(work, capsys, flags, message):
+    expect_error(["scan", "imgs", *TINY, *flags], capsys, contains=message, root=work)
+
+
+FIX = [
+    (["--n-inputs", "0"], "--n-inputs must be a whole number >= 1"),
+    (["--n-inputs", "-3"], "--n-inputs must be a whole number >= 1"),
+    (["--n-heldout", "0"], "--n-heldout must be a whole number >= 1"),
+    (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+    (["--top-k", "0"], "--top-k must be a whole number >= 1"),
+    (["--top-k", "-2"], "--top-k must be a whole number >= 1"),
+    (["--threshold", "nan"], "--threshold must be a finite number"),
+    (["--threshold", "-1"], "--threshold must be a positive number"),
+    (["--detection-layer", "99"], "--detection-layer 99 is not a layer of planted-vit-tiny, which has 4 layers"),
+    (["--detection-layer", "-99"], "is not a layer"),
+]
+
+
+@pytest.mark.parametrize("flags, message", FIX, ids=[" ".join(f) for f, _ in FIX])
+def test_fix_flags(work, capsys, flags, message):
+    expect_error(["fix", *TINY, *flags, "--out", "n.json"], capsys, contains=message, root=work)
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [("imgs", "is a folder, not a file"), ("afile/n.json", "afile is a file"), ("", "--out is empty")],
+    ids=["folder", "under-a-file", "empty"],
+)
+def test_fix_out(work, capsys, out, message):
+    expect_error(["fix", *TINY, "--out", out], capsys, contains=message, root=work)
+
+
+def test_fix_out_must_not_overwrite_an_input(work, capsys):
+    expect_error(["fix", "imgs/photo0.png", "imgs/photo1.png", *TINY, "--out", "imgs/photo0.png"], capsys,
+                 contains="is one of the inputs", root=work)
+
+
+def test_fix_with_inputs_and_detection_layer_without_outliers(work, capsys):
+    """A layer that exists but where the discovery inputs show no outliers: an error, not a ValueError traceback."""
+    expect_error(["fix", "imgs", *TINY, "--detection-layer", "0", "--out", "n.json"], capsys,
+                 contains=["no discovery input has outliers at detection layer 0"], root=work)
+
+
+COMPARE = [
+    (["--limit", "0"], "--limit must be a whole number >= 1"),
+    (["--k", "0"], "--k must be a whole number >= 1"),
+    (["--knn-k", "-1"], "--knn-k must be a whole number >= 1"),
+    (["--mass", "0"], "--mass must be in (0, 1]"),
+    (["--mass", "1.5"], "--mass must be in (0, 1]"),
+    (["--mass", "nan"], "--mass must be a finite number"),
+    (["--max-side", "-1"], "--max-side must be a whole number >= 0"),
+    (["--gram-bias", "nan"], "--gram-bias must be a finite number"),
+    (["--json", "imgs"], "is a folder, not a file"),
+    (["--json", "afile/r.json"], "afile is a file"),
+    (["--out-dir", "afile"], "is an existing file"),
+    (["--registers", "nope.json"], "file not found"),
+]
+
+
+@pytest.mark.parametrize("flags, message", COMPARE, ids=[" ".join(f) for f, _ in COMPARE])
+def test_compare_flags(work, capsys, flags, message):
+    expect_error(["compare", *TINY, "--task", "lost", "--data", "synthetic", *flags], capsys, contains=message, root=work)
+
+
+def test_models_load_unknown(work, capsys):
+    expect_error(["models", "--load", "./no-such-folder"], capsys, contains="not a model folder", root=work)
+
+
+@pytest.mark.parametrize("argv", [["scan", "--batch-size", "abc"], ["fix", "--model", "x"], ["scan", "--rule", "magic"], ["frobnicate"]],
+                         ids=["not-a-number", "missing-required", "bad-choice", "unknown-verb"])
+def test_argparse_errors_exit_2(work, capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_text_flags_on_a_text_model(work, capsys, text_model):
+    expect_error(["scan", "--model", str(text_model), "--text", "w1 w2", "--max-tokens", "0"], capsys,
+                 contains="--max-tokens must be a whole number >= 1", root=work)
