@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -268,13 +269,24 @@ def check_writable(path: str | os.PathLike, *, directory: bool, what: str = "out
     path = Path(path).expanduser()
     if str(path) in ("", "."):
         path = Path.cwd()
+    try:
+        return _check_writable(path, directory, what)
+    except OSError as error:  # a name too long, a loop of links, ...
+        raise SinklessError(f"cannot use {what} {path} ({error.strerror or error})", fix=f"choose another path for {what}") from None
+
+
+def _check_writable(path: Path, directory: bool, what: str) -> Path:
+    from sinkless.errors import SinklessError
+
     kind = "folder" if directory else "file"
     if path.exists():
         if directory and not path.is_dir():
             raise SinklessError(f"{what} {path} is an existing file, not a folder", fix=f"choose a folder for {what} (it is created if missing)")
         if not directory and path.is_dir():
             raise SinklessError(f"{what} {path} is a folder, not a file", fix=f"give {what} a file name, e.g. {path / 'result.json'}")
-        probe = path if directory else path.parent
+        if not directory and not path.is_file():
+            raise SinklessError(f"{what} {path} is not a regular file (a device, pipe or socket)", fix=f"give {what} the name of an ordinary file")
+        probe = path if directory else Path(os.path.realpath(path)).parent
     else:
         missing, probe = _missing_dirs(path.parent if not directory else path)
         if not probe.is_dir():
@@ -290,29 +302,50 @@ def check_writable(path: str | os.PathLike, *, directory: bool, what: str = "out
     return path
 
 
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG, errno.ENAMETOOLONG}
+
+
+def _write_error(error: BaseException, path: Path):
+    """A failed write (disk full, read-only, ...) as one clear message, or None for other errors."""
+    from sinkless.errors import SinklessError
+
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRORS:
+        return SinklessError(f"cannot write {path} ({error.strerror or error})", fix="free some disk space or choose another output location")
+    return None
+
+
 # -- single files --------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """A temporary file beside ``path`` that replaces ``path`` when the block succeeds and is removed
     when it fails. ``suffix`` keeps the extension for writers that read it (e.g. ``.png`` for matplotlib)."""
-    path = Path(path)
+    from sinkless.errors import SinklessError
+
+    path = Path(path).expanduser()
+    if path.is_symlink():  # write through a link, not over it
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        raise SinklessError(f"cannot write {path}: it is not a regular file", fix="give the output the name of an ordinary file")
     created = _make_dirs(path.parent)
     clean_stale(path.parent)
     try:
         mode = path.stat().st_mode & 0o7777 if path.is_file() else default_mode()
         tmp, fd = _temp(path.parent, path.name, directory=False, suffix=suffix)
-    except BaseException:
+    except BaseException as error:
         _remove_dirs(created)
-        raise
+        raise _write_error(error, path) or error
     try:
         os.fchmod(fd, mode)
         yield tmp
         with deferred_signals():
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with deferred_signals():
             _remove(tmp)
             _remove_dirs(created)
+        clear = _write_error(error, path)
+        if clear is not None:
+            raise clear from None
         raise
     finally:
         os.close(fd)
@@ -384,7 +417,7 @@ def staged_dir(out: str | os.PathLike, *, kind: str = "outputs") -> Iterator[Pat
     """
     from sinkless.errors import SinklessError
 
-    out = Path(out)
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise SinklessError(f"output folder {out} is an existing file", fix="choose a folder name for the outputs")
     # stage beside the outputs (same file system, so moving them in is a rename): inside ``out`` when
@@ -406,6 +439,11 @@ def staged_dir(out: str | os.PathLike, *, kind: str = "outputs") -> Iterator[Pat
             with _folder_lock(out):
                 _merge(stage, out, kind)
         succeeded = True
+    except OSError as error:
+        clear = _write_error(error, out)
+        if clear is not None:
+            raise clear from None
+        raise
     finally:
         with deferred_signals():
             os.close(fd)

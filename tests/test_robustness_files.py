@@ -243,3 +243,53 @@ def test_checkpoint_that_is_not_one(tmp_path):
     with pytest.raises(SinklessError, match="cannot read the checkpoint"):
         train({"w": weight}, lambda t, g: {"loss": (weight - 1).pow(2).sum()}, TrainSettings(steps=2), tmp_path, resume=True, progress=False)
     assert tree(tmp_path)[CHECKPOINT][0]  # left as it was
+
+
+@pytest.mark.parametrize("verb", ["fix", "compare"])
+def test_a_device_is_not_an_output_file(tmp_path, capsys, verb):
+    """As root, replacing /dev/null by a regular file would break the machine: refused."""
+    argv = {"fix": ["fix", "--model", "planted-vit-tiny", "--out", "/dev/null"],
+            "compare": ["compare", "--model", "planted-vit-tiny", "--task", "lost", "--data", "synthetic", "--json", "/dev/null"]}[verb]
+    expect_error(argv, capsys, contains="is not a regular file", root=tmp_path)
+    assert Path("/dev/null").is_char_device()
+
+
+def test_a_full_disk_is_one_message(tmp_path, monkeypatch):
+    import errno
+
+    from sinkless._io import atomic_write_json, staged_dir
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SinklessError, match="No space left on device"):
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+    with pytest.raises(SinklessError, match="No space left on device"):
+        with staged_dir(tmp_path / "out") as stage:
+            (stage / "report.json").write_text("{}")
+    monkeypatch.undo()
+    assert tree(tmp_path) == {}
+
+
+def test_an_output_behind_a_symlink_is_written_through_it(tmp_path):
+    from sinkless._io import atomic_write_json
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "r.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real" / "r.json")
+    atomic_write_json(tmp_path / "link.json", {"a": 1})
+    assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "real" / "r.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("flags, message", [(["--image-size", "100000"], "--image-size 100000"), (["--image-size", "3000", "--batch-size", "1"], "GiB of memory")])
+def test_a_scan_that_cannot_fit_in_memory_is_refused(tmp_path, capsys, flags, message):
+    photos(tmp_path / "imgs", 1)
+    expect_error(["scan", str(tmp_path / "imgs"), "--model", "planted-vit-tiny", *flags, "--out", str(tmp_path / "o")], capsys,
+                 contains=[message, "--no-attention"], root=tmp_path)
+
+
+def test_a_long_text_context_that_cannot_fit_in_memory_is_refused(tmp_path, capsys):
+    folder = tiny_text_model_dir(tmp_path / "wide", context=1_000_000)
+    expect_error(["scan", "--model", str(folder), "--text", words(200_000), "--max-tokens", "200000", "--out", str(tmp_path / "o")], capsys,
+                 contains="texts of 200000 tokens", root=tmp_path)

@@ -29,6 +29,7 @@ SCAN = [
     (["--threshold", "inf"], "--threshold must be a finite number"),
     (["--threshold", "-3"], "--threshold must be a positive number"),
     (["--threshold", "0"], "--threshold must be a positive number"),
+    (["--threshold", "1e300"], "--threshold 1e+300 is too large"),
     (["--image-size", "-28"], "--image-size must be a whole number >= 1"),
     (["--image-size", "0"], "--image-size must be a whole number >= 1"),
     (["--image-size", "5"], "smaller than one 8-pixel patch"),

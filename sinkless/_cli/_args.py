@@ -69,11 +69,16 @@ def finite_number(value: float | None, flag: str, *, fix: str | None = None) -> 
     return value
 
 
-def positive_number(value: float | None, flag: str, *, fix: str | None = None) -> float | None:
-    """A finite number > 0 (thresholds, rates)."""
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def positive_number(value: float | None, flag: str, *, fix: str | None = None, maximum: float = FLOAT32_MAX) -> float | None:
+    """A finite number > 0 (thresholds, rates), at most ``maximum`` (default: what a float32 tensor holds)."""
     finite_number(value, flag, fix=fix)
     if value is not None and value <= 0:
         raise SinklessError(f"{flag} must be a positive number, got {value}", fix=fix or f"pass {flag} X with X > 0")
+    if value is not None and value > maximum:
+        raise SinklessError(f"{flag} {value:g} is too large (at most {maximum:g})", fix=fix or f"pass {flag} X with X <= {maximum:g}")
     return value
 
 

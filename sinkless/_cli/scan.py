@@ -51,6 +51,8 @@ def _settings(args: argparse.Namespace) -> ScanSettings:
     _args.positive_int(args.max_tokens, "--max-tokens")
     _args.input_file(args.registers, "--registers", made_by="`sinkless fix --out`")
     _args.output_dir(args.out, "--out")
+    if args.threshold is not None and args.rule != Rule.ROBUST.value:
+        log.warning("--threshold %g replaces the --rule %s: tokens with a norm above it are outliers", args.threshold, args.rule)
     rule = OutlierRule(rule=Rule(args.rule), absolute=args.threshold)
     return ScanSettings(rule=rule, batch_size=args.batch_size, image_size=args.image_size,
                         max_tokens=args.max_tokens, attention=not args.no_attention)
@@ -82,6 +84,50 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, list[str], list[str]]]:
     return [(DEFAULT_TEXT if texty else DEFAULT_VISION, args.inputs, args.text)]
 
 
+def _available_bytes() -> int | None:
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(loaded, items, settings: ScanSettings) -> None:
+    """Refuse a scan whose captures cannot fit in memory (a huge --image-size or --max-tokens): one message
+    instead of the machine swapping until the kernel kills the process."""
+    available = _available_bytes()
+    if available is None or not items:
+        return
+    config = getattr(loaded.model, "config", None)
+    config = getattr(config, "vision_config", config)
+    width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
+    if not width:
+        return
+    n_layers = len(settings.layers) if settings.layers is not None else loaded.num_layers
+    mlp = loaded.adapter.mlp_width(loaded.model)
+    batch = min(settings.batch_size, len(items))
+    if loaded.modality is Modality.VISION:
+        side = (settings.image_size or loaded.image_spec.size) // loaded.image_spec.patch_size
+        tokens, kept_heads = side * side + 1, 1  # vision keeps attention averaged over heads
+        what = f"--image-size {settings.image_size or loaded.image_spec.size} ({tokens} tokens per image)"
+    else:
+        tokens = max(len(loaded.tokenizer(item.text, truncation=True, max_length=settings.max_tokens)["input_ids"]) for item in items)
+        kept_heads = heads  # text keeps every head (Sink_eps)
+        what = f"texts of {tokens} tokens (--max-tokens {settings.max_tokens})"
+    floats = batch * tokens * (width * (n_layers + 2) + mlp)  # residuals of every scanned layer, one MLP activation
+    if settings.attention:
+        floats += batch * tokens * tokens * (kept_heads * n_layers + 2 * heads)  # captured + one layer's eager attention
+    needed = 4 * floats * 1.25
+    if needed > 0.9 * available:
+        raise SinklessError(
+            f"scanning {what} at --batch-size {batch} needs about {needed / 2**30:.1f} GiB of memory; {available / 2**30:.1f} GiB are available",
+            fix="lower --batch-size, --image-size or --max-tokens, or add --no-attention (attention grows with the square of the tokens)",
+        )
+
+
 def _registers(loaded, neurons, path: str):
     from sinkless.registers import TestTimeRegisters
 
@@ -106,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         job_settings = replace(job_settings, layers=layers)
         if loaded.modality is Modality.TEXT:
             job_settings = replace(job_settings, batch_size=min(job_settings.batch_size, 4))
+        _check_memory(loaded, items, job_settings)
         intervention, extra = None, {}
         if neurons is not None:
             intervention, extra = _registers(loaded, neurons, args.registers)

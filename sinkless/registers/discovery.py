@@ -58,7 +58,7 @@ class DiscoverySettings:
                 raise SinklessError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise SinklessError(f"top_k must be a whole number >= 1, got {self.top_k!r}", fix="pass --top-k K with K >= 1, or leave it out for the sweep")
-        if self.rule.absolute is not None and not (math.isfinite(self.rule.absolute) and self.rule.absolute > 0):
+        if self.rule.absolute is not None and not (math.isfinite(self.rule.absolute) and 0 < self.rule.absolute < 3.4e38):
             raise SinklessError(f"the outlier threshold must be a positive number, got {self.rule.absolute}")
 
     def scan_settings(self) -> ScanSettings:

@@ -130,7 +130,9 @@ def summary_lines(report: Report) -> list[str]:
                 + (f"{100 * s['sink_share']:.1f} % (CLS: {100 * (s.get('sink_share_cls') or 0):.1f} %)" if s["sink_share"] is not None else "not measured"),
             ]
         else:
-            lines.append(f"  max/median token norm at most {s['max_ratio']:.2f}x (outlier floor {report.settings['rule']['floor']:g}x)")
+            rule = report.settings["rule"]
+            bar = f"outlier threshold: norm > {rule['absolute']:g}" if rule.get("absolute") is not None else f"outlier floor {rule['floor']:g}x"
+            lines.append(f"  max/median token norm at most {s['max_ratio']:.2f}x ({bar})")
     else:
         sinks = [row["layer"] for row in report.layers if (row["first_token_attention"] or 0) >= 0.3]
         if s["sink_share"] is None:
