@@ -22,15 +22,15 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-try:  # POSIX; elsewhere temp files are still removed on errors, but stale ones are not swept
+from sinkless._tempfiles import TMP_MARK, clean_stale, default_mode, deferred_signals, lock, make_temp, remove
+
+
+try:
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
@@ -53,9 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TMP_MARK = ".sinkless-tmp-"
-"""In the name of every temporary file or folder sinkless creates (and may sweep when its owner died)."""
-_NEW_MARK = ".sinkless-new-"  # a temp entry between its creation and its lock (microseconds)
 MANIFEST = ".sinkless-outputs.json"
 """Per output folder: the files each kind of sinkless output wrote there (so later runs remove only those)."""
 
@@ -98,127 +95,6 @@ def read_utf8(path: Path) -> str:
     if not text.strip():
         raise SinklessError(f"text file {str(path)!r} is empty", fix="pass a file with some text in it")
     return text
-
-
-# -- permissions ---------------------------------------------------------------------------------
-def _umask() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)  # no /proc: read it the only portable way (and put it back)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """The mode ``open()`` / ``mkdir()`` would give a new file / folder: 0o666 / 0o777 minus the umask."""
-    return (0o777 if directory else 0o666) & ~_umask()
-
-
-# -- signals -------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM for the few renames/removals inside: they act right after the block.
-
-    Only in the main thread (the only one Python runs signal handlers in); elsewhere a no-op.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def hold(signum, frame) -> None:
-        received.append(signum)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler is None:  # installed outside Python: cannot be put back, leave it alone
-            continue
-        previous[sig] = signal.signal(sig, hold)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if received:
-            signal.raise_signal(received[0])
-
-
-# -- temporary entries that a later run can sweep ------------------------------------------------
-def _lock(fd: int, block: bool) -> bool:
-    if fcntl is None:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _temp(parent: Path, name: str, *, directory: bool, suffix: str = "") -> tuple[Path, int]:
-    """A new temporary file or folder in ``parent`` named after ``name``, locked by the returned fd."""
-    prefix = f".{name}{_NEW_MARK}"
-    if directory:
-        made = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
-        fd = os.open(made, os.O_RDONLY)
-    else:
-        fd, made = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
-    _lock(fd, block=True)  # fresh entry: nobody else holds it
-    final = Path(made).with_name(Path(made).name.replace(_NEW_MARK, TMP_MARK, 1))
-    try:
-        os.rename(made, final)  # only now can a sweeper see it, and it is already locked
-    except BaseException:
-        os.close(fd)
-        _remove(Path(made))
-        raise
-    return final, fd
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def clean_stale(folder: str | os.PathLike, *, new_after_s: float = 600.0) -> list[Path]:
-    """Remove the temporary entries in ``folder`` whose owner is gone (killed): those nobody holds locked.
-
-    Entries still being created (``.sinkless-new-``) are removed only when older than ``new_after_s``.
-    Returns what was removed.
-    """
-    folder = Path(folder)
-    removed: list[Path] = []
-    if fcntl is None:
-        return removed
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        name = entry.name
-        if TMP_MARK in name:
-            try:
-                fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                if _lock(fd, block=False):
-                    _remove(entry)
-                    removed.append(entry)
-            finally:
-                os.close(fd)
-        elif _NEW_MARK in name:
-            with contextlib.suppress(OSError):
-                if time.time() - entry.lstat().st_mtime > new_after_s:
-                    _remove(entry)
-                    removed.append(entry)
-    if removed:
-        log.info("removed %d temporary file(s) an interrupted sinkless run left in %s", len(removed), folder)
-    return removed
 
 
 # -- folders -------------------------------------------------------------------------------------
@@ -330,7 +206,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     clean_stale(path.parent)
     try:
         mode = path.stat().st_mode & 0o7777 if path.is_file() else default_mode()
-        tmp, fd = _temp(path.parent, path.name, directory=False, suffix=suffix)
+        tmp, fd = make_temp(path.parent, path.name, directory=False, suffix=suffix)
     except BaseException as error:
         _remove_dirs(created)
         raise _write_error(error, path) or error
@@ -341,7 +217,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.replace(tmp, path)
     except BaseException as error:
         with deferred_signals():
-            _remove(tmp)
+            remove(tmp)
             _remove_dirs(created)
         clear = _write_error(error, path)
         if clear is not None:
@@ -393,7 +269,7 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        _lock(fd, block=True)
+        lock(fd, block=True)
         yield
     finally:
         os.close(fd)
@@ -426,7 +302,7 @@ def staged_dir(out: str | os.PathLike, *, kind: str = "outputs") -> Iterator[Pat
     created = _make_dirs(parent)
     clean_stale(parent)
     try:
-        stage, fd = _temp(parent, out.resolve().name or "out", directory=True)
+        stage, fd = make_temp(parent, out.resolve().name or "out", directory=True)
     except BaseException:
         _remove_dirs(created)
         raise

@@ -122,7 +122,7 @@ def cached(name: str, key: str, build: Callable[[Path], None]) -> Path:
     folder that is renamed into place with its stamp, so no reader ever sees a half-built entry. An
     interrupted build leaves nothing; one killed outright leaves a temp folder the next build removes.
     """
-    from sinkless._io import _temp, clean_stale, default_mode, deferred_signals
+    from sinkless._tempfiles import clean_stale, default_mode, deferred_signals, make_temp
 
     root = cache_dir()
     target = root / name
@@ -138,7 +138,7 @@ def cached(name: str, key: str, build: Callable[[Path], None]) -> Path:
             return target
         clean_stale(root)
         log.info("building %s in the cache (%s); later loads reuse it", name, target)
-        tmp, fd = _temp(root, name, directory=True)
+        tmp, fd = make_temp(root, name, directory=True)
         try:
             build(tmp)
             (tmp / STAMP).write_text(json.dumps({"key": key, "sinkless_version": __version__}))

@@ -12,7 +12,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -131,11 +130,6 @@ def neurons_file(path: Path, **fields) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def text_model(tmp_path_factory) -> Path:
-    return tiny_text_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
 def umask_is(mask: int):
     """Context: run with ``mask`` as the umask."""
     import contextlib
@@ -153,5 +147,5 @@ def umask_is(mask: int):
 
 __all__ = [
     "tree", "temp_entries", "expect_error", "photos", "png16", "huge_png_header", "tiny_text_model_dir", "words",
-    "neurons_file", "text_model", "umask_is", "Image", "np",
+    "neurons_file", "umask_is", "Image", "np",
 ]

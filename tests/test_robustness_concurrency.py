@@ -11,12 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from robustness_helpers import photos, temp_entries, text_model, tree, umask_is, words  # noqa: F401 (fixture)
+from robustness_helpers import photos, temp_entries, tiny_text_model_dir, tree, umask_is
 from sinkless import zoo
 from sinkless._io import MANIFEST, atomic_write_json, staged_dir
 from sinkless.cli import main
 
 pytestmark = pytest.mark.robustness
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A tiny random causal LM with a word-level tokenizer, as a model folder."""
+    return tiny_text_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 def _scan(*argv) -> None:

@@ -12,13 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustness_helpers import expect_error, neurons_file, photos, text_model, tiny_text_model_dir, tree, words  # noqa: F401 (fixture)
+from robustness_helpers import expect_error, neurons_file, photos, tiny_text_model_dir, tree, words
 from sinkless import zoo
 from sinkless.cli import main
 from sinkless.errors import SinklessError
 from sinkless.registers import RegisterNeurons, TestTimeRegisters, ZeroNeurons, load_neurons
 
 pytestmark = pytest.mark.robustness
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A tiny random causal LM with a word-level tokenizer, as a model folder."""
+    return tiny_text_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

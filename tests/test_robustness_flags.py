@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from robustness_helpers import expect_error, photos, text_model  # noqa: F401 (fixture)
+from robustness_helpers import expect_error, photos, tiny_text_model_dir
 from sinkless.cli import main
 
 pytestmark = pytest.mark.robustness
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A tiny random causal LM with a word-level tokenizer, as a model folder."""
+    return tiny_text_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 TINY = ["--model", "planted-vit-tiny"]
 

@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from robustness_helpers import expect_error, huge_png_header, photos, png16, text_model, tree  # noqa: F401 (fixture)
+from robustness_helpers import expect_error, huge_png_header, photos, png16, tiny_text_model_dir, tree
 from sinkless.cli import main
 from sinkless.errors import SinklessError
 from sinkless.images import expand_paths, load_image, natural_crops
 
 pytestmark = pytest.mark.robustness
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A tiny random causal LM with a word-level tokenizer, as a model folder."""
+    return tiny_text_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 def _rgb(image: Image.Image) -> np.ndarray:

@@ -7,12 +7,18 @@ import logging
 
 import pytest
 
-from robustness_helpers import expect_error, text_model, tiny_text_model_dir, words  # noqa: F401 (fixture)
+from robustness_helpers import expect_error, tiny_text_model_dir, words
 from sinkless import zoo
 from sinkless.cli import main
 from sinkless.scan import ScanSettings, TextInput, scan
 
 pytestmark = pytest.mark.robustness
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A tiny random causal LM with a word-level tokenizer, as a model folder."""
+    return tiny_text_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
