@@ -253,8 +253,14 @@ def sinkless_outputs(folder: str | os.PathLike) -> set[Path]:
     files = set()
     for entries in _read_manifest(folder)["outputs"].values():
         if isinstance(entries, dict):
-            files.update(folder / rel for rel in entries)
+            files.update(folder / rel for rel in entries if _inside(rel))
     return files
+
+
+def _inside(rel: str) -> bool:
+    """A manifest entry names a file inside its folder (a hand-edited manifest can never reach outside)."""
+    path = Path(rel)
+    return isinstance(rel, str) and bool(rel) and not path.is_absolute() and ".." not in path.parts
 
 
 def _relative_files(root: Path) -> list[str]:
@@ -342,7 +348,7 @@ def _merge(stage: Path, out: Path, kind: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage / rel, target)
     for rel, info in previous.items():
-        if rel in written or not isinstance(info, dict):
+        if rel in written or not isinstance(info, dict) or not _inside(rel):
             continue
         target = out / rel
         if _unchanged(target, info):

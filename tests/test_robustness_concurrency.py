@@ -190,3 +190,74 @@ def test_the_cache_entry_is_readable_by_the_other_environment(tmp_cache):
         folder = zoo.cached("perm", "k", lambda folder: (folder / "w").write_text("w"))
     assert folder.stat().st_mode & 0o777 == 0o755
     assert tree(folder)["w"][1] == 0o644
+
+
+def test_a_corrupt_manifest_deletes_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.png").write_text("mine")
+    (out / MANIFEST).write_text("{not json")
+    with staged_dir(out, kind="scan") as stage:
+        (stage / "report.json").write_text("{}")
+    assert (out / "mine.png").read_text() == "mine"
+
+
+def test_a_manifest_never_reaches_outside_its_folder(tmp_path):
+    """A hand-edited (or hostile) manifest naming ../ or absolute paths: those files stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    stat = victim.stat()
+    info = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    (out / MANIFEST).write_text(json.dumps({"outputs": {"scan": {"../victim.txt": info, str(victim): info}}}))
+    with staged_dir(out, kind="scan") as stage:
+        (stage / "report.json").write_text("{}")
+    assert victim.read_text() == "keep me"
+
+
+def test_a_temp_entry_of_a_live_run_is_never_swept(tmp_path):
+    """Another process (here: another open file description) still holds its temp folder: it stays."""
+    from sinkless._tempfiles import clean_stale, make_temp
+
+    stage, fd = make_temp(tmp_path, "out", directory=True)
+    (stage / "half.png").write_text("being written")
+    try:
+        assert clean_stale(tmp_path) == [] and (stage / "half.png").exists()
+    finally:
+        import os
+
+        os.close(fd)
+    assert clean_stale(tmp_path) == [stage] and not stage.exists()
+
+
+def test_an_entry_still_being_created_is_swept_only_when_old(tmp_path):
+    import os
+
+    from sinkless._tempfiles import clean_stale
+
+    young, old = tmp_path / ".r.json.sinkless-new-a", tmp_path / ".r.json.sinkless-new-b"
+    young.write_text("x")
+    old.write_text("x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert clean_stale(tmp_path) == [old] and young.exists()
+
+
+def test_two_writers_of_one_json_file(tmp_path):
+    target = tmp_path / "r.json"
+    payloads = [{"writer": i, "data": list(range(2000))} for i in range(4)]
+    threads = [threading.Thread(target=atomic_write_json, args=(target, p)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert json.loads(target.read_text()) in payloads and not temp_entries(tmp_path)
+
+
+def test_a_reader_of_an_outdated_cache_entry_keeps_reading_during_a_rebuild(tmp_cache):
+    old = zoo.cached("rebuilt", "v1", lambda folder: (folder / "w.bin").write_bytes(b"old" * 10000))
+    with open(old / "w.bin", "rb") as reader:
+        head = reader.read(3)
+        zoo.cached("rebuilt", "v2", lambda folder: (folder / "w.bin").write_bytes(b"new" * 10000))
+        assert head + reader.read() == b"old" * 10000  # the old files were moved away in one rename, not truncated
+    assert (old / "w.bin").read_bytes() == b"new" * 10000 and not temp_entries(tmp_cache)

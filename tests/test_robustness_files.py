@@ -299,3 +299,57 @@ def test_a_long_text_context_that_cannot_fit_in_memory_is_refused(tmp_path, caps
     folder = tiny_text_model_dir(tmp_path / "wide", context=1_000_000)
     expect_error(["scan", "--model", str(folder), "--text", words(200_000), "--max-tokens", "200000", "--out", str(tmp_path / "o")], capsys,
                  contains="texts of 200000 tokens", root=tmp_path)
+
+
+@pytest.mark.parametrize("content", ["model: x\nneurons: []\n", "layer,neuron\n1,3\n"], ids=["yaml", "csv"])
+def test_neurons_file_in_another_format(tmp_path, content):
+    (tmp_path / "n.json").write_text(content)
+    with pytest.raises(SinklessError, match="not valid JSON"):
+        load_neurons(tmp_path / "n.json")
+
+
+def test_an_empty_neuron_set_is_valid_and_changes_nothing(tmp_path, tiny):
+    neurons = load_neurons(neurons_file(tmp_path / "n.json", neurons=[], top_k=0))
+    assert TestTimeRegisters(tiny, neurons).n == 0
+
+
+def test_unknown_fields_in_a_neurons_file_are_ignored(tmp_path):
+    assert load_neurons(neurons_file(tmp_path / "n.json", comment="found on my photos", extra={"a": 1})).top_k == 1
+
+
+@pytest.mark.parametrize("broken, message", [("config-is-a-folder", "cannot read config.json"), ("config-empty", "not valid JSON"),
+                                              ("weights-are-a-folder", "holds no weights"), ("tokenizer-broken", "cannot load the model in folder")])
+def test_model_folder_more(tmp_path, capsys, text_model, broken, message):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(text_model, folder)
+    if broken == "config-is-a-folder":
+        (folder / "config.json").unlink()
+        (folder / "config.json").mkdir()
+    elif broken == "config-empty":
+        (folder / "config.json").write_text("")
+    elif broken == "weights-are-a-folder":
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors").mkdir()
+    elif broken == "tokenizer-broken":
+        (folder / "tokenizer.json").write_text("{broken")
+    expect_error(["scan", "--model", str(folder), "--text", words(8), "--out", str(tmp_path / "out")], capsys, contains=message, root=tmp_path)
+
+
+def test_model_given_as_a_file(tmp_path, capsys):
+    (tmp_path / "weights.safetensors").write_bytes(b"\x00" * 10)
+    expect_error(["scan", "--model", str(tmp_path / "weights.safetensors"), "--text", "hi", "--out", str(tmp_path / "out")], capsys,
+                 contains="is not a model folder", root=tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [(b'{"model": "x", "neurons": []}', "not the right kind of file (no 'nll_curve')"),
+                                              (b"{broken", "not valid JSON"), (b"[1]", "not the right kind of file")],
+                         ids=["other-kind", "broken", "a-list"])
+def test_json_input_of_another_kind(tmp_path, content, message):
+    from sinkless._cli._args import json_input
+
+    (tmp_path / "r.json").write_bytes(content)
+    with pytest.raises(SinklessError, match=r"--overlay .* ") as info:
+        json_input(str(tmp_path / "r.json"), "--overlay", keys=("nll_curve",), made_by="`sinkless ppl --json`")
+    assert message in str(info.value)

@@ -136,3 +136,25 @@ def test_argparse_errors_exit_2(work, capsys, argv):
 def test_text_flags_on_a_text_model(work, capsys, text_model):
     expect_error(["scan", "--model", str(text_model), "--text", "w1 w2", "--max-tokens", "0"], capsys,
                  contains="--max-tokens must be a whole number >= 1", root=work)
+
+
+MORE = [
+    (["scan", "imgs", *TINY, "--threshold=-inf"], "--threshold must be a finite number"),
+    (["fix", *TINY, "--threshold", "inf", "--out", "n.json"], "--threshold must be a finite number"),
+    (["compare", *TINY, "--task", "lost", "--data", "synthetic", "--limit", "-5"], "--limit must be a whole number >= 1"),
+    (["compare", *TINY, "--task", "lost", "--data", "synthetic", "--k", "-1"], "--k must be a whole number >= 1"),
+    (["scan", "imgs", *TINY, "--out", "/dev/null"], "is an existing file"),
+    (["scan", "imgs", *TINY, "--out", "x" * 300], "File name too long"),
+]
+
+
+@pytest.mark.parametrize("argv, message", MORE, ids=[" ".join(a[-2:])[:40] for a, _ in MORE])
+def test_more_flags(work, capsys, argv, message):
+    expect_error(argv, capsys, contains=message, root=work)
+
+
+@pytest.mark.parametrize("argv", [["scan", "--image-size", "1e3"], ["fix", "--model", "x", "--out", "n.json", "--top-k", "2.5"]], ids=["float-int", "float-top-k"])
+def test_not_a_whole_number_is_argparses(work, capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "invalid int value" in capsys.readouterr().err

@@ -237,3 +237,33 @@ def test_load_image_of_a_folder(tmp_path):
     with pytest.raises(SinklessError, match="is a folder"):
         load_image(tmp_path / "x.png")
     assert tree(tmp_path) == {"x.png/": ("dir", 0)}
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "BMP", "TIFF", "GIF"])
+def test_other_formats(tmp_path, photo, fmt):
+    path = tmp_path / f"photo.{fmt.lower()}"
+    photo.save(path, fmt)
+    assert load_image(path).size == photo.size
+
+
+def test_png_content_with_a_jpg_name(tmp_path, photo):
+    photo.save(tmp_path / "really-a-png.jpg", "PNG")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "really-a-png.jpg")), np.asarray(photo))
+
+
+def test_16bit_tiff(tmp_path):
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "w.tif")
+    assert (np.asarray(load_image(tmp_path / "w.tif")) == 255).all()
+    Image.fromarray(np.full((8, 8), 257 * 100, dtype=np.uint16)).save(tmp_path / "g.tif")
+    assert (np.asarray(load_image(tmp_path / "g.tif")) == 100).all()
+
+
+def test_extreme_aspect_ratio_and_spaces_in_the_name(tmp_path, capsys):
+    Image.new("RGB", (2000, 10), (30, 60, 90)).save(tmp_path / "a very wide strip.png")
+    assert main(["-q", "scan", str(tmp_path / "a very wide strip.png"), "--model", "planted-vit-tiny", "--out", str(tmp_path / "o")]) == 0
+
+
+def test_multipage_tiff_first_page(tmp_path):
+    pages = [Image.new("RGB", (8, 8), colour) for colour in ((0, 255, 0), (255, 0, 0))]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    assert np.asarray(load_image(tmp_path / "pages.tif"))[0, 0].tolist() == [0, 255, 0]

@@ -213,3 +213,71 @@ def test_training_checkpoint_interrupted(tmp_path, sig):
     result = train({"w": weight}, lambda t, g: {"loss": (weight - 1).pow(2).sum()},
                    TrainSettings(steps=state["step"] + 2, checkpoint_every=2, log_every=1), out, progress=False, resume=True)
     assert result.steps_done == state["step"] + 2 and not temp_entries(tmp_path)
+
+
+# -- in-process interruptions (Ctrl-C lands as KeyboardInterrupt wherever Python is) ---------------
+def test_ctrl_c_while_a_figure_is_written(tmp_path, capsys, monkeypatch, vit_folder):
+    import matplotlib.figure
+
+    photos(tmp_path / "imgs", 1)
+    argv = ["-q", "scan", str(tmp_path / "imgs"), "--model", str(vit_folder), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    before = tree(tmp_path)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert tree(tmp_path) == before and not temp_entries(tmp_path)
+
+
+def test_ctrl_c_while_measuring_touches_nothing(tmp_path, capsys, monkeypatch, vit_folder):
+    import sinkless._cli.scan as verb
+
+    photos(tmp_path / "imgs", 1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text("earlier")
+    before = tree(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verb, "scan", interrupted)
+    assert main(["-q", "scan", str(tmp_path / "imgs"), "--model", str(vit_folder), "--out", str(tmp_path / "out")]) == 130
+    capsys.readouterr()
+    assert tree(tmp_path) == before
+
+
+def test_signals_are_held_for_the_renames_then_delivered(tmp_path):
+    """SIGTERM in the middle of moving outputs into place waits until they are all moved."""
+    from sinkless._tempfiles import deferred_signals
+    from sinkless.cli import _terminate
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    moved = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                moved.append("all")  # still runs: the signal is held
+        assert moved == ["all"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_cache_build_interrupted_in_process(tmp_cache):
+    from sinkless import zoo
+
+    zoo.cached("ki", "k1", lambda folder: (folder / "w").write_text("earlier"))
+    before = tree(tmp_cache / "ki")
+
+    def build(folder):
+        (folder / "w").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        zoo.cached("ki", "k2", build)
+    assert tree(tmp_cache / "ki") == before and not temp_entries(tmp_cache)

@@ -123,3 +123,45 @@ def test_long_text_is_truncated(tmp_path, capsys, text_model):
     assert main(["-q", "scan", "--model", str(text_model), "--text", words(3000), "--max-tokens", "64", "--out", str(tmp_path / "o")]) == 0
     data = json.loads((tmp_path / "o" / "report.json").read_text())
     assert data["inputs"][0]["tokens"] == 64
+
+
+def test_a_one_word_text_for_a_bert_model(tmp_path, capsys):
+    """BERT adds [CLS] and [SEP]: three tokens are still too few to measure first-token attention."""
+    folder = tiny_text_model_dir(tmp_path / "bert", family="bert")
+    assert main(["-q", "scan", "--model", str(folder), "--text", "w1", "--out", str(tmp_path / "o")]) == 0
+    data = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert data["summary"]["has_artifacts"] is None and data["summary"]["sink_share"] is None
+
+
+@pytest.mark.parametrize("text", ["\n\n\n", "\t \t"], ids=["newlines", "tabs"])
+def test_blank_inline_text(tmp_path, capsys, text_model, text):
+    expect_error(["scan", "--model", str(text_model), "--text", text, "--out", str(tmp_path / "out")], capsys, contains="--text is empty", root=tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".md", ".rst", ".TXT"])
+def test_other_text_suffixes(tmp_path, capsys, text_model, suffix):
+    (tmp_path / f"notes{suffix}").write_text(words(12))
+    assert main(["-q", "scan", str(tmp_path / f"notes{suffix}"), "--model", str(text_model), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_windows_line_endings_and_nul_bytes(tmp_path, capsys, text_model):
+    (tmp_path / "dos.txt").write_bytes(("\r\n".join(words(12).split()) + "\x00").encode())
+    assert main(["-q", "scan", str(tmp_path / "dos.txt"), "--model", str(text_model), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_text_folder_with_images_reads_only_the_text(tmp_path, capsys, text_model):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(words(10))
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "b.png")
+    assert main(["-q", "scan", str(tmp_path / "in"), "--model", str(text_model), "--out", str(tmp_path / "o")]) == 0
+    assert [i["name"] for i in json.loads((tmp_path / "o" / "report.json").read_text())["inputs"]] == [str(tmp_path / "in" / "a.txt")]
+
+
+def test_a_text_folder_passed_where_a_file_is_read(tmp_path):
+    from sinkless._io import read_utf8
+    from sinkless.errors import SinklessError
+
+    with pytest.raises(SinklessError, match="is a folder, not a text file"):
+        read_utf8(tmp_path)

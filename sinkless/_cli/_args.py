@@ -10,6 +10,7 @@ returns the value, so a verb reads::
         _args.positive_number(args.threshold, "--threshold")      # None passes: "not given"
         _args.output_file(args.json, "--json")                   # a writable file path, or None
         _args.output_dir(args.out, "--out")                      # a writable folder path
+        runs = [_args.json_input(p, "--overlay", keys=("nll_curve",), made_by="`sinkless ppl --json`") for p in args.overlay]
         loaded = zoo.load(args.model)
         layer = _args.layer_index(args.layer, "--layer", loaded.num_layers)
 
@@ -37,6 +38,7 @@ __all__ = [
     "output_file",
     "output_dir",
     "input_file",
+    "json_input",
     "not_an_input",
     "max_tokens_for",
 ]
@@ -157,6 +159,24 @@ def input_file(path: str | None, flag: str, *, made_by: str | None = None) -> st
     except OSError as error:
         raise SinklessError(f"{flag} {path} cannot be read ({error.strerror or error})", fix="check its permissions") from None
     return path
+
+
+def json_input(path: str | None, flag: str, *, keys: tuple[str, ...] = (), made_by: str | None = None) -> dict | None:
+    """An existing JSON file holding an object with ``keys`` (e.g. a result written by another verb); its contents."""
+    import json
+
+    if path is None:
+        return None
+    input_file(path, flag, made_by=made_by)
+    fix = f"pass a file written by {made_by}" if made_by else "pass a JSON file"
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SinklessError(f"{flag} {path} is not valid JSON ({error})", fix=fix) from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise SinklessError(f"{flag} {path} is not the right kind of file (no {', '.join(repr(k) for k in missing)})", fix=fix)
+    return data
 
 
 def max_tokens_for(loaded, max_tokens: int, flag: str = "--max-tokens") -> int:
