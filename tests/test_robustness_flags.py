@@ -36,13 +36,13 @@ SCAN = [
     (["--threshold", "-3"], "--threshold must be a positive number"),
     (["--threshold", "0"], "--threshold must be a positive number"),
     (["--threshold", "1e300"], "--threshold 1e+300 is too large"),
-    (["--image-size", "-28"], "--image-size must be a whole number >= 1"),
-    (["--image-size", "0"], "--image-size must be a whole number >= 1"),
+    (["--image-size", "-28"], "--image-size must be at least 1"),
+    (["--image-size", "0"], "--image-size must be at least 1"),
     (["--image-size", "5"], "smaller than one 8-pixel patch"),
-    (["--max-tokens", "0"], "--max-tokens must be a whole number >= 1"),
-    (["--max-tokens", "-5"], "--max-tokens must be a whole number >= 1"),
-    (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
-    (["--batch-size", "-4"], "--batch-size must be a whole number >= 1"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--max-tokens", "-5"], "--max-tokens must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-4"], "--batch-size must be at least 1"),
     (["--layers", "3-1"], "runs backwards"),
     (["--layers", "2-9"], "outside 0..3"),
     (["--layers", "-9"], "outside 0..3"),
@@ -61,12 +61,12 @@ def test_scan_flags(work, capsys, flags, message):
 
 
 FIX = [
-    (["--n-inputs", "0"], "--n-inputs must be a whole number >= 1"),
-    (["--n-inputs", "-3"], "--n-inputs must be a whole number >= 1"),
-    (["--n-heldout", "0"], "--n-heldout must be a whole number >= 1"),
-    (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
-    (["--top-k", "0"], "--top-k must be a whole number >= 1"),
-    (["--top-k", "-2"], "--top-k must be a whole number >= 1"),
+    (["--n-inputs", "0"], "--n-inputs must be at least 1"),
+    (["--n-inputs", "-3"], "--n-inputs must be at least 1"),
+    (["--n-heldout", "0"], "--n-heldout must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-k", "-2"], "--top-k must be at least 1"),
     (["--threshold", "nan"], "--threshold must be a finite number"),
     (["--threshold", "-1"], "--threshold must be a positive number"),
     (["--detection-layer", "99"], "--detection-layer 99 is not a layer of planted-vit-tiny, which has 4 layers"),
@@ -100,13 +100,13 @@ def test_fix_with_inputs_and_detection_layer_without_outliers(work, capsys):
 
 
 COMPARE = [
-    (["--limit", "0"], "--limit must be a whole number >= 1"),
-    (["--k", "0"], "--k must be a whole number >= 1"),
-    (["--knn-k", "-1"], "--knn-k must be a whole number >= 1"),
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--k", "0"], "--k must be at least 1"),
+    (["--knn-k", "-1"], "--knn-k must be at least 1"),
     (["--mass", "0"], "--mass must be in (0, 1]"),
     (["--mass", "1.5"], "--mass must be in (0, 1]"),
     (["--mass", "nan"], "--mass must be a finite number"),
-    (["--max-side", "-1"], "--max-side must be a whole number >= 0"),
+    (["--max-side", "-1"], "--max-side must be at least 0"),
     (["--gram-bias", "nan"], "--gram-bias must be a finite number"),
     (["--json", "imgs"], "is a folder, not a file"),
     (["--json", "afile/r.json"], "afile is a file"),
@@ -135,14 +135,14 @@ def test_argparse_errors_exit_2(work, capsys, argv):
 
 def test_text_flags_on_a_text_model(work, capsys, text_model):
     expect_error(["scan", "--model", str(text_model), "--text", "w1 w2", "--max-tokens", "0"], capsys,
-                 contains="--max-tokens must be a whole number >= 1", root=work)
+                 contains="--max-tokens must be at least 1", root=work)
 
 
 MORE = [
     (["scan", "imgs", *TINY, "--threshold=-inf"], "--threshold must be a finite number"),
     (["fix", *TINY, "--threshold", "inf", "--out", "n.json"], "--threshold must be a finite number"),
-    (["compare", *TINY, "--task", "lost", "--data", "synthetic", "--limit", "-5"], "--limit must be a whole number >= 1"),
-    (["compare", *TINY, "--task", "lost", "--data", "synthetic", "--k", "-1"], "--k must be a whole number >= 1"),
+    (["compare", *TINY, "--task", "lost", "--data", "synthetic", "--limit", "-5"], "--limit must be at least 1"),
+    (["compare", *TINY, "--task", "lost", "--data", "synthetic", "--k", "-1"], "--k must be at least 1"),
     (["scan", "imgs", *TINY, "--out", "/dev/null"], "is an existing file"),
     (["scan", "imgs", *TINY, "--out", "x" * 300], "File name too long"),
 ]

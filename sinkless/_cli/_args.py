@@ -53,14 +53,14 @@ def _is_int(value) -> bool:
 def positive_int(value: int | None, flag: str, *, fix: str | None = None) -> int | None:
     """An integer >= 1 (counts, sizes, batch sizes)."""
     if value is not None and (not _is_int(value) or value < 1):
-        raise SinklessError(f"{flag} must be a whole number >= 1, got {value}", fix=fix or f"pass {flag} N with N >= 1")
+        raise SinklessError(f"{flag} must be at least 1 (a whole number), got {value}", fix=fix or f"pass {flag} N with N >= 1")
     return value
 
 
 def non_negative_int(value: int | None, flag: str, *, fix: str | None = None) -> int | None:
     """An integer >= 0."""
     if value is not None and (not _is_int(value) or value < 0):
-        raise SinklessError(f"{flag} must be a whole number >= 0, got {value}", fix=fix or f"pass {flag} N with N >= 0")
+        raise SinklessError(f"{flag} must be at least 0 (a whole number), got {value}", fix=fix or f"pass {flag} N with N >= 0")
     return value
 
 
