@@ -42,6 +42,28 @@ def test_unknown_module_names_children():
     assert _handles(model) == 0
 
 
+def test_a_failing_later_site_removes_the_hooks_already_attached():
+    """Hooks(...) attaches site by site: when a later one fails, the earlier ones come off again."""
+    model = tiny_model("dinov2")
+    adapter = adapter_for(model)
+    good = [adapter.residual_site(0), adapter.mlp_hidden_site(1)]
+    with pytest.raises(ValueError, match="no module"):
+        hooks(model, capture=[*good, "encoder.layer.9:output"])
+    assert _handles(model) == 0
+    with pytest.raises(ValueError, match="no module"):  # edits are attached first, captures after
+        hooks(model, capture=["encoder.nope:output"], edit={adapter.residual_site(1): lambda t: t})
+    assert _handles(model) == 0
+    with pytest.raises(ValueError, match="bad hook site"):
+        hooks(model, capture=good, edit={adapter.residual_site(1): lambda t: t, "encoder:middle": lambda t: t})
+    assert _handles(model) == 0
+    plain = _outputs(model, tiny_inputs(model))
+    with hooks(model, capture=good) as rec:  # and the model still works with hooks
+        assert _handles(model) == 2
+        _outputs(model, tiny_inputs(model))
+    assert set(rec) == set(good) and len(rec) == 2
+    assert torch.equal(_outputs(model, tiny_inputs(model)), plain)
+
+
 def test_capture_every_adapter_site_and_clean_exit(family):
     """Residual, MLP hidden and attention sites resolve on every family; nothing is left behind."""
     model = tiny_model(family)

@@ -189,3 +189,112 @@ def test_cli_scan_tiny_end_to_end(tmp_path, capsys):
     assert main(["-q", "scan", str(images), "--model", "planted-vit-tiny", "--out", str(tmp_path / "q")]) == 0
     captured = capsys.readouterr()
     assert "planted-vit-tiny" in captured.out and "scanning" not in captured.err
+
+
+# -- hand-made activations: verdicts known by construction (tests/handmade.py) -------------------
+def _blank(n=1, size=56):
+    return [ImageInput(f"img{i}", Image.new("RGB", (size, size), (100 + i, 120, 140))) for i in range(n)]
+
+
+def _patch_norms(values: dict[int, float], cls: float = 1.0, base: float = 1.0):
+    """Norms over CLS + 16 patches (56 px, patch 14): ``base`` except ``{token: norm}``."""
+
+    def norms(n: int) -> torch.Tensor:
+        out = torch.full((n,), base)
+        out[0] = cls
+        for token, value in values.items():
+            out[token] = value
+        return out
+
+    return norms
+
+
+def test_a_norm_exactly_at_the_threshold_is_not_an_outlier():
+    from handmade import Plant, tiny_vit
+
+    loaded = tiny_vit()
+    # absolute rule 4: token 5 sits exactly on it at layer 1, just above it at layer 2
+    plant = Plant(loaded, norms={0: _patch_norms({}), 1: _patch_norms({5: 4.0}), 2: _patch_norms({5: 4.5})})
+    settings = ScanSettings(rule=OutlierRule(absolute=4.0), image_size=56)
+    report, records = scan(loaded, _blank(), settings, intervention=plant, progress=False)
+    assert records[0].thresholds.tolist() == [4.0, 4.0, 4.0]
+    assert records[0].outliers[1].sum() == 0
+    assert records[0].outliers[2].nonzero().flatten().tolist() == [5]
+    assert [o["layer"] for o in report.outliers] == [2]
+    # the robust rule: median 1, MAD 0 -> threshold exactly 3 x median; 3.0 is not above it, 3.25 is
+    plant = Plant(loaded, norms={0: _patch_norms({}), 1: _patch_norms({5: 3.0}), 2: _patch_norms({5: 3.25})})
+    report, records = scan(loaded, _blank(), ScanSettings(image_size=56), intervention=plant, progress=False)
+    assert records[0].thresholds.tolist() == [3.0, 3.0, 3.0]
+    assert [(o["layer"], o["token"]) for o in report.outliers] == [(2, 5)]
+
+
+def test_outliers_are_looked_for_among_patches_only():
+    from handmade import Plant, tiny_vit
+
+    loaded = tiny_vit()
+    # a CLS of norm 10 everywhere (not a patch), one patch outlier (token 7 = row 1, col 2) in layers 1 and 2
+    plant = Plant(loaded, norms={0: _patch_norms({}, cls=10.0), 1: _patch_norms({7: 10.0}, cls=10.0), 2: _patch_norms({7: 10.0}, cls=10.0)})
+    report, records = scan(loaded, _blank(2), ScanSettings(image_size=56), intervention=plant, progress=False)
+    assert records[0].body.tolist() == [False] + [True] * 16
+    assert [row["outlier_fraction"] for row in report.layers] == [0.0, 1 / 16, 1 / 16]
+    assert {(o["layer"], o["token"], o["row"], o["col"], o["ratio"]) for o in report.outliers} == {(1, 7, 1, 2, 10.0), (2, 7, 1, 2, 10.0)}
+    assert report.summary["has_artifacts"] is True and report.summary["first_outlier_layer"] == 1
+    assert records[0].medians.tolist() == [1.0, 1.0, 1.0]
+    # the same outlier in one layer only: not an artifact
+    plant = Plant(loaded, norms={0: _patch_norms({}), 1: _patch_norms({}), 2: _patch_norms({7: 10.0})})
+    report, _ = scan(loaded, _blank(), ScanSettings(image_size=56), intervention=plant, progress=False)
+    assert report.summary["outlier_layers"] == [2] and report.summary["has_artifacts"] is False
+
+
+def _first_token_attention(weight_of_query):
+    """Attention (B, H, N, N) where query q of head h puts (h + 1) * weight_of_query(q) / 2 on key ``key``."""
+
+    def plant(key: int):
+        def edit(attn: torch.Tensor) -> torch.Tensor:
+            b, h, n, _ = attn.shape
+            q = torch.arange(n, dtype=attn.dtype)
+            out = torch.zeros_like(attn)
+            for head in range(h):
+                w = (head + 1) * weight_of_query(q) / 2  # (N,)
+                out[:, head, :, key] = w
+                out[:, head, :, (key + 1) % n] = 1 - w
+            return out
+
+        return edit
+
+    return plant
+
+
+def test_first_token_attention_starts_at_the_first_real_token():
+    """A layout whose first real token is index 1 (a register at 0): the sink is token 1, and its share
+    counts queries from 1 + warmup on."""
+    from handmade import Plant, tiny_lm, words
+    from sinkless.adapters import TokenLayout
+
+    loaded = tiny_lm()
+    attention = _first_token_attention(lambda q: q / 20)(key=1)
+    plant = Plant(loaded, attention={0: attention, 1: attention, 2: attention}, layout=lambda n, hw: TokenLayout(n, 0, 1))
+    report, records = scan(loaded, [TextInput("t", words(10))], ScanSettings(epsilon=0.24), intervention=plant, progress=False)
+    # head 0: q/40, head 1: q/20 on token 1; queries 5..9 (1 + warmup 4): mean (7/40 + 7/20) / 2
+    assert records[0].first_token.tolist() == pytest.approx([0.2625] * 3)
+    assert [row["first_token_attention"] for row in report.layers] == pytest.approx([0.2625] * 3)
+    # alpha per head: every query from the sink on (1..9): 5/40 and 5/20; Sink_eps 0.24 -> one head of two
+    torch.testing.assert_close(records[0].alpha0, torch.tensor([[0.125, 0.25]] * 3))
+    assert report.summary["sink_epsilon"] == pytest.approx(0.5)
+    assert records[0].body.tolist() == [False, False] + [True] * 8  # neither the register nor the sink
+
+
+def test_first_token_attention_on_a_plain_sequence():
+    from handmade import Plant, tiny_lm, words
+
+    loaded = tiny_lm()
+    attention = _first_token_attention(lambda q: q / 20)(key=0)
+    plant = Plant(loaded, attention={0: attention, 1: attention, 2: attention})
+    report, records = scan(loaded, [TextInput("t", words(10))], ScanSettings(warmup=2), intervention=plant, progress=False)
+    # queries 2..9: mean q = 5.5 -> (5.5/40 + 5.5/20) / 2
+    assert records[0].first_token.tolist() == pytest.approx([(5.5 / 40 + 5.5 / 20) / 2] * 3)
+    torch.testing.assert_close(records[0].alpha0, torch.tensor([[4.5 / 40, 4.5 / 20]] * 3))
+    assert records[0].body.tolist() == [False] + [True] * 9
+    # a text shorter than the warm-up: the last query still counts
+    report, records = scan(loaded, [TextInput("t", words(3))], ScanSettings(), intervention=plant, progress=False)
+    assert records[0].first_token.tolist() == pytest.approx([(2 / 40 + 2 / 20) / 2] * 3)

@@ -44,6 +44,17 @@ def test_expansion_limited_to_k_lowest_degrees():
     assert full.box == (0, 0, 4, 3)
 
 
+def test_expansion_takes_exactly_k_candidates():
+    # k = 2: candidates 5, 6 (11, the third lowest degree, correlates positively with the seed but is not one)
+    two = lost(FEATURES, GRID, k=2)
+    assert two.candidates == [5, 6] and two.expansion == [5, 6]
+    # M = rows 5 + 6: b -2, o 2 + 2 = 4, g 0.5 + 0.5 = 1, o2 3 + 3 = 6 (with row 11 it would be 11)
+    assert two.score[[0, 5, 7, 11]].tolist() == [-2.0, 4.0, 1.0, 6.0]
+    one = lost(FEATURES, GRID, k=1)
+    assert one.candidates == [5] and one.expansion == [5]
+    assert one.score.tolist() == FEATURES.double().matmul(FEATURES.double()[5]).tolist()
+
+
 def test_four_connectivity_excludes_diagonals():
     positive = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
     assert component(positive, 4).nonzero().tolist() == [[1, 1], [1, 2], [2, 2]]
