@@ -123,3 +123,133 @@ def test_pixel_box_is_clipped_to_the_image(monkeypatch):
     # patch box (1, 1, 4, 3) -> pixels (10, 10, 40, 30) -> clipped to the 38 x 25 image
     assert score.per_image[0]["box"] == [10.0, 10.0, 38.0, 25.0]
     assert score.per_image[0]["iou"] == 1.0 and score.corloc == 100.0
+
+
+def test_box_iou_of_boxes_apart_on_one_axis_or_touching():
+    box = np.array([0.0, 0.0, 10.0, 10.0])
+    # apart in x only, apart in y only, touching on an edge: no overlap, whatever the other axis does
+    others = np.array([[20, 0, 30, 10], [0, 20, 10, 30], [10, 0, 20, 10], [0, 10, 10, 20]], dtype=float)
+    assert box_iou(box, others).tolist() == [0.0, 0.0, 0.0, 0.0]
+    # boxes that do not start at the origin, and areas below one pixel
+    assert box_iou(np.array([2.0, 6.0, 6.0, 8.0]), np.array([4, 6, 8, 8], dtype=float)) == pytest.approx([4 / 12])
+    assert box_iou(np.array([0.0, 0.0, 0.5, 0.5]), [[0.0, 0.0, 0.5, 0.5]]) == pytest.approx([1.0])
+    assert box_iou(np.array([1.0, 2.0, 3.0, 5.0]), [1, 2, 3, 5]).shape == (1,)  # one box given flat
+
+
+def test_default_k_is_the_papers_100():
+    same = torch.tensor([[1.0, 1.0]] * 121)  # 11 x 11 patches, all alike: every degree 121, ties by index
+    result = lost(same, (11, 11))
+    assert result.candidates == list(range(100)) and result.expansion == list(range(100))
+    assert result.score.tolist() == [200.0] * 121 and result.box == (0, 0, 11, 11)
+
+
+def test_expansion_needs_a_strictly_positive_correlation_with_the_seed():
+    s, z, b = (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)  # s . z = 0
+    result = lost(torch.tensor([s, z, b, b]), (2, 2), k=2)
+    assert result.degree.tolist() == [3, 3, 4, 4] and result.candidates == [0, 1]
+    assert result.expansion == [0]  # z is a candidate but not positively correlated with the seed
+
+
+def test_l2_normalised_scores_are_sums_of_cosines():
+    result = lost(FEATURES, GRID, k=3, l2=True)
+    assert result.expansion == [5, 6, 11]
+    # background column: cos(b, o) twice and cos(b, o2) once
+    assert result.score[0].item() == pytest.approx(-2 / 2**0.5 - 1 / 5**0.5)
+    assert result.score[5].item() == pytest.approx(1 + 1 + 3 / (2**0.5 * 5**0.5))
+
+
+def test_component_grows_in_every_direction_from_the_seed():
+    column = torch.tensor([[0, 1, 0], [0, 1, 0], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    assert component(column, 10).nonzero().tolist() == [[0, 1], [1, 1], [2, 1], [3, 0], [3, 1], [3, 2]]
+    assert component(column, 1).sum() == 6 and component(column, 9).sum() == 6
+    assert component(column, 0).dtype == torch.bool
+
+
+def _fake_evaluation(monkeypatch, samples, image=None):
+    """evaluate() on hand-made features: a 3 x 4 grid of 10 px patches over a 38 x 25 image."""
+    from types import SimpleNamespace
+
+    from sinkless.adapters import TokenLayout
+    from sinkless.tasks import lost as lost_module
+    from sinkless.tasks._features import Extracted, Prepared
+    from sinkless.tasks.data import Dataset
+
+    calls = []
+    prepared = Prepared(torch.zeros(1, 3, 30, 40), (25, 38), 1.0)
+    monkeypatch.setattr(lost_module, "prepare", lambda *a, **k: calls.append(("prepare", a[1:], k)) or prepared)
+    monkeypatch.setattr(lost_module, "extract", lambda *a, **k: calls.append(("extract", a, k)) or Extracted(TokenLayout(13, 1, 0, GRID), features=FEATURES))
+    monkeypatch.setattr(lost_module, "check_vision", lambda *a: calls.append(("check", a)))
+    monkeypatch.setattr(lost_module, "resolve_layer", lambda loaded, layer: calls.append(("layer", layer)) or 7)
+    loaded = SimpleNamespace(adapter=SimpleNamespace(patch_size=lambda model: 10), model=None)
+    data = Dataset("hand", "folder", [s.name for s in samples], [lambda s=s: s for s in samples], ["background", "o"])
+    return lost_module, loaded, data, calls
+
+
+def test_evaluate_scores_hits_and_misses_and_passes_the_protocol_on(monkeypatch):
+    from PIL import Image
+
+    from sinkless.tasks.data import Sample
+
+    image = Image.new("RGB", (38, 25))
+    hit = Sample("hit", image, np.array([[10.0, 10.0, 38.0, 25.0]]), ["o"])
+    miss = Sample("miss", image, np.array([[0.0, 0.0, 8.0, 8.0]]), ["o"])
+    empty = Sample("empty", image, np.zeros((0, 4)), [])
+    lost_module, loaded, data, calls = _fake_evaluation(monkeypatch, [hit, empty, miss])
+    protocol = lost_module.LostProtocol(k=3, layer=-2, features="queries", max_side=64)
+    score = lost_module.evaluate(loaded, data, protocol, progress=False)
+    assert score.n_images == 2 and score.corloc == 50.0 and score.metrics() == {"corloc": 50.0}
+    assert score.per_image[0] == {"name": "hit", "box": [10.0, 10.0, 38.0, 25.0], "iou": 1.0, "hit": True, "seed": (1, 1), "expansion": 3}
+    assert score.per_image[1]["name"] == "miss" and score.per_image[1]["hit"] is False and score.per_image[1]["iou"] == 0.0
+    assert score.visuals == {}
+    assert ("check", (loaded, "lost")) in calls and ("layer", -2) in calls
+    assert ("prepare", (loaded, 64), {}) in calls
+    assert [c[2] for c in calls if c[0] == "extract"] == [{"layer": 7, "features": "queries"}] * 2
+
+
+def test_evaluate_draws_truth_prediction_and_seed(monkeypatch):
+    from PIL import Image
+
+    from sinkless.tasks.data import Sample
+
+    image = Image.new("RGB", (38, 25))
+    miss = Sample("miss", image, np.array([[0.0, 0.0, 8.0, 8.0]]), ["o"])
+    hit = Sample("hit", image, np.array([[10.0, 10.0, 38.0, 25.0]]), ["o"])
+    lost_module, loaded, data, _ = _fake_evaluation(monkeypatch, [miss, hit])
+    score = lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=3), progress=False, visuals=True)
+    picture = score.visuals["miss"]
+    assert picture.size == (38, 25) and picture.mode == "RGB"
+    assert picture.getpixel((0, 4)) == (0, 220, 0)  # ground truth: green outline
+    assert picture.getpixel((37, 22)) == (255, 40, 40)  # a missed prediction: red outline
+    assert picture.getpixel((15, 15)) == (255, 220, 0)  # the seed patch (row 1, col 1): yellow
+    assert picture.getpixel((30, 5)) == (0, 0, 0) and picture.getpixel((4, 4)) == (0, 0, 0)
+    assert score.visuals["hit"].getpixel((37, 22)) == (40, 90, 255)  # a hit: blue
+    assert image.getpixel((15, 15)) == (0, 0, 0)  # the input image is not drawn on
+
+
+@pytest.mark.parametrize(
+    "protocol, message",
+    [(dict(features="logits"), "unknown features"), (dict(gram_bias="mean"), "gram-bias"), (dict(k=0), "k >= 1")],
+)
+def test_evaluate_refuses_bad_protocols(monkeypatch, protocol, message):
+    from PIL import Image
+
+    from sinkless.errors import SinklessError
+    from sinkless.tasks.data import Sample
+
+    sample = Sample("s", Image.new("RGB", (38, 25)), np.array([[0.0, 0.0, 8.0, 8.0]]), ["o"])
+    lost_module, loaded, data, calls = _fake_evaluation(monkeypatch, [sample])
+    with pytest.raises(SinklessError, match=message) as error:
+        lost_module.evaluate(loaded, data, lost_module.LostProtocol(**protocol), progress=False)
+    assert error.value.fix and not [c for c in calls if c[0] == "extract"]
+
+
+def test_evaluate_without_any_box_is_an_error(monkeypatch):
+    from PIL import Image
+
+    from sinkless.errors import SinklessError
+    from sinkless.tasks.data import Sample
+
+    sample = Sample("s", Image.new("RGB", (38, 25)), np.zeros((0, 4)), [])
+    lost_module, loaded, data, _ = _fake_evaluation(monkeypatch, [sample])
+    with pytest.raises(SinklessError, match="no image of hand has a box"):
+        lost_module.evaluate(loaded, data, progress=False)
