@@ -107,3 +107,46 @@ def test_sweep_tries_every_k_then_keeps_the_largest():
 def test_no_input_with_outliers_at_the_chosen_detection_layer_is_an_error():
     with pytest.raises(ValueError, match="detection layer 0"):
         _discover(DiscoverySettings(top_k=1, detection_layer=0))
+
+
+def test_scan_settings_of_discovery():
+    settings = DiscoverySettings(rule=OutlierRule(absolute=3.0), batch_size=3, max_tokens=7).scan_settings()
+    assert settings.rule == OutlierRule(absolute=3.0)
+    assert (settings.batch_size, settings.max_tokens, settings.attention) == (3, 7, False)
+    defaults = DiscoverySettings()
+    assert (defaults.max_k, defaults.n_registers, defaults.top_k, defaults.sparsity) == (64, 1, None, False)
+
+
+def test_discovery_is_quiet_without_progress(capsys):
+    _discover(DiscoverySettings(top_k=1, max_k=2))
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_text_discovery_scores_tokens_after_the_sink():
+    """A causal LM: the first token (the model's sink) is never an outlier; positions are each text's own."""
+    from handmade import tiny_lm, words
+    from sinkless.scan import TextInput
+
+    loaded = tiny_lm()
+
+    def norms(n):  # the first token is huge (a sink), token 3 an outlier
+        out = torch.ones(n)
+        out[0], out[3] = 50.0, 10.0
+        return out
+
+    def hidden(n, width):
+        h = torch.zeros(n, width)
+        h[3, 11] = 4.0  # fires on the outlier
+        h[0, 12] = 9.0  # fires on the sink only
+        return h
+
+    zeros = lambda n, w: torch.zeros(n, w)  # noqa: E731
+    plant = Plant(loaded, norms={0: norms, 1: norms, 2: norms}, hidden={0: hidden, 1: zeros, 2: zeros})
+    texts = [TextInput("a", words(8)), TextInput("b", words(6))]  # padded to 8 in one batch: each keeps its length
+    with plant():
+        found = discover(loaded, texts, [TextInput("h", words(5))], DiscoverySettings(top_k=1, max_k=3), progress=False)
+    assert found.settings["outlier_fraction_per_layer"] == [2 / 12] * 3  # 7 + 5 body tokens, one outlier each
+    assert (found.neurons[0]["layer"], found.neurons[0]["neuron"], found.neurons[0]["score"]) == (0, 11, 4.0)
+    assert (0, 12) not in {(n["layer"], n["neuron"]) for n in found.neurons[:2]}
+    assert found.heldout["before"]["has_artifacts"] is True and found.heldout["before"]["outlier_tokens"] == 3

@@ -195,3 +195,137 @@ def test_keyword_input_site():
         Site.parse("model:output[attention_mask]")
     with pytest.raises(ValueError, match="only for outputs"):
         Site.parse("model:input[0]")
+
+
+class _Outputs(nn.Module):
+    """A module returning a tensor, a tuple, a list or a dict-like output of three tensors."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x, *, scale=None):
+        parts = [x, x + 1, x + 2]
+        if scale is not None:
+            parts = [p * scale for p in parts]
+        if self.kind == "tensor":
+            return x * 1
+        if self.kind == "tuple":
+            return tuple(parts)
+        if self.kind == "list":
+            return parts
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return BaseModelOutput(last_hidden_state=parts[0], hidden_states=parts[1], attentions=parts[2])
+
+
+class _Wrap(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.inner = _Outputs(kind)
+
+    def forward(self, x, **kw):
+        return self.inner(x, **kw)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "model_output"])
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_edit_replaces_exactly_one_element_of_an_output(kind, index):
+    model = _Wrap(kind)
+    x = torch.zeros(2, 3)
+    with hooks(model, capture=[f"inner:output[{index}]"], edit={f"inner:output[{index}]": lambda t: t * 0 - 5}) as rec:
+        out = model(x)
+    values = [out[i] for i in range(3)]
+    assert len(out) == 3 and type(out).__name__ == type(_Outputs(kind)(x)).__name__
+    for i in range(3):
+        expected = torch.full((2, 3), -5.0) if i == index else x + i
+        assert torch.equal(values[i], expected), (kind, index, i)
+    assert torch.equal(rec[f"inner:output[{index}]"], torch.full((2, 3), -5.0))
+    assert _handles(model) == 0
+
+
+def test_output_sites_of_a_single_tensor():
+    model = _Wrap("tensor")
+    x = torch.ones(1, 2)
+    with hooks(model, capture=["inner:output", "inner:output[0]"]) as rec:
+        model(x)
+    assert torch.equal(rec["inner:output"], x) and torch.equal(rec["inner:output[0]"], x)
+    with pytest.raises(ValueError, match="element 1 of an output that is a single tensor"):
+        with hooks(model, capture=["inner:output[1]"]):
+            model(x)
+
+
+def test_input_sites_positional_keyword_and_named():
+    model = _Wrap("tuple")
+    x = torch.ones(1, 2)
+    with hooks(model, capture=["inner:input", "inner:input[scale]"], edit={"inner:input": lambda t: t * 3}) as rec:
+        out = model(x, scale=torch.tensor(2.0))
+        model(x)  # no scale passed: nothing captured at that site for this call
+    assert torch.equal(out[0], torch.full((1, 2), 6.0))
+    assert torch.equal(rec["inner:input"], torch.full((1, 2), 3.0))  # captures see the edit
+    assert len(rec.calls("inner:input")) == 2 and len(rec.calls("inner:input[scale]")) == 1
+    with hooks(model, edit={"inner:input[scale]": lambda t: t + 1}):
+        assert torch.equal(model(x, scale=torch.tensor(2.0))[0], torch.full((1, 2), 3.0))
+
+
+def test_tensor_passed_as_keyword_is_the_input():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Identity()
+
+        def forward(self, x):
+            return self.inner(input=x)
+
+    model = Keyword()
+    with hooks(model, capture=["inner:input"], edit={"inner:input": lambda t: t + 1}) as rec:
+        out = model(torch.zeros(3))
+    assert torch.equal(out, torch.ones(3)) and torch.equal(rec["inner:input"], torch.ones(3))
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _Kw()
+
+        def forward(self, x):
+            return self.inner(mask=x * 0, hidden_states=x)
+
+    model = Hidden()
+    with hooks(model, capture=["inner:input"]) as rec:
+        model(torch.full((2,), 4.0))
+    assert torch.equal(rec["inner:input"], torch.full((2,), 4.0))  # hidden_states, not the first tensor keyword
+
+
+class _Kw(nn.Module):
+    def forward(self, mask=None, hidden_states=None):
+        return hidden_states
+
+
+def test_captures_are_detached_reduced_and_kept_on_their_device():
+    model = nn.Sequential(nn.Linear(2, 2))
+    x = torch.ones(1, 2, requires_grad=True)
+    with hooks(model, capture={"0:output": None}) as rec:
+        model(x)
+    assert rec["0:output"].requires_grad is False
+    with hooks(model, capture={"0:output": lambda t: t.sum(-1)}, detach=False) as rec:
+        model(x)
+    assert rec["0:output"].requires_grad and rec["0:output"].shape == (1,)
+    meta = nn.Sequential(nn.Linear(2, 2, device="meta"))
+    with hooks(meta, capture=["0:output"]) as rec:  # to_cpu=False: stays where the model computed it
+        meta(torch.ones(1, 2, device="meta"))
+    assert rec["0:output"].device.type == "meta"
+    with hooks(model, capture=["0:output"], to_cpu=True) as rec:
+        model(x)
+    assert rec["0:output"].device.type == "cpu"
+
+
+def test_reading_before_a_forward_and_clearing():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with hooks(model, capture=["0:output"]) as rec:
+        with pytest.raises(KeyError, match="nothing captured"):
+            rec["0:output"]
+        model(torch.ones(1, 2))
+        assert len(rec.calls("0:output")) == 1
+        rec.clear()
+        assert rec.calls("0:output") == [] and rec.attached
+    assert not rec.attached

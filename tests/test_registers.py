@@ -240,3 +240,39 @@ def test_text_register_with_kv_cache_prepended_once():
     assert diff < 1e-4, f"chunked vs whole: max diff {diff}"
     assert cache.get_seq_length() == 13  # 12 tokens + 1 register
     assert _handles(model) == 0
+
+
+# -- discovery inputs ------------------------------------------------------------------------------
+def test_text_passages_are_consecutive_slices_of_hamlet():
+    from sinkless.registers.inputs import text_passages
+    from sinkless.streaming.text import read_text
+
+    words = read_text().split()
+    passages = text_passages(3, start=2, words=5)
+    assert [p.name for p in passages] == ["hamlet[10:15]", "hamlet[15:20]", "hamlet[20:25]"]
+    assert [p.text for p in passages] == [" ".join(words[10:15]), " ".join(words[15:20]), " ".join(words[20:25])]
+    assert text_passages(1)[0].text == " ".join(words[:80])
+    with pytest.raises(SinklessError, match="fewer than"):
+        text_passages(2, start=len(words) // 80 + 1)
+
+
+def test_discovery_inputs_hold_out_every_fourth_user_input(tmp_path):
+    from sinkless.registers.inputs import discovery_inputs
+    from sinkless.scan import TextInput  # noqa: F401
+
+    text = zoo.Loaded("t", tiny_model("llama"), adapter_for(tiny_model("llama")))
+    chosen, heldout = discovery_inputs(text, [], [f"text {i}" for i in range(9)], 0, 0)
+    assert [t.text for t in heldout] == ["text 3", "text 7"]
+    assert [t.text for t in chosen] == [f"text {i}" for i in (0, 1, 2, 4, 5, 6, 8)]
+    chosen, heldout = discovery_inputs(text, [], ["a", "b"], 0, 0)
+    assert [t.text for t in chosen] == ["a"] and [t.text for t in heldout] == ["b"]  # fewer than 4: the last
+    with pytest.raises(SinklessError, match="at least 2 inputs"):
+        discovery_inputs(text, [], ["only"], 0, 0)
+    chosen, heldout = discovery_inputs(text, [], [], 3, 2)  # bundled passages: disjoint
+    assert [p.name for p in chosen] == ["hamlet[0:80]", "hamlet[80:160]", "hamlet[160:240]"]
+    assert [p.name for p in heldout] == ["hamlet[240:320]", "hamlet[320:400]"]
+    vision = _loaded("vit")
+    chosen, heldout = discovery_inputs(vision, [], [], 3, 2)
+    assert [i.name for i in chosen] == ["crop0", "crop1", "crop2"] and [i.name for i in heldout] == ["heldout0", "heldout1"]
+    assert chosen[0].image.tobytes() == natural_crops(1, seed=0)[0].tobytes()
+    assert heldout[0].image.tobytes() == natural_crops(1, seed=1)[0].tobytes()

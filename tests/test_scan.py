@@ -298,3 +298,51 @@ def test_first_token_attention_on_a_plain_sequence():
     # a text shorter than the warm-up: the last query still counts
     report, records = scan(loaded, [TextInput("t", words(3))], ScanSettings(), intervention=plant, progress=False)
     assert records[0].first_token.tolist() == pytest.approx([(2 / 40 + 2 / 20) / 2] * 3)
+
+
+def test_the_sink_of_a_text_model_with_a_cls_token_is_the_cls():
+    """BERT-like layouts (a CLS first, then text): the CLS is the first real token and the sink."""
+    from handmade import Plant, tiny_lm, words
+    from sinkless.adapters import TokenLayout
+    from sinkless.scan.measure import body_tokens, first_token
+
+    assert first_token(TokenLayout(9, 1)) == 0 and first_token(TokenLayout(9, 0, 2)) == 2 and first_token(TokenLayout(9)) == 0
+    assert body_tokens(TokenLayout(5, 1), text=True).tolist() == [False, True, True, True, True]
+    assert body_tokens(TokenLayout(5, 0, 1), text=True).tolist() == [False, False, True, True, True]
+    assert body_tokens(TokenLayout(5, 1, 0, (2, 2)), text=False).tolist() == [False, True, True, True, True]
+    loaded = tiny_lm()
+    attention = _first_token_attention(lambda q: q / 20)(key=0)
+    plant = Plant(loaded, attention={0: attention, 1: attention, 2: attention}, layout=lambda n, hw: TokenLayout(n, 1, 1))
+    _, records = scan(loaded, [TextInput("t", words(10))], ScanSettings(warmup=2), intervention=plant, progress=False)
+    # the CLS (token 0) is the sink even though the body starts at 2: queries 2..9 -> mean q 5.5
+    assert records[0].first_token.tolist() == pytest.approx([(5.5 / 40 + 5.5 / 20) / 2] * 3)
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def test_resolve_inputs_for_each_modality(tmp_path):
+    from sinkless.adapters import Modality
+    from sinkless.errors import SinklessError
+    from sinkless.scan.inputs import DEFAULT_SAMPLES, resolve_inputs, sample_text
+
+    samples = resolve_inputs([], [], Modality.VISION)
+    assert [s.name for s in samples] == list(DEFAULT_SAMPLES) and all(s.image.mode == "RGB" for s in samples)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "t.txt").write_text("some words here", encoding="utf-8")
+    images = resolve_inputs([str(tmp_path / "a.png")], [], Modality.VISION)
+    assert [(i.name, i.image.size) for i in images] == [(str(tmp_path / "a.png"), (8, 8))]
+    with pytest.raises(SinklessError, match="--text was given but the model is a vision model"):
+        resolve_inputs([], ["hello"], Modality.VISION)
+    with pytest.raises(SinklessError, match="is a text file but the model is a vision model"):
+        resolve_inputs([str(tmp_path / "t.txt")], [], Modality.VISION)
+
+    assert [(t.name, t.text) for t in resolve_inputs([], ["one"], Modality.TEXT)] == [("text", "one")]
+    assert [t.name for t in resolve_inputs([], ["one", " ", "two"], Modality.TEXT)] == ["text1", "text3"]
+    with pytest.raises(SinklessError, match="--text is empty"):
+        resolve_inputs([], ["  "], Modality.TEXT)
+    mixed = resolve_inputs([str(tmp_path / "t.txt")], ["inline"], Modality.TEXT)
+    assert [(t.name, t.text) for t in mixed] == [("text", "inline"), (str(tmp_path / "t.txt"), "some words here")]
+    with pytest.raises(SinklessError, match="is an image but the model is a language model"):
+        resolve_inputs([str(tmp_path / "a.png")], [], Modality.TEXT)
+    default = resolve_inputs([], [], Modality.TEXT)
+    assert [(t.name, t.text) for t in default] == [("sample.txt", sample_text())] and len(sample_text()) > 200
+    assert sample_text() == sample_text().strip()
