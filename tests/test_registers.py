@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import FAMILIES, tiny_inputs, tiny_model
 from sinkless import planted, zoo
-from sinkless.adapters import Modality, adapter_for
+from sinkless.adapters import Modality, TokenLayout, adapter_for
 from sinkless.cli import main
 from sinkless.errors import SinklessError
 from sinkless.images import natural_crops, to_pixels
@@ -276,3 +277,76 @@ def test_discovery_inputs_hold_out_every_fourth_user_input(tmp_path):
     assert [i.name for i in chosen] == ["crop0", "crop1", "crop2"] and [i.name for i in heldout] == ["heldout0", "heldout1"]
     assert chosen[0].image.tobytes() == natural_crops(1, seed=0)[0].tobytes()
     assert heldout[0].image.tobytes() == natural_crops(1, seed=1)[0].tobytes()
+
+
+# -- the intervention on hand-made MLP activations ---------------------------------------------------
+def _edited_hidden(loaded, ttr, layer, planted, inputs):
+    """The MLP hidden activations of ``layer`` after the intervention's edit, given planted ones."""
+    from handmade import Plant
+    from sinkless.hooks import hooks
+
+    site = loaded.adapter.mlp_hidden_site(layer)
+    with torch.no_grad(), Plant(loaded, hidden={layer: planted})(), ttr(), hooks(loaded.model, capture=[site]) as rec:
+        loaded.model(**inputs)
+    return rec[site]
+
+
+def _ramp(n, width):
+    """Neuron 5 fires 0.5 x token index, neuron 9 fires -token index (a negative firing neuron)."""
+    h = torch.zeros(n, width)
+    h[:, 5] = 0.5 * torch.arange(n)
+    h[:, 9] = -torch.arange(n, dtype=torch.float32)
+    return h
+
+
+def test_vision_register_takes_each_neurons_signed_extreme():
+    from handmade import tiny_vit
+
+    loaded = tiny_vit()
+    pixels = to_pixels([Image.new("RGB", (56, 56))], loaded.image_spec, 56)
+    ttr = TestTimeRegisters(loaded, [(1, 5), (1, 9)])
+    h = _edited_hidden(loaded, ttr, 1, _ramp, {"pixel_values": pixels})[0]  # (18, W): CLS, 16 patches, register
+    assert h.shape[0] == 18
+    assert h[17, 5] == 8.0 and h[17, 9] == -16.0  # the extremes over CLS and patches (the register's own 8.5 / -17 excluded)
+    assert torch.count_nonzero(h[1:17, [5, 9]]) == 0  # zeroed on every patch
+    assert h[0, 5] == 0.0 and h[0, 9] == 0.0 and h[3, 4] == 0.0  # CLS untouched (planted 0), other neurons too
+    layer_mode = TestTimeRegisters(loaded, [(1, 5), (1, 9)], mode="layer")
+    h = _edited_hidden(loaded, layer_mode, 1, _ramp, {"pixel_values": pixels})[0]
+    assert h[17, 5] == h[17, 9] == -16.0  # one extreme per layer
+    firing = TestTimeRegisters(loaded, [(1, 5)], only_firing=0.5)
+    h = _edited_hidden(loaded, firing, 1, _ramp, {"pixel_values": pixels})[0]
+    # zeroed only where |a| >= 0.5 x 8 = 4: tokens 8..16; tokens 1..7 keep 0.5 x index
+    assert h[1:8, 5].tolist() == [0.5 * t for t in range(1, 8)] and torch.count_nonzero(h[8:17, 5]) == 0
+    assert torch.count_nonzero(h[1:17, 9]) == 16  # neuron 9 is not a register neuron here
+    with pytest.raises(ValueError, match="n_registers must be >= 1"):
+        TestTimeRegisters(loaded, [(1, 5)], n_registers=0)
+    two = TestTimeRegisters(loaded, [(1, 5)], n_registers=2)
+    h = _edited_hidden(loaded, two, 1, _ramp, {"pixel_values": pixels})[0]
+    assert h.shape[0] == 19 and h[17, 5] == h[18, 5] == 8.0
+    with pytest.raises(SinklessError, match="register neurons outside 0..63"):
+        TestTimeRegisters(loaded, [(1, 64)])
+    with pytest.raises(SinklessError, match=r"layers \[3\]"):
+        TestTimeRegisters(loaded, [(3, 1)])
+
+
+def _ones(n, width):
+    return torch.ones(n, width)
+
+
+@pytest.mark.parametrize(
+    "after_first, keep_first, register, untouched",
+    [(True, True, 1, [0]), (False, True, 0, [1]), (False, False, 0, [])],
+)
+def test_text_register_position_and_the_tokens_it_leaves_alone(after_first, keep_first, register, untouched):
+    from handmade import tiny_lm
+
+    loaded = tiny_lm()
+    neurons = RegisterNeurons("hand-lm", [{"layer": 0, "neuron": 3, "score": 1.0, "peak": 2.5}], top_k=1)
+    ttr = TestTimeRegisters(loaded, neurons, after_first=after_first, keep_first=keep_first)
+    h = _edited_hidden(loaded, ttr, 0, _ones, {"input_ids": torch.arange(1, 7)[None]})[0]  # (7, W): 6 tokens + register
+    assert h[register, 3] == 2.5  # the stored typical peak, not this call's maximum
+    kept = [t for t in range(7) if t != register and h[t, 3] == 1.0]
+    assert kept == untouched
+    assert all(h[t, 3] == 0 for t in range(7) if t != register and t not in untouched)
+    assert ttr.layout(7) == TokenLayout(7, 1 if after_first else 0, 1)
+
