@@ -3,7 +3,8 @@
 #
 #   bash scripts/mutation.sh                      every module of [tool.mutmut] only_mutate, from scratch
 #   bash scripts/mutation.sh sinkless.scan.report one module (or a package: sinkless.registers)
-#   bash scripts/mutation.sh table                the per-module score table of the last run
+#   bash scripts/mutation.sh table [-v]           the per-module score table of the last run (-v: survivors)
+#   bash scripts/mutation.sh rerun                re-check the last run's survivors (after adding tests)
 #   bash scripts/mutation.sh named                the one-line bugs of issue 15, one at a time
 #
 # Needs `pip install -e .[mutation]`. Each module's mutants run only the tests mirroring it (MUTATION_TESTS
@@ -16,13 +17,17 @@ python -c "import mutmut" 2>/dev/null || { echo "mutmut is missing: pip install 
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 case "${1:-}" in
   named) exec python scripts/named_mutants.py ;;
-  table) exec python scripts/mutation_table.py ;;
+  table) exec python scripts/mutation_table.py "${@:2}" ;;
+  rerun)  # re-check the survivors of the last run (after adding tests)
+    mapfile -t survivors < <(python scripts/mutation_table.py -v | sed -n 's/^  \(sinkless\.[^ ]*\)$/\1/p')
+    [ ${#survivors[@]} -eq 0 ] || mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${survivors[@]}" > mutants/run-rerun.log 2>&1
+    exec python scripts/mutation_table.py ;;
 esac
 if [ $# -eq 0 ]; then
   set -- sinkless.scan.norms sinkless.scan.report sinkless.scan.measure sinkless.tasks.lost sinkless.hooks \
     sinkless.registers.discovery sinkless.registers.ttr sinkless.registers.inputs sinkless.streaming.cache \
-    sinkless.scan.inputs sinkless.scan.x_ sinkless.scan.plots sinkless.scan.html
-fi
+    sinkless.scan.inputs sinkless.scan.x_
+fi  # the figure and HTML rendering (sinkless.scan.plots, sinkless.scan.html) only when named
 [ "${MUTATION_RESUME:-0}" = 1 ] || rm -rf mutants
 mkdir -p mutants
 for module in "$@"; do

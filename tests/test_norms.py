@@ -77,3 +77,30 @@ def test_rule_description_and_dict():
     assert OutlierRule(rule=Rule.MEANSTD).describe().startswith("norm > mean + 3 sigma")
     assert robust.to_dict() == {"rule": "robust", "floor": 2.0, "k": 4.0, "absolute": None, "text": robust.describe()}
     assert OutlierRule(rule=Rule.MEANSTD).to_dict()["rule"] == "meanstd"
+
+
+def test_masked_median_and_mad_come_from_the_unmasked_entries_only():
+    norms = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0])
+    mask = torch.tensor([True, True, True, True, False, False, False])
+    # kept: 1, 1, 1, 5 -> median 1 (lower middle), MAD 0 -> 3 x 1; all seven: median 5 -> 15
+    assert float(thresholds(norms, OutlierRule(), mask)) == pytest.approx(3.0)
+    assert float(thresholds(norms, OutlierRule())) == pytest.approx(15.0)
+
+
+def test_thresholds_keep_every_leading_dimension():
+    # (layers, inputs, tokens) -> (layers, inputs), for every rule
+    norms = torch.tensor([[[1.0, 1.0, 1.0, 9.0], [2.0, 2.0, 2.0, 2.0]], [[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]]])
+    robust = thresholds(norms, OutlierRule())
+    torch.testing.assert_close(robust, torch.tensor([[3.0, 6.0], [max(6.0, 2 + 6 * MAD_SCALE), 15.0]]))
+    assert robust_median(norms).tolist() == [[1.0, 2.0], [2.0, 5.0]]
+    meanstd = thresholds(norms[0], OutlierRule(rule=Rule.MEANSTD))  # (2,): each row its own mean and spread
+    assert meanstd.tolist() == pytest.approx([3.0 + 3 * 4.0, 2.0])
+    assert thresholds(norms, OutlierRule(absolute=2.0)).shape == (2, 2)
+    assert thresholds(torch.tensor([1.0, 2.0]), OutlierRule(absolute=2.0)).shape == ()
+    double = thresholds(norms.double(), OutlierRule(absolute=2.0))
+    assert double.dtype == torch.float64
+
+
+def test_meanstd_of_two_tokens_uses_n_minus_one():
+    # [1, 3]: mean 2, sample variance (1 + 1) / 1 = 2
+    assert float(thresholds(torch.tensor([1.0, 3.0]), OutlierRule(rule=Rule.MEANSTD))) == pytest.approx(2 + 3 * math.sqrt(2))
