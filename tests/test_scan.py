@@ -346,3 +346,123 @@ def test_resolve_inputs_for_each_modality(tmp_path):
     default = resolve_inputs([], [], Modality.TEXT)
     assert [(t.name, t.text) for t in default] == [("sample.txt", sample_text())] and len(sample_text()) > 200
     assert sample_text() == sample_text().strip()
+
+
+def test_attention_shares_on_planted_outliers():
+    """Outlier token 5 in the input of layer 2; CLS sends it 0.6, the other patches 0.2."""
+    from handmade import Plant, tiny_vit
+
+    loaded = tiny_vit()
+
+    def attention(attn):  # (B, H, 17, 17)
+        out = torch.zeros_like(attn)
+        out[..., 0, 5] = 0.6
+        out[..., 1:, 5] = 0.2
+        out[..., 5, 5] = 0.9  # the outlier's own row is not a query that counts
+        return out
+
+    norms = {0: _patch_norms({5: 10.0}), 1: _patch_norms({5: 10.0}), 2: _patch_norms({})}
+    plant = Plant(loaded, norms=norms, attention={2: attention})
+    report, records = scan(loaded, _blank(), ScanSettings(image_size=56), intervention=plant, progress=False)
+    r = records[0]
+    assert float(r.share_cls[2]) == pytest.approx(0.6)
+    assert float(r.share_body[2]) == pytest.approx(0.2)  # 15 patch queries (not the outlier itself)
+    assert float(r.share_all[2]) == pytest.approx((0.6 + 15 * 0.2) / 16)
+    assert report.layers[2]["outlier_attention_share"] == pytest.approx((0.6 + 15 * 0.2) / 16)
+    assert report.layers[2]["outlier_attention_share_cls"] == pytest.approx(0.6)
+    assert r.cls_attention.shape == (17,) and float(r.cls_attention[5]) == pytest.approx(0.6)
+    assert r.neighbor_similarity.shape == (16,)
+
+
+def test_attention_shares_leave_out_appended_tokens():
+    """Text with its last token declared appended (as an intervention's register): its row is no query."""
+    from handmade import Plant, tiny_lm, words
+    from sinkless.adapters import TokenLayout
+
+    loaded = tiny_lm()
+
+    def attention(attn):  # (B, H, 8, 8)
+        out = torch.zeros_like(attn)
+        out[..., :, 3] = 0.2
+        out[..., 7, 3] = 1.0  # the appended token
+        return out
+
+    ones = _patch_norms({}, cls=1.0)
+    norms = {0: ones, 1: _patch_norms({3: 10.0}), 2: ones}
+    plant = Plant(loaded, norms=norms, attention={2: attention}, layout=lambda n, hw: TokenLayout(n, 0, 0, None, 1))
+    _, records = scan(loaded, [TextInput("t", words(8))], ScanSettings(), intervention=plant, progress=False)
+    r = records[0]
+    assert r.body.tolist() == [False, True, True, True, True, True, True, False]
+    assert float(r.share_all[2]) == pytest.approx(0.2)  # 6 queries: 0, 1, 2, 4, 5, 6
+    assert float(r.share_body[2]) == pytest.approx(0.2)
+    assert torch.isnan(r.share_cls[2])  # no CLS
+
+
+def test_massive_activations_on_planted_values():
+    from handmade import Plant, tiny_lm, words
+
+    loaded = tiny_lm()
+
+    def values(n):  # channel 0 of each token; the rest 0, so the layer's median |a| is 0
+        out = torch.ones(n)
+        out[0], out[2], out[4], out[6] = 150.0, -300.0, 100.0, 120.0
+        return out
+
+    plant = Plant(loaded, norms={0: values, 1: torch.ones, 2: torch.ones})
+    report, records = scan(loaded, [TextInput("t", words(8))], ScanSettings(massive_per_layer=2), intervention=plant, progress=False)
+    # |a| > 100 (strictly): tokens 2, 0, 6; the two largest kept, largest |a| first
+    assert records[0].massive == [{"layer": 0, "token": 2, "channel": 0, "value": -300.0}, {"layer": 0, "token": 0, "channel": 0, "value": 150.0}]
+    assert report.summary["has_massive_activations"] is True
+    _, records = scan(loaded, [TextInput("t", words(8))], ScanSettings(massive_abs=200.0), intervention=plant, progress=False)
+    assert [m["token"] for m in records[0].massive] == [2]
+    # relative rule: with every |a| at least 1, 1000 x the median (1) = 1000 > 300: nothing is massive
+    dense = Plant(loaded, norms={0: values, 1: torch.ones, 2: torch.ones})
+    dense._residual = lambda spec: (lambda x: torch.ones_like(x) * (spec(x.shape[1]) if callable(spec) else spec)[..., None])
+    _, records = scan(loaded, [TextInput("t", words(8))], ScanSettings(), intervention=dense, progress=False)
+    assert records[0].massive == []
+
+
+def test_text_inputs_are_truncated_and_unpadded():
+    from handmade import tiny_lm, words
+
+    loaded = tiny_lm()
+    texts = [TextInput("long", words(12)), TextInput("short", words(3))]
+    report, records = scan(loaded, texts, ScanSettings(max_tokens=6, attention=False), progress=False)
+    assert [r.layout.n_tokens for r in records] == [6, 3]
+    assert records[0].tokens == ["w1", "w2", "w3", "w4", "w5", "w6"] and records[1].tokens == ["w1", "w2", "w3"]
+    assert records[1].norms.shape == (3, 3) and records[0].first_token is None and records[0].share_all is None
+    assert report.inputs == [{"name": "long", "tokens": 6, "text_tokens": records[0].tokens}, {"name": "short", "tokens": 3, "text_tokens": records[1].tokens}]
+    assert report.layers[0]["first_token_attention"] is None and report.summary["sink_share"] is None
+
+
+def test_scanned_layers_and_settings_record():
+    from handmade import tiny_lm, words
+
+    loaded = tiny_lm()
+    report, records = scan(loaded, [TextInput("t", words(6))], ScanSettings(layers=(1, 2)), progress=False)
+    assert records[0].layers == [1, 2] and [row["layer"] for row in report.layers] == [1, 2]
+    assert records[0].first_token.shape == (2,) and records[0].alpha0.shape == (2, 2)
+    settings = ScanSettings(rule=OutlierRule(absolute=5.0), layers=(1, 2), batch_size=3, image_size=28, max_tokens=9, warmup=2,
+                            epsilon=0.1, massive_abs=50.0, massive_rel=10.0, attention=False)
+    assert settings.to_dict() == {
+        "rule": OutlierRule(absolute=5.0).to_dict(), "layers": [1, 2], "batch_size": 3, "image_size": 28, "max_tokens": 9,
+        "warmup": 2, "epsilon": 0.1, "massive_abs": 50.0, "massive_rel": 10.0, "attention": False,
+    }
+    assert ScanSettings().to_dict()["layers"] == "all"
+    with pytest.raises(ValueError, match="nothing to scan"):
+        scan(loaded, [], ScanSettings(), progress=False)
+
+
+def test_parse_layers_forms_and_errors():
+    from sinkless.errors import SinklessError
+
+    assert parse_layers(None, 4) is None and parse_layers("", 4) is None and parse_layers(" ALL ", 4) is None
+    assert parse_layers("1-3", 4) == (1, 2, 3) and parse_layers("3, 0", 4) == (0, 3) and parse_layers("-2", 4) == (2,)
+    assert parse_layers("0-0,0", 4) == (0,) and parse_layers("3", 4) == (3,)
+    for bad in ("4", "-5", "2-4", "3-1"):
+        with pytest.raises(SinklessError, match="outside 0..3") as error:
+            parse_layers(bad, 4)
+        assert error.value.fix == "the model has 4 layers"
+    for bad in ("1-", "a-b", "1.5", "1--2"):
+        with pytest.raises(SinklessError, match="bad --layers"):
+            parse_layers(bad, 4)
