@@ -34,6 +34,6 @@ for module in "$@"; do
   echo "== mutmut: $module"
   case "$module" in *.x_) pattern="$module*" ;; *) pattern="$module.*" ;; esac  # sinkless.scan.x_: the package's own functions
   mutmut run --max-children "${MUTATION_CHILDREN:-1}" "$pattern" > "mutants/run-$module.log" 2>&1 || { tail -20 "mutants/run-$module.log"; exit 1; }
-  tail -c 300 "mutants/run-$module.log" | tr '\r' '\n' | grep -E "/[0-9]+ " | tail -1
+  tail -c 2000 "mutants/run-$module.log" | tr '\r' '\n' | grep -E "mutations/second" || true
 done
 python scripts/mutation_table.py

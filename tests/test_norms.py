@@ -104,3 +104,11 @@ def test_thresholds_keep_every_leading_dimension():
 def test_meanstd_of_two_tokens_uses_n_minus_one():
     # [1, 3]: mean 2, sample variance (1 + 1) / 1 = 2
     assert float(thresholds(torch.tensor([1.0, 3.0]), OutlierRule(rule=Rule.MEANSTD))) == pytest.approx(2 + 3 * math.sqrt(2))
+
+
+def test_the_mad_ignores_masked_entries_too():
+    # kept 1, 2, 3: median 2, MAD 1; the masked 2s would leave the median at 2 but make the MAD 0
+    norms = torch.tensor([1.0, 2.0, 3.0, 2.0, 2.0])
+    mask = torch.tensor([True, True, True, False, False])
+    assert float(thresholds(norms, OutlierRule(), mask)) == pytest.approx(2 + 6 * MAD_SCALE, abs=1e-5)
+    assert float(thresholds(norms, OutlierRule())) == pytest.approx(6.0)

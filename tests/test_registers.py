@@ -350,3 +350,57 @@ def test_text_register_position_and_the_tokens_it_leaves_alone(after_first, keep
     assert all(h[t, 3] == 0 for t in range(7) if t != register and t not in untouched)
     assert ttr.layout(7) == TokenLayout(7, 1 if after_first else 0, 1)
 
+
+
+# -- the neurons file --------------------------------------------------------------------------------
+def _entries():
+    return [
+        {"layer": 2, "neuron": 9, "score": 5.0, "peak": 3.0},
+        {"layer": 0, "neuron": 4, "score": 4.0, "peak": -2.0},
+        {"layer": 2, "neuron": 1, "score": 3.0, "peak": None},
+        {"layer": 1, "neuron": 7, "score": 2.0, "peak": 1.0},
+    ]
+
+
+def test_register_neurons_top_k_layers_and_peaks():
+    neurons = RegisterNeurons("m", _entries(), top_k=3)
+    assert neurons.by_layer() == {0: [4], 2: [1, 9]}  # the first 3, sorted per layer, layers in order
+    assert neurons.peaks() == {(2, 9): 3.0, (0, 4): -2.0}  # no stored peak: left out
+    assert RegisterNeurons("m", _entries(), top_k=0).by_layer() == {0: [4], 1: [7], 2: [1, 9]}  # 0: all of them
+    two = neurons.with_top_k(2)
+    assert two.top_k == 2 and neurons.top_k == 3 and two.neurons == neurons.neurons and two.model == "m"
+    assert neurons.with_top_k(10).top_k == 4
+
+
+def test_register_neurons_from_dict_and_its_errors():
+    data = {"model": "m", "neurons": [{"layer": "2", "neuron": 9.0}], "top_k": 1, "unknown": "ignored", "detection_layer": 3}
+    neurons = RegisterNeurons.from_dict(data)
+    assert neurons.neurons == [{"layer": 2, "neuron": 9, "score": 0.0, "peak": None}]
+    assert neurons.top_k == 1 and neurons.detection_layer == 3 and neurons.model == "m"
+    assert RegisterNeurons.from_dict({"model": "m", "neurons": _entries()}).top_k == 4  # default: all
+    for bad in ([], {"model": "m"}, {"neurons": []}):
+        with pytest.raises(SinklessError, match="src is not a register-neurons file"):
+            RegisterNeurons.from_dict(bad, "src")
+    for neuron in ({"layer": 1}, {"layer": "x", "neuron": 1}, {"layer": None, "neuron": 1}):
+        with pytest.raises(SinklessError, match="src: every neuron needs integer 'layer' and 'neuron'") as error:
+            RegisterNeurons.from_dict({"model": "m", "neurons": [neuron]}, "src")
+        assert "sinkless fix --out" in error.value.fix
+
+
+def test_zero_neurons_zero_everywhere_and_come_off():
+    from handmade import tiny_vit
+    from sinkless.hooks import hooks
+    from sinkless.registers import ZeroNeurons
+
+    loaded = tiny_vit()
+    pixels = to_pixels([Image.new("RGB", (56, 56))], loaded.image_spec, 56)
+    site = loaded.adapter.mlp_hidden_site(1)
+    with torch.no_grad(), hooks(loaded.model, capture=[site]) as plain:
+        loaded.model(pixel_values=pixels)
+    with torch.no_grad(), ZeroNeurons(loaded, [(1, 5), (1, 9)])(), hooks(loaded.model, capture=[site]) as rec:
+        loaded.model(pixel_values=pixels)
+    h = rec[site]
+    assert h.shape == plain[site].shape  # no token added
+    assert torch.count_nonzero(h[..., [5, 9]]) == 0
+    assert torch.equal(h[..., :5], plain[site][..., :5]) and torch.equal(h[..., 10:], plain[site][..., 10:])
+    assert _handles(loaded.model) == 0
