@@ -257,3 +257,63 @@ def test_summary_lines_state_the_verdict_and_its_numbers():
     text = summary_lines(text_report([text_record(first_token=torch.tensor([0.1, 0.5, 0.6]))]))
     assert text[0] == "hand-lm (text, 1 inputs): ARTIFACTS FOUND"
     assert "first-token attention: mean 40 %, max 60 %; >= 30 % in layers 1-2" in text[1]
+
+
+VISION_ROW_KEYS = {
+    "layer", "norm_median", "norm_max", "max_ratio", "max_ratio_worst", "outlier_fraction", "outlier_threshold_median",
+    "first_token_attention", "sink_epsilon", "outlier_attention_share", "outlier_attention_share_cls", "outlier_attention_share_patches",
+}
+SUMMARY_KEYS = {
+    "has_artifacts", "first_outlier_layer", "outlier_layers", "peak_layer", "outlier_fraction", "max_ratio", "border_fraction",
+    "border_fraction_expected", "corner_fraction", "neighbor_similarity", "sink_share", "n_inputs",
+}
+
+
+def test_report_schema_keys():
+    report = vision_report([vision_record(outliers_at={1: {7: 9.0}, 2: {7: 9.0}})])
+    data = report.to_dict()
+    assert set(data) == {"sinkless_version", "model", "modality", "settings", "inputs", "layers", "outliers", "massive_activations", "summary", "figures"}
+    assert data["layers"] == report.layers and data["summary"] == report.summary
+    assert all(set(row) == VISION_ROW_KEYS for row in report.layers)
+    assert all(row[key] is None for row in report.layers for key in ("first_token_attention", "sink_epsilon", "outlier_attention_share_patches"))
+    assert set(report.summary) == SUMMARY_KEYS | {"sink_share_cls"}
+    text = text_report([text_record(first_token=torch.tensor([0.5, 0.5, 0.5]))]).summary
+    assert set(text) == SUMMARY_KEYS | {
+        "first_token_attention_max", "sink_epsilon", "has_first_token_sink", "has_massive_activations", "massive_tokens", "has_outliers", "secondary_outliers",
+    }
+
+
+def test_a_text_of_one_token_has_no_body_to_measure():
+    report = text_report([text_record(n=1)])
+    row = report.layers[0]
+    assert row["norm_median"] is None and row["norm_max"] is None and row["max_ratio"] is None and row["max_ratio_worst"] is None
+    assert row["outlier_fraction"] == 0.0
+    assert report.summary["outlier_layers"] == [] and report.summary["max_ratio"] is None
+
+
+def test_nan_values_are_left_out_of_medians():
+    a, b, c = vision_record("a"), vision_record("b"), vision_record("c")
+    a.thresholds = torch.tensor([float("nan")] * 3)
+    b.thresholds = torch.tensor([4.0, 4.0, 4.0])
+    report = vision_report([a, b, c])
+    assert report.layers[0]["outlier_threshold_median"] == 3.0  # median of 4 and 3, the lower middle: NaN ignored
+    a.thresholds = torch.tensor([float("nan")] * 3)
+    assert vision_report([a]).layers[0]["outlier_threshold_median"] is None
+
+
+def test_group_norm_ratios_divide_by_the_input_median():
+    layout = TokenLayout(1 + 1 + 16, 1, 1, GRID)
+    body = torch.zeros(18, dtype=torch.bool)
+    body[2:] = True
+    norms = torch.full((1, 18), 2.0)
+    norms[0, 1] = 8.0
+    record = InputRecord("r", layout, [0], body, norms, torch.tensor([6.0]), torch.zeros(1, 18, dtype=torch.bool), torch.tensor([2.0]), image_hw=(56, 56))
+    assert vision_report([record]).layers[0]["registers_norm_ratio"] == 4.0
+
+
+def test_text_outliers_without_decoded_tokens():
+    record = text_record(outliers_at={1: {4: 5.0}, 2: {4: 5.0}})
+    record.tokens = None
+    report = text_report([record])
+    assert [o["text"] for o in report.outliers] == [None, None]
+    assert report.summary["secondary_outliers"] == [{"text": None, "count": 2, "layers": [1, 2], "max_ratio": 5.0}]
