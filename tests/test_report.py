@@ -317,3 +317,50 @@ def test_text_outliers_without_decoded_tokens():
     report = text_report([record])
     assert [o["text"] for o in report.outliers] == [None, None]
     assert report.summary["secondary_outliers"] == [{"text": None, "count": 2, "layers": [1, 2], "max_ratio": 5.0}]
+
+
+def test_first_token_sink_threshold_is_inclusive_in_exact_arithmetic():
+    exact = text_report([text_record(first_token=torch.tensor([0.1, 0.3, 0.2], dtype=torch.float64))])
+    assert exact.summary["first_token_attention_max"] == 0.3 and exact.summary["has_first_token_sink"] is True
+
+
+def test_corners_of_a_wide_grid_summed_over_inputs():
+    """A 3 x 5 patch grid: corners (0, 0), (0, 4), (2, 0), (2, 4); two inputs add up."""
+    def wide(name, patches):
+        layout = TokenLayout(16, 1, 0, (3, 5))
+        body = torch.zeros(16, dtype=torch.bool)
+        body[1:] = True
+        outliers = torch.zeros(2, 16, dtype=torch.bool)
+        norms = torch.ones(2, 16)
+        for p in patches:
+            outliers[:, 1 + p] = True
+            norms[:, 1 + p] = 9.0
+        return InputRecord(name, layout, [0, 1], body, norms, torch.full((2,), 3.0), outliers, torch.ones(2), image_hw=(42, 70))
+
+    # input a: (2, 4) corner, (1, 0) border, (1, 2) inside; input b: (0, 4) corner, (2, 0) corner, (2, 2) border
+    report = vision_report([wide("a", [14, 5, 7]), wide("b", [4, 10, 12])])
+    s = report.summary
+    assert s["border_fraction"] == pytest.approx(5 / 6) and s["corner_fraction"] == pytest.approx(3 / 6)
+    assert s["border_fraction_expected"] == pytest.approx(12 / 15)
+    assert {(o["input"], o["row"], o["col"]) for o in report.outliers if o["layer"] == 0} == {
+        ("a", 2, 4), ("a", 1, 0), ("a", 1, 2), ("b", 0, 4), ("b", 2, 0), ("b", 2, 2),
+    }
+
+
+def test_massive_tokens_sorted_by_input_then_token_and_capped():
+    a, b = text_record(name="b-text"), text_record(name="a-text")
+    a.massive = [{"layer": 0, "token": t, "channel": 1, "value": 500.0} for t in (5, 1)]
+    b.massive = [{"layer": 1, "token": t, "channel": 2, "value": -500.0} for t in (7, 0, 7)]
+    summary = text_report([a, b]).summary
+    assert summary["massive_tokens"] == [("a-text", 0), ("a-text", 7), ("b-text", 1), ("b-text", 5)]
+    many = text_record(n=80)
+    many.massive = [{"layer": 0, "token": t, "channel": 0, "value": 300.0} for t in range(60)]
+    assert text_report([many]).summary["massive_tokens"] == [("text", t) for t in range(50)]
+
+
+def test_secondary_outliers_capped_at_twenty_and_ratios_below_one():
+    tokens = [f"tok{i}" for i in range(30)]
+    record = text_record(n=30, tokens=tokens, outliers_at={1: {t: 9.0 for t in range(1, 30)}})
+    assert len(text_report([record]).summary["secondary_outliers"]) == 20
+    low = text_record(tokens=[f"t{i}" for i in range(8)], outliers_at={1: {2: 0.5}})  # an absolute rule can flag a low norm
+    assert text_report([low]).summary["secondary_outliers"][0]["max_ratio"] == 0.5
