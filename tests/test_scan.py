@@ -466,3 +466,81 @@ def test_parse_layers_forms_and_errors():
     for bad in ("1-", "a-b", "1.5", "1--2"):
         with pytest.raises(SinklessError, match="bad --layers"):
             parse_layers(bad, 4)
+
+
+# -- the package's functions: measure in batches, write reports, summary lines ------------------------
+def test_measure_goes_batch_by_batch_in_input_order(capsys):
+    from handmade import Plant, tiny_vit
+    from sinkless.scan import measure
+
+    loaded = tiny_vit()
+    plant = Plant(loaded, norms={0: _patch_norms({}), 1: _patch_norms({3: 7.0}), 2: _patch_norms({})})
+    items = _blank(5)
+    records = measure(loaded, items, ScanSettings(batch_size=2, image_size=56), intervention=plant, progress=False)
+    assert [r.name for r in records] == [i.name for i in items]
+    assert all(r.outliers[1].nonzero().flatten().tolist() == [3] for r in records)
+    assert capsys.readouterr().err == ""
+    measure(loaded, items[:1], ScanSettings(image_size=56), progress=True)
+    assert "scanning hand-vit" in capsys.readouterr().err
+
+
+def test_write_reports_one_folder_per_model(tmp_path):
+    from handmade import Plant, tiny_vit
+
+    loaded = tiny_vit()
+    plant = Plant(loaded, norms={0: _patch_norms({}), 1: _patch_norms({3: 7.0}), 2: _patch_norms({3: 7.0})})
+    items = _blank(2)
+    first = scan(loaded, items, ScanSettings(image_size=56), intervention=plant, progress=False)
+    second = scan(loaded, items, ScanSettings(image_size=56), progress=False)
+    second[0].model = "org/other"
+    written = write_reports(tmp_path / "out", [(*first, items), (*second, items)])
+    assert written == [tmp_path / "out" / "report.json", tmp_path / "out" / "org_other" / "report.json"]
+    top = json.loads(written[0].read_text())
+    assert top["figures"] and all((tmp_path / "out" / name).is_file() for name in top["figures"])
+    sub = json.loads(written[1].read_text())
+    assert sub["model"] == "org/other" and all((tmp_path / "out" / "org_other" / name).is_file() for name in sub["figures"])
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "org/other" in html and f"org_other/{sub['figures'][0]}" in html
+    assert top["summary"]["has_artifacts"] is True
+
+
+def test_summary_lines_in_detail():
+    from sinkless.scan import summary_lines
+    from sinkless.scan.report import Report
+
+    vision = Report("m", "vision", {"rule": {"floor": 3.0}, "epsilon": 0.3}, [], [], [{"ratio": 12.5}], [], {
+        "n_inputs": 4, "has_artifacts": True, "first_outlier_layer": 2, "outlier_layers": [2, 3, 4], "outlier_fraction": 0.0125,
+        "max_ratio": 6.0, "border_fraction": 0.5, "border_fraction_expected": 0.25, "neighbor_similarity": {"outliers": 0.1, "others": 0.75},
+        "sink_share": 0.42, "sink_share_cls": 0.5,
+    })
+    assert summary_lines(vision) == [
+        "m (vision, 4 inputs): ARTIFACTS FOUND",
+        "  outlier tokens from layer 2 (layers 2-4), 1.25 % of patches, up to 12.5x the median norm (typical image: 6.0x)",
+        "  on the border: 50 % (a random patch: 25 %); neighbour similarity 0.10 vs 0.75 for other patches",
+        "  attention they draw after layer 2: 42.0 % (CLS: 50.0 %)",
+    ]
+    vision.summary.update(outlier_layers=[2], neighbor_similarity=None, sink_share=None, sink_share_cls=None, border_fraction=None)
+    vision.outliers = []
+    lines = summary_lines(vision)
+    assert lines[1].startswith("  outlier tokens from layer 2 (layers 2), 1.25 % of patches, up to 6.0x")
+    assert lines[2] == "  on the border: 0 % (a random patch: 25 %); neighbour similarity 0.00 vs 0.00 for other patches"
+    assert lines[3] == "  attention they draw after layer 2: 0.0 % (CLS: 0.0 %)"
+
+    layers = [{"layer": i, "first_token_attention": s} for i, s in enumerate([0.1, 0.5, 0.6, 0.2, 0.9])]
+    massive = [{"layer": 3, "token": 0, "channel": 7, "value": 400.0}, {"layer": 1, "token": 2, "channel": 5, "value": -900.0}]
+    text = Report("lm", "text", {"epsilon": 0.3}, [], layers, [], massive, {
+        "n_inputs": 1, "has_artifacts": True, "sink_share": 0.46, "first_token_attention_max": 0.9, "sink_epsilon": 0.25,
+        "secondary_outliers": [{"text": " the", "count": 3, "layers": [1, 2], "max_ratio": 4.25}],
+    })
+    assert summary_lines(text) == [
+        "lm (text, 1 inputs): ARTIFACTS FOUND",
+        "  first-token attention: mean 46 %, max 90 %; >= 30 % in layers [1, 2, 4]; Sink_eps=0.3: 25 % of heads",
+        "  massive activations at tokens [0, 2], layers 1-3, channels [5, 7]; largest -900 (layer 1, token 2, channel 5)",
+        "  secondary outlier ' the': 3x in layers 1-2, up to 4.2x the median norm",
+    ]
+    text.layers = layers[:3]
+    text.massive_activations = []
+    text.summary.update(secondary_outliers=[], sink_share=None, first_token_attention_max=None, sink_epsilon=None)
+    assert summary_lines(text)[1:] == ["  first-token attention: mean 0 %, max 0 %; >= 30 % in layers 1-2; Sink_eps=0.3: 0 % of heads"]
+    text.layers = layers[:1]
+    assert ">= 30 % in layers none;" in summary_lines(text)[1]
