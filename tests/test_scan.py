@@ -464,8 +464,9 @@ def test_parse_layers_forms_and_errors():
             parse_layers(bad, 4)
         assert error.value.fix == "the model has 4 layers"
     for bad in ("1-", "a-b", "1.5", "1--2"):
-        with pytest.raises(SinklessError, match="bad --layers"):
+        with pytest.raises(SinklessError, match="bad --layers") as error:
             parse_layers(bad, 4)
+        assert error.value.fix == "use 'all', '3', '0-5,11' or '-1' (the last layer)"
 
 
 # -- the package's functions: measure in batches, write reports, summary lines ------------------------
