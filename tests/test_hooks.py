@@ -329,3 +329,39 @@ def test_reading_before_a_forward_and_clearing():
         rec.clear()
         assert rec.calls("0:output") == [] and rec.attached
     assert not rec.attached
+
+
+def test_unknown_module_message_names_the_nearest_children():
+    model = _Wrap("tuple")
+    with pytest.raises(ValueError) as error:
+        hooks(model, capture=["inner.deep:output"])
+    assert str(error.value) == "_Wrap has no module 'inner.deep'; children of 'inner': []"
+    with pytest.raises(ValueError) as error:
+        hooks(model, capture=["nothing.here.at_all:output"])
+    assert str(error.value) == "_Wrap has no module 'nothing.here.at_all'; children of 'nothing.here': ['inner']"
+    with pytest.raises(ValueError) as error:
+        hooks(model, capture=["missing:output"])
+    assert str(error.value) == "_Wrap has no module 'missing'; children of '<root>': ['inner']"
+
+
+def test_site_strings_round_trip():
+    for spec in ("a.b:input", "a:output", "a.0:output[2]", "m:input[mask]", ":input", ":output"):
+        assert str(Site.parse(spec)) == spec
+    assert Site.parse(Site("a", "output", 1)) == Site("a", "output", 1)
+    assert Site.parse("a:output[12]").index == 12 and Site.parse("m:input[attention_mask]").key == "attention_mask"
+    for bad in ("a:output[]", "a:output[-1]", "a b:input", "a:input[1x]", "a:output[0][1]"):
+        with pytest.raises(ValueError, match="bad hook site"):
+            Site.parse(bad)
+
+
+def test_stop_after_ends_the_forward_and_keeps_captures():
+    from sinkless.hooks import stop_after
+
+    model = tiny_model("dinov2")
+    adapter = adapter_for(model)
+    seen = []
+    with hooks(model, capture=[adapter.residual_site(0), adapter.residual_site(2)]) as rec, stop_after(model, adapter.block(0)):
+        seen.append(model(**tiny_inputs(model)))
+    assert seen == [] and len(rec.calls(adapter.residual_site(0))) == 1
+    assert rec.calls(adapter.residual_site(2)) == []  # later blocks never ran
+    assert _handles(model) == 0
