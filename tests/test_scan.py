@@ -545,3 +545,47 @@ def test_summary_lines_in_detail():
     assert summary_lines(text)[1:] == ["  first-token attention: mean 0 %, max 0 %; >= 30 % in layers 1-2; Sink_eps=0.3: 0 % of heads"]
     text.layers = layers[:1]
     assert ">= 30 % in layers none;" in summary_lines(text)[1]
+
+
+def test_the_cls_token_does_not_move_the_threshold():
+    from handmade import Plant, tiny_vit
+
+    loaded = tiny_vit()
+    # patches: 8 at norm 1, 7 at 2, one at 4.5; CLS 10. Patch median 1 (lower middle) -> threshold 3, so 4.5 is
+    # an outlier; counting the CLS the median would be 2 and the threshold 6
+    values = {t: 2.0 for t in range(9, 16)} | {16: 4.5}
+    plant = Plant(loaded, norms={layer: _patch_norms(values, cls=10.0) for layer in range(3)})
+    report, records = scan(loaded, _blank(), ScanSettings(image_size=56), intervention=plant, progress=False)
+    assert records[0].thresholds.tolist() == [3.0, 3.0, 3.0] and records[0].medians.tolist() == [1.0, 1.0, 1.0]
+    assert records[0].outliers[1].nonzero().flatten().tolist() == [16]
+
+
+def test_image_size_sets_the_patch_grid():
+    from handmade import tiny_vit
+
+    loaded = tiny_vit()  # the model's own size: 56
+    for size, tokens, grid in ((28, 5, (2, 2)), (60, 17, (4, 4)), (None, 17, (4, 4))):
+        report, records = scan(loaded, _blank(), ScanSettings(image_size=size, attention=False), progress=False)
+        assert records[0].layout.n_tokens == tokens and records[0].layout.grid == grid
+        assert report.inputs[0]["image_size"] == [grid[0] * 14, grid[1] * 14]
+
+
+def test_no_body_query_left_gives_no_body_share():
+    from handmade import Plant, tiny_lm, words
+
+    loaded = tiny_lm()
+    # two tokens: the body is token 1 alone; when it is the outlier, no body query is left to measure
+    plant = Plant(loaded, norms={0: torch.tensor([1.0, 10.0]), 1: torch.tensor([1.0, 1.0]), 2: torch.tensor([1.0, 1.0])})
+    _, records = scan(loaded, [TextInput("t", words(2))], ScanSettings(rule=OutlierRule(absolute=5.0)), intervention=plant, progress=False)
+    assert records[0].outliers[0].tolist() == [False, True]
+    assert torch.isnan(records[0].share_body[1]) and not torch.isnan(records[0].share_all[1])
+
+
+def test_massive_needs_strictly_more_than_the_absolute_floor():
+    from handmade import Plant, tiny_lm, words
+
+    loaded = tiny_lm()
+    values = torch.tensor([1.0, 1.0, 100.0, 1.0, 100.5, 1.0])
+    plant = Plant(loaded, norms={0: values, 1: torch.ones, 2: torch.ones})
+    _, records = scan(loaded, [TextInput("t", words(6))], ScanSettings(), intervention=plant, progress=False)
+    assert [m["token"] for m in records[0].massive] == [4]
