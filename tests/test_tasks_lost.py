@@ -165,22 +165,37 @@ def test_component_grows_in_every_direction_from_the_seed():
     assert component(column, 0).dtype == torch.bool
 
 
-def _fake_evaluation(monkeypatch, samples, image=None):
-    """evaluate() on hand-made features: a 3 x 4 grid of 10 px patches over a 38 x 25 image."""
+def _fake_evaluation(monkeypatch, samples, scale=0.5):
+    """evaluate() on hand-made features: images of 76 x 50 shown at half size (38 x 25), a 3 x 4 grid of
+    10 px patches (20 px in the image); each fake checks it is handed the sample, the model and the prepared input."""
     from types import SimpleNamespace
 
     from sinkless.adapters import TokenLayout
     from sinkless.tasks import lost as lost_module
     from sinkless.tasks._features import Extracted, Prepared
+
     from sinkless.tasks.data import Dataset
 
     calls = []
-    prepared = Prepared(torch.zeros(1, 3, 30, 40), (25, 38), 1.0)
-    monkeypatch.setattr(lost_module, "prepare", lambda *a, **k: calls.append(("prepare", a[1:], k)) or prepared)
-    monkeypatch.setattr(lost_module, "extract", lambda *a, **k: calls.append(("extract", a, k)) or Extracted(TokenLayout(13, 1, 0, GRID), features=FEATURES))
+    model = object()
+    loaded = SimpleNamespace(adapter=SimpleNamespace(patch_size=lambda m: 10 if m is model else None), model=model)
+    prepared = Prepared(torch.zeros(1, 3, 30, 40), (25, 38), scale)
+    images = {id(s.image) for s in samples}
+
+    def prepare(image, got, max_side):
+        assert id(image) in images and got is loaded
+        calls.append(("prepare", max_side))
+        return prepared
+
+    def extract(got, prep, *, layer, features):
+        assert got is loaded and prep is prepared
+        calls.append(("extract", layer, features))
+        return Extracted(TokenLayout(13, 1, 0, GRID), features=FEATURES)
+
+    monkeypatch.setattr(lost_module, "prepare", prepare)
+    monkeypatch.setattr(lost_module, "extract", extract)
     monkeypatch.setattr(lost_module, "check_vision", lambda *a: calls.append(("check", a)))
-    monkeypatch.setattr(lost_module, "resolve_layer", lambda loaded, layer: calls.append(("layer", layer)) or 7)
-    loaded = SimpleNamespace(adapter=SimpleNamespace(patch_size=lambda model: 10), model=None)
+    monkeypatch.setattr(lost_module, "resolve_layer", lambda got, layer: calls.append(("layer", got is loaded, layer)) or 7)
     data = Dataset("hand", "folder", [s.name for s in samples], [lambda s=s: s for s in samples], ["background", "o"])
     return lost_module, loaded, data, calls
 
@@ -190,20 +205,38 @@ def test_evaluate_scores_hits_and_misses_and_passes_the_protocol_on(monkeypatch)
 
     from sinkless.tasks.data import Sample
 
-    image = Image.new("RGB", (38, 25))
-    hit = Sample("hit", image, np.array([[10.0, 10.0, 38.0, 25.0]]), ["o"])
-    miss = Sample("miss", image, np.array([[0.0, 0.0, 8.0, 8.0]]), ["o"])
+    image = Image.new("RGB", (76, 50))
+    # the predicted box, patches (1, 1, 4, 3), is (10, 10, 38, 25) at half size, (20, 20, 76, 50) in the image
+    hit = Sample("hit", image, np.array([[20.0, 20.0, 76.0, 50.0]]), ["o"])
+    half = Sample("half", image, np.array([[20.0, 20.0, 76.0, 35.0], [0.0, 0.0, 4.0, 4.0]]), ["o", "o"])  # IoU exactly 0.5
+    near = Sample("near", image, np.array([[20.0, 20.0, 76.0, 34.0]]), ["o"])  # IoU 14/30
+    miss = Sample("miss", image, np.array([[0.0, 0.0, 16.0, 16.0]]), ["o"])
     empty = Sample("empty", image, np.zeros((0, 4)), [])
-    lost_module, loaded, data, calls = _fake_evaluation(monkeypatch, [hit, empty, miss])
+    lost_module, loaded, data, calls = _fake_evaluation(monkeypatch, [hit, empty, half, near, miss])
     protocol = lost_module.LostProtocol(k=3, layer=-2, features="queries", max_side=64)
     score = lost_module.evaluate(loaded, data, protocol, progress=False)
-    assert score.n_images == 2 and score.corloc == 50.0 and score.metrics() == {"corloc": 50.0}
-    assert score.per_image[0] == {"name": "hit", "box": [10.0, 10.0, 38.0, 25.0], "iou": 1.0, "hit": True, "seed": (1, 1), "expansion": 3}
-    assert score.per_image[1]["name"] == "miss" and score.per_image[1]["hit"] is False and score.per_image[1]["iou"] == 0.0
+    assert score.n_images == 4 and score.corloc == 50.0 and score.metrics() == {"corloc": 50.0}
+    assert score.per_image[0] == {"name": "hit", "box": [20.0, 20.0, 76.0, 50.0], "iou": 1.0, "hit": True, "seed": (1, 1), "expansion": 3}
+    assert [(r["name"], r["iou"], r["hit"]) for r in score.per_image[1:]] == [("half", 0.5, True), ("near", 0.4667, False), ("miss", 0.0, False)]
     assert score.visuals == {}
-    assert ("check", (loaded, "lost")) in calls and ("layer", -2) in calls
-    assert ("prepare", (loaded, 64), {}) in calls
-    assert [c[2] for c in calls if c[0] == "extract"] == [{"layer": 7, "features": "queries"}] * 2
+    assert ("check", (loaded, "lost")) in calls and ("layer", True, -2) in calls
+    assert calls.count(("prepare", 64)) == 4 and calls.count(("extract", 7, "queries")) == 4
+
+
+def test_evaluate_hands_gram_bias_k_and_l2_to_lost(monkeypatch):
+    from PIL import Image
+
+    from sinkless.tasks.data import Sample
+
+    sample = Sample("s", Image.new("RGB", (76, 50)), np.array([[20.0, 20.0, 76.0, 50.0]]), ["o"])
+    lost_module, loaded, data, _ = _fake_evaluation(monkeypatch, [sample])
+    for k, bias, l2 in ((1, 0.0, False), (100, "median", False), (2, -0.75, True), (100, 0.0, True)):
+        direct = lost(FEATURES, GRID, k=k, gram_bias=bias, l2=l2)
+        record = lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=k, gram_bias=bias, l2=l2), progress=False).per_image[0]
+        assert record["expansion"] == len(direct.expansion) and record["seed"] == divmod(direct.seed, 4)
+        x0, y0, x1, y1 = direct.box
+        assert record["box"] == [x0 * 20.0, y0 * 20.0, min(x1 * 20.0, 76.0), min(y1 * 20.0, 50.0)]
+    assert lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=100), progress=False).per_image[0]["expansion"] == 4
 
 
 def test_evaluate_draws_truth_prediction_and_seed(monkeypatch):
@@ -211,19 +244,37 @@ def test_evaluate_draws_truth_prediction_and_seed(monkeypatch):
 
     from sinkless.tasks.data import Sample
 
-    image = Image.new("RGB", (38, 25))
-    miss = Sample("miss", image, np.array([[0.0, 0.0, 8.0, 8.0]]), ["o"])
-    hit = Sample("hit", image, np.array([[10.0, 10.0, 38.0, 25.0]]), ["o"])
+    image = Image.new("RGB", (76, 50))
+    miss = Sample("miss", image, np.array([[0.0, 0.0, 16.0, 16.0]]), ["o"])
+    hit = Sample("hit", image, np.array([[20.0, 20.0, 76.0, 50.0]]), ["o"])
     lost_module, loaded, data, _ = _fake_evaluation(monkeypatch, [miss, hit])
     score = lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=3), progress=False, visuals=True)
     picture = score.visuals["miss"]
-    assert picture.size == (38, 25) and picture.mode == "RGB"
-    assert picture.getpixel((0, 4)) == (0, 220, 0)  # ground truth: green outline
-    assert picture.getpixel((37, 22)) == (255, 40, 40)  # a missed prediction: red outline
-    assert picture.getpixel((15, 15)) == (255, 220, 0)  # the seed patch (row 1, col 1): yellow
-    assert picture.getpixel((30, 5)) == (0, 0, 0) and picture.getpixel((4, 4)) == (0, 0, 0)
-    assert score.visuals["hit"].getpixel((37, 22)) == (40, 90, 255)  # a hit: blue
-    assert image.getpixel((15, 15)) == (0, 0, 0)  # the input image is not drawn on
+    assert picture.size == (76, 50) and picture.mode == "RGB"
+    assert picture.getpixel((0, 8)) == (0, 220, 0)  # ground truth: green outline
+    assert picture.getpixel((75, 45)) == (255, 40, 40)  # a missed prediction: red outline, in image pixels
+    assert picture.getpixel((30, 30)) == (255, 220, 0)  # the seed patch (row 1, col 1 = 20..40 px): yellow
+    assert picture.getpixel((41, 30)) == (0, 0, 0) and picture.getpixel((60, 10)) == (0, 0, 0) and picture.getpixel((8, 8)) == (0, 0, 0)
+    assert score.visuals["hit"].getpixel((75, 45)) == (40, 90, 255)  # a hit: blue
+    assert image.getpixel((30, 30)) == (0, 0, 0)  # the input image is not drawn on
+    gray = Sample("gray", Image.new("L", (76, 50)), np.array([[0.0, 0.0, 16.0, 16.0]]), ["o"])
+    lost_module, loaded, data, _ = _fake_evaluation(monkeypatch, [gray])
+    drawn = lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=3), progress=False, visuals=True).visuals["gray"]
+    assert drawn.mode == "RGB" and drawn.getpixel((30, 30)) == (255, 220, 0)
+
+
+def test_evaluate_progress_bar_only_when_asked(monkeypatch, capsys):
+    from PIL import Image
+
+    from sinkless.tasks.data import Sample
+
+    sample = Sample("s", Image.new("RGB", (76, 50)), np.array([[20.0, 20.0, 76.0, 50.0]]), ["o"])
+    lost_module, loaded, data, _ = _fake_evaluation(monkeypatch, [sample])
+    lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=3), progress=False)
+    assert capsys.readouterr().err == ""
+    lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=3))
+    err = capsys.readouterr().err
+    assert "lost:   0%" in err and "0/1" in err and err.endswith("\r")  # a bar that clears itself (leave=False)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +291,7 @@ def test_evaluate_refuses_bad_protocols(monkeypatch, protocol, message):
     from sinkless.errors import SinklessError
     from sinkless.tasks.data import Sample
 
-    sample = Sample("s", Image.new("RGB", (38, 25)), np.array([[0.0, 0.0, 8.0, 8.0]]), ["o"])
+    sample = Sample("s", Image.new("RGB", (76, 50)), np.array([[0.0, 0.0, 8.0, 8.0]]), ["o"])
     lost_module, loaded, data, calls = _fake_evaluation(monkeypatch, [sample])
     with pytest.raises(SinklessError) as error:
         lost_module.evaluate(loaded, data, lost_module.LostProtocol(**protocol), progress=False)
@@ -253,7 +304,7 @@ def test_evaluate_without_any_box_is_an_error(monkeypatch):
     from sinkless.errors import SinklessError
     from sinkless.tasks.data import Sample
 
-    sample = Sample("s", Image.new("RGB", (38, 25)), np.zeros((0, 4)), [])
+    sample = Sample("s", Image.new("RGB", (76, 50)), np.zeros((0, 4)), [])
     lost_module, loaded, data, _ = _fake_evaluation(monkeypatch, [sample])
     with pytest.raises(SinklessError) as error:
         lost_module.evaluate(loaded, data, progress=False)
