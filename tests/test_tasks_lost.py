@@ -263,6 +263,31 @@ def test_evaluate_draws_truth_prediction_and_seed(monkeypatch):
     assert drawn.mode == "RGB" and drawn.getpixel((30, 30)) == (255, 220, 0)
 
 
+def _outline(picture: np.ndarray, box, colour, width=3) -> None:
+    """Paint the ``width``-pixel inner border of the half-open box (x0, y0, x1, y1) by hand."""
+    x0, y0, x1, y1 = box
+    inner = np.zeros(picture.shape[:2], dtype=bool)
+    inner[y0:y1, x0:x1] = True
+    inner[y0 + width : y1 - width, x0 + width : x1 - width] = False
+    picture[inner] = colour
+
+
+def test_evaluate_picture_pixel_for_pixel(monkeypatch):
+    from PIL import Image
+
+    from sinkless.tasks.data import Sample
+
+    sample = Sample("miss", Image.new("RGB", (76, 50)), np.array([[0.0, 0.0, 16.0, 16.0], [30.0, 2.0, 50.0, 12.0]]), ["o", "o"])
+    lost_module, loaded, data, _ = _fake_evaluation(monkeypatch, [sample])
+    drawn = np.asarray(lost_module.evaluate(loaded, data, lost_module.LostProtocol(k=3), progress=False, visuals=True).visuals["miss"])
+    expected = np.zeros((50, 76, 3), dtype=np.uint8)
+    _outline(expected, (0, 0, 16, 16), (0, 220, 0))  # ground truth, green
+    _outline(expected, (30, 2, 50, 12), (0, 220, 0))
+    _outline(expected, (20, 20, 76, 50), (255, 40, 40))  # the (missed) prediction, red
+    expected[20:40, 20:40] = (255, 220, 0)  # the seed patch (row 1, col 1), exactly one 20 px cell, yellow
+    assert np.array_equal(drawn, expected), np.argwhere((drawn != expected).any(-1))[:5]
+
+
 def test_evaluate_progress_bar_only_when_asked(monkeypatch, capsys):
     from PIL import Image
 
