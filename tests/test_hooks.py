@@ -365,3 +365,108 @@ def test_stop_after_ends_the_forward_and_keeps_captures():
     assert seen == [] and len(rec.calls(adapter.residual_site(0))) == 1
     assert rec.calls(adapter.residual_site(2)) == []  # later blocks never ran
     assert _handles(model) == 0
+
+
+def test_hooks_class_defaults_detach_and_keep_the_device():
+    from sinkless.hooks import Hooks
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    with Hooks(model, capture=["0:output"]) as rec:
+        model(torch.ones(1, 2, requires_grad=True))
+    assert rec["0:output"].requires_grad is False
+    meta = nn.Sequential(nn.Linear(2, 2, device="meta"))
+    with Hooks(meta, capture=["0:output"]) as rec:
+        meta(torch.ones(1, 2, device="meta"))
+    assert rec["0:output"].device.type == "meta"
+    # to_cpu=True really copies to the CPU: a meta tensor, having no data, cannot be
+    for handle in (hooks(meta, capture=["0:output"], to_cpu=True), Hooks(meta, capture=["0:output"], to_cpu=True)):
+        with handle, pytest.raises(NotImplementedError):
+            meta(torch.ones(1, 2, device="meta"))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Add()
+
+    def forward(self, a, b, c=None):
+        return self.inner(a, b) if c is None else self.inner(a=a, b=b, c=c)
+
+
+class _Add(nn.Module):
+    def forward(self, a=None, b=None, c=None):
+        return a + b if c is None else c
+
+
+def test_editing_the_first_input_keeps_the_others():
+    model = _TwoInputs()
+    with hooks(model, edit={"inner:input": lambda t: t * 10}):
+        out = model(torch.ones(2), torch.full((2,), 3.0))
+    assert out.tolist() == [13.0, 13.0]
+
+
+def test_input_site_of_a_call_without_tensors_is_a_clear_error():
+    class NoTensor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Identity()
+
+        def forward(self, x):
+            self.inner(input="text")
+            return x
+
+    model = NoTensor()
+    with pytest.raises(RuntimeError) as error, hooks(model, capture=["inner:input"]):
+        model(torch.ones(1))
+    assert str(error.value) == "site inner:input: the module was called without a tensor input"
+
+
+def test_messages_of_bad_sites_and_non_tensor_outputs():
+    with pytest.raises(ValueError) as error:
+        Site.parse("a.b")
+    assert str(error.value) == (
+        "bad hook site 'a.b': expected '<module path>:input', '<module path>:output' "
+        "'<module path>:output[i]' or '<module path>:input[keyword]', e.g. 'encoder.layer.3.mlp.fc2:input'"
+    )
+
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _Pair()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = Partial()
+    with pytest.raises(ValueError) as error, hooks(model, capture=["inner:output[1]"]):
+        model(torch.ones(1))
+    assert str(error.value) == (
+        "element 1 of this output is NoneType, not a tensor"
+        " (attention probabilities are None unless eager attention is on: see adapters.eager_attention)"
+    )
+    with pytest.raises(ValueError, match="element 2 of this output is str"), hooks(model, capture=["inner:output[2]"]):
+        model(torch.ones(1))
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x, None, "label"
+
+
+def test_the_first_element_of_a_tuple_output_is_the_default():
+    class First(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _NoneFirst()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = First()
+    with pytest.raises(ValueError, match="^element 0 of this output is NoneType"), hooks(model, capture=["inner:output"]):
+        model(torch.ones(1))
+
+
+class _NoneFirst(nn.Module):
+    def forward(self, x):
+        return None, x
