@@ -150,3 +150,19 @@ def test_text_discovery_scores_tokens_after_the_sink():
     assert (found.neurons[0]["layer"], found.neurons[0]["neuron"], found.neurons[0]["score"]) == (0, 11, 4.0)
     assert (0, 12) not in {(n["layer"], n["neuron"]) for n in found.neurons[:2]}
     assert found.heldout["before"]["has_artifacts"] is True and found.heldout["before"]["outlier_tokens"] == 3
+
+
+def test_held_out_verdicts_follow_the_vision_rule():
+    loaded = tiny_vit()
+    zeros = lambda n, w: torch.zeros(n, w)  # noqa: E731
+    # outliers in one layer only: counted, but not an artifact (it takes two layers)
+    one_layer = Plant(loaded, norms={0: _norms({}), 1: _norms({OUTLIER: 10.0}), 2: _norms({})}, hidden={0: _hidden, 1: zeros, 2: zeros})
+    with one_layer():
+        found = discover(loaded, _images(2), _images(1, "held"), DiscoverySettings(top_k=1, max_k=2), progress=False)
+    assert found.heldout["before"]["outlier_layers"] == [1] and found.heldout["before"]["has_artifacts"] is False
+    # every token at norm 200 on one channel: "massive" by the language-model rule, yet no outlier at all
+    uniform = lambda n: torch.full((n,), 200.0)  # noqa: E731
+    flat = Plant(loaded, norms={0: uniform, 1: _norms({OUTLIER: 10.0}), 2: uniform}, hidden={0: _hidden, 1: zeros, 2: zeros})
+    with flat():
+        found = discover(loaded, _images(2), _images(1, "held"), DiscoverySettings(top_k=1, max_k=2), progress=False)
+    assert found.heldout["before"]["has_artifacts"] is False and found.heldout["before"]["outlier_layers"] == [1]
