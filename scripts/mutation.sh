@@ -21,6 +21,9 @@ case "${1:-}" in
   rerun)  # re-check the survivors of the last run (after adding tests)
     mapfile -t survivors < <(python scripts/mutation_table.py -v | sed -n 's/^  \(sinkless\.[^ ]*\)$/\1/p')
     [ ${#survivors[@]} -eq 0 ] || mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${survivors[@]}" > mutants/run-rerun.log 2>&1
+    # functions changed since their run got new, unchecked mutants: check those too
+    mapfile -t fresh < <(python scripts/mutation_table.py -u)
+    [ ${#fresh[@]} -eq 0 ] || mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${fresh[@]}" > mutants/run-rerun-fresh.log 2>&1
     exec python scripts/mutation_table.py ;;
 esac
 if [ $# -eq 0 ]; then

@@ -589,3 +589,19 @@ def test_massive_needs_strictly_more_than_the_absolute_floor():
     plant = Plant(loaded, norms={0: values, 1: torch.ones, 2: torch.ones})
     _, records = scan(loaded, [TextInput("t", words(6))], ScanSettings(), intervention=plant, progress=False)
     assert [m["token"] for m in records[0].massive] == [4]
+
+
+def test_padded_text_batches_equal_one_at_a_time_on_a_bidirectional_model():
+    """BERT attends both ways: padding is only harmless if the attention mask reaches the model."""
+    from tests.test_zoo import _tiny_tokenizer
+    from conftest import tiny_model
+    from sinkless.adapters import adapter_for
+
+    model = tiny_model("bert")
+    loaded = zoo.Loaded("tiny-bert", model, adapter_for(model), tokenizer=_tiny_tokenizer())
+    texts = [TextInput("long", "w1 w2 w3 w4 w5 w6 w7 w8"), TextInput("short", "w9 w10 w11")]
+    _, batched = scan(loaded, texts, ScanSettings(batch_size=2), progress=False)
+    _, single = scan(loaded, texts, ScanSettings(batch_size=1), progress=False)
+    for a, b in zip(batched, single):
+        torch.testing.assert_close(a.norms, b.norms, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.first_token, b.first_token, rtol=1e-4, atol=1e-5)
