@@ -379,9 +379,10 @@ def test_hooks_class_defaults_detach_and_keep_the_device():
         meta(torch.ones(1, 2, device="meta"))
     assert rec["0:output"].device.type == "meta"
     # to_cpu=True really copies to the CPU: a meta tensor, having no data, cannot be
-    for handle in (hooks(meta, capture=["0:output"], to_cpu=True), Hooks(meta, capture=["0:output"], to_cpu=True)):
-        with handle, pytest.raises(NotImplementedError):
+    for attach in (lambda: hooks(meta, capture=["0:output"], to_cpu=True), lambda: Hooks(meta, capture=["0:output"], to_cpu=True)):
+        with attach(), pytest.raises(NotImplementedError):  # one at a time
             meta(torch.ones(1, 2, device="meta"))
+        assert _handles(meta) == 0
 
 
 class _TwoInputs(nn.Module):

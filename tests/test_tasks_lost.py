@@ -334,3 +334,9 @@ def test_evaluate_without_any_box_is_an_error(monkeypatch):
     with pytest.raises(SinklessError) as error:
         lost_module.evaluate(loaded, data, progress=False)
     assert str(error.value) == "no image of hand has a box, so LOST cannot be scored\n  fix: use data with object boxes"
+
+
+def test_component_steps_one_patch_at_a_time():
+    up = torch.tensor([[1], [1], [0], [1]], dtype=torch.bool)
+    assert component(up, 1).nonzero().tolist() == [[0, 0], [1, 0]]  # up one, never across the gap
+    assert component(up, 3).nonzero().tolist() == [[3, 0]]
