@@ -75,13 +75,30 @@ def save(fig, folder: Path, name: str) -> str:
 
 def ratio_scale(ratios: list[np.ndarray], floor: float) -> float:
     """Top of a shared norm/median colour scale: the largest ratio shown, at least the outlier floor."""
-    top = max((float(np.nanmax(r)) for r in ratios if r.size), default=floor)
-    return max(top, floor)
+    finite = [r[np.isfinite(r)] for r in ratios]
+    return max([floor] + [float(r.max()) for r in finite if r.size])
 
 
-def colorbar(fig, mappable, axes, label: str, floor: float | None = None):
-    """One colorbar for ``axes``; a dashed line at the outlier floor when given."""
-    bar = fig.colorbar(mappable, ax=axes, fraction=0.025, pad=0.01)
+def place(fig, *, left: float, right: float, top: float, bottom: float, wspace: float = 0.2, hspace: float = 0.2) -> None:
+    """Fixed margins in inches (no layout engine: constrained layout tripled the time of a figure)."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+                        wspace=wspace, hspace=hspace)
+
+
+def colorbar(fig, mappable, axes, label: str, floor: float | None = None, *, pad: float = 0.08, width: float = 0.12):
+    """One colorbar right of ``axes`` (an axis or a row of them), as tall as they are drawn; ``pad``/``width`` in inches.
+
+    A dashed cyan line marks the outlier floor on it when given.
+    """
+    axes = list(np.atleast_1d(axes).flat)
+    for ax in axes:
+        ax.apply_aspect()  # images keep their aspect: place the bar by the box actually drawn
+    boxes = [ax.get_position() for ax in axes]
+    fig_width, _ = fig.get_size_inches()
+    x0 = max(b.x1 for b in boxes) + pad / fig_width
+    y0, y1 = min(b.y0 for b in boxes), max(b.y1 for b in boxes)
+    bar = fig.colorbar(mappable, cax=fig.add_axes((x0, y0, width / fig_width, y1 - y0)))
     bar.set_label(label, fontsize=8)
     bar.ax.tick_params(labelsize=7)
     if floor is not None:
@@ -166,7 +183,8 @@ def _overlay(records, order, by_name, li, report, folder) -> Figure:
     with_attention = all(records[k].cls_attention is not None for k in order)
     rows = 3 if with_attention else 2
     cols = len(order)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.2, 2.3 * rows + 0.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 1.6, 2.25 * rows + 0.7), squeeze=False)
+    place(fig, left=0.45, right=1.15, top=0.75, bottom=0.05, wspace=0.06, hspace=0.08)
     floor = floor_of(report)
     ratios = [_ratio_grid(records[k], li) for k in order]
     top = ratio_scale(ratios, floor)
@@ -203,8 +221,8 @@ def _overlay(records, order, by_name, li, report, folder) -> Figure:
     fig.suptitle(f"high-norm tokens at {what}", fontsize=10)
     n_out = sum(int(_flagged(records[k], li).sum()) for k in order)
     caption = (
-        f"The artifact picture (Darcet et al. 2024, Fig. 1-2) for the {cols} input(s) with the most outlier tokens, at "
-        f"{what}. Top: the input as the model sees it, with its outlier patches ({n_out} in all) boxed in cyan. Middle: each "
+        f"The artifact picture (Darcet et al. 2024, Fig. 1-2) for the {cols} input(s) with the most outlier tokens "
+        f"{'' if peak is not None else '(here: none; the ones with the largest norm ratio) '}at {what}. Top: the input as the model sees it, with its outlier patches ({n_out} in all) boxed in cyan. Middle: each "
         f"patch's token norm divided by the median patch norm of that image, one colour scale for all panels "
         f"(0 to {top:.1f}x; dashed line on the colorbar: the {floor:g}x outlier floor)."
     )
@@ -224,7 +242,8 @@ def _norm_strip(record: InputRecord, item: ImageInput, report: dict, folder: Pat
     """One input's norm map at every (shown) layer, on one colour scale."""
     shown = _shown_layers(record.layers)
     cols = len(shown) + 1
-    fig, axes = plt.subplots(1, cols, figsize=(0.95 * cols + 1.2, 1.75), layout="constrained")
+    fig, axes = plt.subplots(1, cols, figsize=(0.95 * cols + 1.0, 1.75))
+    place(fig, left=0.05, right=0.95, top=0.6, bottom=0.05, wspace=0.06)
     image = _image(record, item)
     axes[0].imshow(image)
     axes[0].set_title("input", fontsize=8)
@@ -253,7 +272,8 @@ def _norm_strip(record: InputRecord, item: ImageInput, report: dict, folder: Pat
 def _histogram(records: list[InputRecord], li: int, report: dict, folder: Path) -> Figure:
     ratios = np.concatenate([(r.norms[li][r.body] / r.medians[li]).numpy() for r in records])
     layer = records[0].layers[li]
-    fig, ax = plt.subplots(figsize=(5, 3), layout="constrained")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    place(fig, left=0.7, right=0.15, top=0.35, bottom=0.5)
     ax.hist(ratios, bins=80, color="steelblue", log=True)
     floor = floor_of(report)
     if report["settings"]["rule"]["absolute"] is None:
@@ -272,7 +292,8 @@ def _histogram(records: list[InputRecord], li: int, report: dict, folder: Path) 
 def _ratio_per_layer(report: dict, folder: Path) -> Figure:
     rows = report["layers"]
     layers = [row["layer"] for row in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3), layout="constrained")
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    place(fig, left=0.7, right=0.7, top=0.35, bottom=0.5)
     ax.plot(layers, [row["max_ratio"] for row in rows], marker="o", label="max/median (median over inputs)")
     ax.plot(layers, [row["max_ratio_worst"] for row in rows], marker=".", linestyle=":", label="max/median (worst input)")
     ax.axhline(floor_of(report), color="crimson", linestyle="--", linewidth=1, label="outlier floor")
@@ -282,6 +303,8 @@ def _ratio_per_layer(report: dict, folder: Path) -> Figure:
     ax2 = ax.twinx()
     ax2.bar(layers, [100 * (row["outlier_fraction"] or 0.0) for row in rows], alpha=0.2, color="crimson")
     ax2.set_ylabel("outlier tokens (%)", color="crimson")
+    ax.set_zorder(ax2.get_zorder() + 1)  # lines over the bars
+    ax.patch.set_visible(False)
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title("artifact strength per layer", fontsize=9)
     caption = (

@@ -20,7 +20,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
 from sinkless.scan.measure import InputRecord
-from sinkless.scan.plots import MAX_STRIPS, Figure, colorbar, floor_of, focus_layer, ranked, ratio_scale, save
+from sinkless.scan.plots import MAX_STRIPS, Figure, colorbar, floor_of, focus_layer, place, ranked, ratio_scale, save
 
 __all__ = ["text_figures"]
 
@@ -60,7 +60,8 @@ def _ratios(record: InputRecord, li: int) -> np.ndarray:
 
 def _first_token(records: list[InputRecord], report: dict, folder: Path) -> Figure:
     layers = [row["layer"] for row in report["layers"]]
-    fig, ax = plt.subplots(figsize=(5.5, 3), layout="constrained")
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    place(fig, left=0.7, right=0.15, top=0.35, bottom=0.5)
     for r in records[:8]:
         ax.plot(r.layers, r.first_token.numpy(), marker=".", alpha=0.6, label=Path(r.name).name[:20])
     mean = [row["first_token_attention"] for row in report["layers"]]
@@ -85,7 +86,8 @@ def _alpha0_heads(report: dict, folder: Path) -> Figure:
     alpha = np.array([row["alpha0_per_head"] for row in rows], dtype=float).T  # (H, L)
     eps = report["settings"]["epsilon"]
     heads, n_layers = alpha.shape
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 2 + 0.28 * n_layers), 11), min(max(2.4, 1.2 + 0.22 * heads), 6)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 2.2 + 0.28 * n_layers), 11), min(max(2.4, 1.2 + 0.22 * heads), 6)))
+    place(fig, left=0.55, right=1.1, top=0.35, bottom=0.5)
     mapped = ax.imshow(alpha, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     above = np.nonzero(alpha > eps)
     ax.scatter(above[1], above[0], s=4, color="white", marker="o", linewidths=0, label=f"alpha0 > {eps:g}")
@@ -109,7 +111,8 @@ def _alpha0_heads(report: dict, folder: Path) -> Figure:
 
 def _massive(report: dict, folder: Path) -> Figure:
     massive = sorted(report["massive_activations"], key=lambda m: -abs(m["value"]))[:20]
-    fig, ax = plt.subplots(figsize=(6, 3), layout="constrained")
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    place(fig, left=0.8, right=0.15, top=0.35, bottom=1.0)
     labels = [f"L{m['layer']} t{m['token']} c{m['channel']}" for m in massive]
     ax.bar(range(len(massive)), [abs(m["value"]) for m in massive], color="darkorange")
     ax.set_xticks(range(len(massive)), labels, rotation=70, fontsize=6)
@@ -129,9 +132,11 @@ def _norm_map(record: InputRecord, folder: Path, name: str) -> Figure:
     """Layer x token map of norm / median on a log scale: the first-token sink and secondary outliers."""
     ratios = (record.norms / record.medians[:, None]).numpy()  # (L, n)
     n = ratios.shape[1]
-    low = max(float(np.nanmin(ratios)), 0.1)
-    high = max(float(np.nanmax(ratios)), low * 10)
-    fig, ax = plt.subplots(figsize=(min(3 + 0.13 * n, 13), min(1.5 + 0.16 * len(record.layers), 6)), layout="constrained")
+    finite = ratios[np.isfinite(ratios) & (ratios > 0)]  # a 1-token text has no body median: nothing finite
+    low = max(float(finite.min()), 0.1) if finite.size else 0.5
+    high = max(float(finite.max()) if finite.size else 0.0, low * 10)
+    fig, ax = plt.subplots(figsize=(min(3 + 0.13 * n, 13), min(1.9 + 0.16 * len(record.layers), 6.4)))
+    place(fig, left=0.5, right=1.1, top=0.35, bottom=1.0)
     mapped = ax.imshow(ratios, cmap="magma", norm=LogNorm(vmin=low, vmax=high), aspect="auto", interpolation="nearest")
     tokens = record.tokens or [str(i) for i in range(n)]
     step = max(1, math.ceil(n / 100))
@@ -160,7 +165,8 @@ def _token_strip(record: InputRecord, li: int, top: float, why: str, report: dic
     tokens = record.tokens or [str(i) for i in range(len(ratio))]
     shown = min(len(tokens), STRIP_TOKENS)
     rows = math.ceil(shown / PER_ROW)
-    fig, ax = plt.subplots(figsize=(10.5, 0.45 * rows + 0.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(10.5, 0.45 * rows + 0.6))
+    place(fig, left=0.05, right=0.9, top=0.35, bottom=0.05)
     cmap = plt.get_cmap("magma_r")
     for i in range(shown):
         x, y = i % PER_ROW, rows - 1 - i // PER_ROW
