@@ -166,7 +166,7 @@ def test_report_renders_in_headless_browser(tiny, tmp_path):
                 assert caption[:60] in facts["text"]
             assert browser.errors() == [], browser.errors()
         shot = browser.screenshot(tmp_path / "report.png")
-    print(f"report screenshot: {shot}")
+    print(f"report screenshot: {shot} ({len(images)} figures decoded and shown, verdicts {facts['verdicts']})")
     pixels = Image.open(shot).convert("RGB")
     assert pixels.size == (1200, facts["height"])
     assert len(set(pixels.resize((300, 300)).getdata())) > 200  # text, colour scales and photographs, not a blank page
