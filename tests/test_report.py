@@ -239,7 +239,10 @@ def test_report_dict_carries_version_model_settings_and_inputs():
     assert data["inputs"] == [{"name": "a", "tokens": 17, "image_size": [56, 56]}, {"name": "b", "tokens": 17, "image_size": [56, 56]}]
     assert data["figures"] == [] and data["outliers"] == [] and data["massive_activations"] == []
     text = text_report([text_record(n=3, tokens=["a", "b", "c"])]).to_dict()
-    assert text["inputs"] == [{"name": "text", "tokens": 3, "text_tokens": ["a", "b", "c"]}]
+    assert text["inputs"] == [{
+        "name": "text", "tokens": 3, "text_tokens": ["a", "b", "c"],
+        "token_norms": [[1.0, 1.0, 1.0]] * 3, "token_norm_medians": [1.0, 1.0, 1.0],  # every token, every layer
+    }]
     extra = build_report("m", "text", [text_record()], ScanSettings(), {"registers": {"top_k": 2}})
     assert extra.settings["registers"] == {"top_k": 2}
     report.extra["comparison"] = 1
@@ -272,7 +275,9 @@ SUMMARY_KEYS = {
 def test_report_schema_keys():
     report = vision_report([vision_record(outliers_at={1: {7: 9.0}, 2: {7: 9.0}})])
     data = report.to_dict()
-    assert set(data) == {"sinkless_version", "model", "modality", "settings", "inputs", "layers", "outliers", "massive_activations", "summary", "figures"}
+    assert set(data) == {
+        "sinkless_version", "model", "modality", "settings", "inputs", "layers", "outliers", "massive_activations", "summary", "figures", "figure_captions",
+    }
     assert data["layers"] == report.layers and data["summary"] == report.summary
     assert all(set(row) == VISION_ROW_KEYS for row in report.layers)
     assert all(row[key] is None for row in report.layers for key in ("first_token_attention", "sink_epsilon", "outlier_attention_share_patches"))
