@@ -256,7 +256,7 @@ def train(
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise SinklessError(
-                    f"the loss became {float(loss)} at step {t}",
+                    f"the loss became {float(loss.detach())} at step {t}",
                     fix="lower the learning rate (the last good checkpoint is kept; --resume continues from it)",
                 )
             optimizer.zero_grad(set_to_none=True)
