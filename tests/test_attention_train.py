@@ -113,6 +113,10 @@ def test_vit_smoke_run(tmp_path):
     [
         (["--variant", "relu"], "invalid choice"),
         (["--variant", "gated", "--steps", "0"], "--steps must be >= 1"),
+        (["--variant", "gated", "--lr", "-1"], "learning rate must be a positive number"),
+        (["--variant", "gated", "--lr", "nan"], "learning rate must be a positive number"),
+        (["--variant", "gated", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--variant", "gated", "--device", "cuda"] if not torch.cuda.is_available() else ["--variant", "relu"], "cuda" if not torch.cuda.is_available() else "invalid choice"),
         (["--variant", "gated", "--from", "minilm-l6"], "not a causal language model"),
         (["--variant", "gated", "--from", "/nonexistent/model"], "not a zoo name"),
         (["--variant", "gated", "--task", "vit", "--from", "smollm2-135m"], "--from fine-tunes"),

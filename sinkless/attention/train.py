@@ -154,7 +154,10 @@ def train_attention(
     spec = AttentionSpec(variant, gate=gate)
     dev = resolve_device(device)
     cfg = SIZES[(task, size)] if from_model is None else FINETUNE
-    cfg = replace(cfg, steps=steps or cfg.steps, lr=lr or cfg.lr, batch=batch or cfg.batch)
+    if batch is not None and batch < 1:
+        raise SinklessError(f"--batch-size must be >= 1, got {batch}")
+    cfg = replace(cfg, steps=steps or cfg.steps, lr=cfg.lr if lr is None else lr, batch=batch or cfg.batch)
+    _settings(cfg, seed)  # bad numbers (lr <= 0, NaN) fail here, before any work
     out = Path(out)
     created = _check_out(out, resume)
     started = time.perf_counter()
@@ -164,6 +167,14 @@ def train_attention(
         if created and not any(out.iterdir()):
             out.rmdir()
         raise
+
+
+def _settings(cfg: RunConfig, seed: int) -> TrainSettings:
+    """The training loop's settings: AdamW (0.9, 0.95), 10 % linear warm-up, cosine to lr / 10."""
+    return TrainSettings(
+        steps=cfg.steps, lr=cfg.lr, warmup=int(cfg.warmup * cfg.steps), weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+        seed=seed, checkpoint_every=max(1, min(100, cfg.steps // 4)), log_every=max(1, min(10, cfg.steps // 20)),
+    )
 
 
 def _run(spec, task, size, cfg, out, dev, from_model, resume, seed, sources, progress, started) -> dict:
@@ -253,10 +264,7 @@ def _run(spec, task, size, cfg, out, dev, from_model, resume, seed, sources, pro
         "from": from_model, "frozen": list(FROZEN) if from_model else [], "attention": spec.to_dict(), "config": asdict(cfg), "data": data_info, "seed": seed,
         "job_key": {"variant": spec.variant, "task": task, "size": size, "from": from_model, "config": asdict(cfg), "data": data_info, "seed": seed},
     }
-    settings = TrainSettings(
-        steps=cfg.steps, lr=cfg.lr, warmup=int(cfg.warmup * cfg.steps), weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
-        seed=seed, checkpoint_every=max(1, min(100, cfg.steps // 4)), log_every=max(1, min(10, cfg.steps // 20)),
-    )
+    settings = _settings(cfg, seed)
     result = train(
         params, step, settings, out, meta=meta, resume=resume, progress=progress,
         on_log=lambda t, row: evaluate() if t % eval_every == 0 or t == cfg.steps else None,
