@@ -262,8 +262,9 @@ def test_fused_checkpoints_load_into_a_gated_model(layout, gate):
     assert _diff(rec[sites[1]], expected) < 1e-6
 
 
-def test_headwise_gate_on_a_real_checkpoint_shape_is_validated():
+def test_fused_shapes_and_layout_names_are_validated():
+    split_query_gate(torch.zeros(10, 4), heads=2, kv_heads=1, head_dim=4, layout="reference", headwise=True)  # 2 x (4 + 1) rows
     with pytest.raises(SinklessError, match="rows"):
-        split_query_gate(torch.zeros(10, 4), heads=2, kv_heads=1, head_dim=4, layout="reference", headwise=True)
+        split_query_gate(torch.zeros(11, 4), heads=2, kv_heads=1, head_dim=4, layout="reference", headwise=True)
     with pytest.raises(SinklessError, match="unknown gate layout"):
         split_query_gate(torch.zeros(10, 4), heads=2, kv_heads=1, head_dim=4, layout="nope")
