@@ -94,7 +94,7 @@ def huge_png_header(path: Path, width: int, height: int) -> Path:
 
 
 def tiny_text_model_dir(folder: Path, *, family: str = "llama", context: int | None = None) -> Path:
-    """A tiny random causal LM (or BERT) with a word-level tokenizer (words w0..w62), saved as a model folder."""
+    """A tiny random causal LM (Llama or GPT-2; or BERT) with a word-level tokenizer (words w0..w62), saved as a model folder."""
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -106,6 +106,8 @@ def tiny_text_model_dir(folder: Path, *, family: str = "llama", context: int | N
         model = T.LlamaForCausalLM(T.LlamaConfig(**common, num_key_value_heads=1))
     elif family == "bert":
         model = T.BertModel(T.BertConfig(**common))
+    elif family == "gpt2":  # learned absolute positions, no rotary embedding
+        model = T.GPT2LMHeadModel(T.GPT2Config(**common))
     else:
         raise KeyError(family)
     vocab = {f"w{i}": i for i in range(63)}

@@ -353,3 +353,45 @@ def test_json_input_of_another_kind(tmp_path, content, message):
     with pytest.raises(SinklessError, match=r"--overlay .* ") as info:
         json_input(str(tmp_path / "r.json"), "--overlay", keys=("nll_curve",), made_by="`sinkless ppl --json`")
     assert message in str(info.value)
+
+
+# -- the streaming verbs' files: --text, --overlay, --registers, a model without rotary positions ------
+def test_ppl_text_folder_says_folder(tmp_path, capsys):
+    (tmp_path / "texts").mkdir()
+    err = expect_error(["ppl", "--model", "smollm2-135m", "--text", str(tmp_path / "texts")], capsys, contains="is a folder, not a file", root=tmp_path)
+    assert "does not exist" not in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (json.dumps({"model": "m", "modality": "text", "layers": []}), "is not the right kind of file"),  # a scan report.json
+        (json.dumps({"model": "m", "mode": "full", "nll_curve": "1,2"}), "'nll_curve' is not a list of numbers"),
+        (json.dumps({"model": "m", "mode": "full", "nll_curve": []}), "'nll_curve' is not a list of numbers"),
+        ("[1, 2, 3]", "is not the right kind of file"),
+        ("{oops", "is not valid JSON"),
+    ],
+    ids=["scan-report", "curve-text", "curve-empty", "a-list", "not-json"],
+)
+def test_ppl_overlay_of_another_kind(tmp_path, capsys, content, message):
+    (tmp_path / "r.json").write_text(content)
+    expect_error(["ppl", "--model", "smollm2-135m", "--overlay", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")],
+                 capsys, contains=message, root=tmp_path)
+
+
+def test_ppl_registers_made_for_another_model_warns(tmp_path, capsys, caplog, text_model):
+    """`ppl --registers` gives the warning `scan` gives for a neurons file of another model."""
+    path = neurons_file(tmp_path / "n.json", model="smollm2-135m")
+    (tmp_path / "t.txt").write_text(words(40))
+    with caplog.at_level(logging.WARNING):
+        code = main(["-q", "ppl", "--model", str(text_model), "--text", str(tmp_path / "t.txt"), "--registers", str(path), "--no-progress"])
+    assert code == 0
+    assert f"made for smollm2-135m, not {text_model.name}" in caplog.text or "made for smollm2-135m" in caplog.text
+
+
+def test_stream_on_gpt2_names_what_stream_can_do(tmp_path, capsys):
+    """A model without rotary positions: the fix must not suggest a --mode that `stream` does not have."""
+    folder = tiny_text_model_dir(tmp_path / "tiny-gpt2", family="gpt2")
+    err = expect_error(["stream", "--model", str(folder), "--prompt", "w1 w2", "--sinks", "1", "--window", "4"], capsys,
+                       contains=["has no rotary position embeddings", "sinkless ppl --mode full"], root=tmp_path)
+    assert "--mode full / recompute" not in capsys.readouterr().err + err

@@ -158,3 +158,41 @@ def test_not_a_whole_number_is_argparses(work, capsys, argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and "invalid int value" in capsys.readouterr().err
+
+
+# -- ppl and stream (the streaming verbs): every number and output checked before the model loads ------
+PPL = [
+    (["--mode", "sink", "--sinks", "-2"], "--sinks must be at least 0"),
+    (["--sinks", "-2"], "--sinks must be at least 0"),  # full mode ignores --sinks, but -2 is still a mistake
+    (["--mode", "sink", "--window", "0"], "--window must be at least 1"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--max-tokens", "-5"], "--max-tokens must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--chunk-size", "-1"], "--chunk-size must be at least 1"),
+    (["--mode", "recompute", "--every", "0"], "--every must be at least 1"),
+    (["--json", "imgs"], "is a folder, not a file"),
+    (["--json", "afile/r.json"], "afile is a file"),
+    (["--plot", "imgs"], "is a folder, not a file"),
+    (["--registers", "nope.json"], "file not found"),
+    (["--zero-neurons", "imgs"], "is a folder"),
+]
+
+
+@pytest.mark.parametrize("flags, message", PPL, ids=[" ".join(f) for f, _ in PPL])
+def test_ppl_flags(work, capsys, flags, message):
+    expect_error(["ppl", "--model", "smollm2-135m", *flags], capsys, contains=message, root=work)
+
+
+STREAM = [
+    (["--sinks", "-2"], "--sinks must be at least 0"),
+    (["--window", "0"], "--window must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--chunk-size", "0"], "--chunk-size must be at least 1"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "-1"], "--temperature must be"),
+]
+
+
+@pytest.mark.parametrize("flags, message", STREAM, ids=[" ".join(f) for f, _ in STREAM])
+def test_stream_flags(work, capsys, flags, message):
+    expect_error(["stream", "--model", "smollm2-135m", "--prompt", "hello", *flags], capsys, contains=message, root=work)
