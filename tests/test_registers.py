@@ -383,7 +383,7 @@ def test_register_neurons_from_dict_and_its_errors():
             RegisterNeurons.from_dict(bad, "src")
     # issue 15 (hardening): wrong types are refused, a string "2" included, no longer converted
     for neuron in ({"layer": 1}, {"layer": "x", "neuron": 1}, {"layer": None, "neuron": 1}, {"layer": "2", "neuron": 9}):
-        with pytest.raises(SinklessError, match=r"src: neurons\[0\](\.layer must be a whole number >= 0| needs integer 'layer' and 'neuron')") as error:
+        with pytest.raises(SinklessError, match=r"src: neurons\[0\](\.layer must be at least 0 \(a whole number\)| needs integer 'layer' and 'neuron')") as error:
             RegisterNeurons.from_dict({"model": "m", "neurons": [neuron]}, "src")
         assert "sinkless fix --out" in error.value.fix
 

@@ -148,7 +148,7 @@ def _whole(value) -> bool:
 
 def _index(value, where: str, fix: str) -> int:
     if not _whole(value) or value < 0:
-        raise SinklessError(f"{where} must be a whole number >= 0, got {value!r}", fix=fix)
+        raise SinklessError(f"{where} must be at least 0 (a whole number), got {value!r}", fix=fix)
     return int(value)
 
 
