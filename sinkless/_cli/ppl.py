@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sinkless._cli import _args
 from sinkless.errors import SinklessError
@@ -41,7 +42,8 @@ def _check(args: argparse.Namespace) -> list[dict]:
     _args.positive_int(args.window, "--window", fix="pass --window N with N >= 1 (the paper uses 1020)")
     for value, flag in ((args.max_tokens, "--max-tokens"), (args.batch_size, "--batch-size"), (args.chunk_size, "--chunk-size"), (args.every, "--every")):
         _args.positive_int(value, flag)
-    _args.input_file(args.text, "--text", made_by="a UTF-8 text file (or leave --text out for the bundled Hamlet)")
+    if args.text is not None and Path(args.text).expanduser().is_dir():  # a missing file: text.read_text says so
+        raise SinklessError(f"--text {args.text} is a folder, not a file", fix="pass one UTF-8 text file, or leave --text out for the bundled Hamlet")
     _args.input_file(args.registers, "--registers", made_by="`sinkless fix --out`")
     _args.input_file(args.zero_neurons, "--zero-neurons", made_by="`sinkless fix --out`")
     _args.output_file(args.json, "--json")
