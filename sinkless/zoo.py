@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sinkless import _hub
 from sinkless._version import __version__
 from sinkless.adapters import ADAPTERS, Adapter, Modality, adapter_for
 from sinkless.errors import SinklessError
@@ -62,39 +62,97 @@ def cache_dir() -> Path:
     return Path(base) / "sinkless"
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def _fingerprint(path: Path) -> str:
+    """The cache key of a package file: its size and a hash of its bytes (plus the sinkless version).
+
+    Content, not location: environments that install the same package at different paths share one
+    cache entry. Hashing ~100 MB takes ~0.1 s; it is memoised per process (keyed on path, size, mtime, inode).
+    """
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}".encode()).hexdigest()[:16]
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if memo not in _HASHES:
+        digest = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[memo] = digest.hexdigest()
+    return hashlib.sha256(f"{stat.st_size}|{_HASHES[memo]}|{__version__}".encode()).hexdigest()[:16]
+
+
+def _stamped(target: Path, key: str) -> bool:
+    """Is ``target`` a complete cache entry for ``key``? (The stamp is written last, inside the build folder.)"""
+    try:
+        return json.loads((target / STAMP).read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path, name: str) -> Iterator[None]:
+    """One builder per cache entry across processes (and environments sharing the cache): an flock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    locks = root / ".locks"  # lock files live on (removing one races with a waiting process)
+    locks.mkdir(exist_ok=True)
+    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building %s in the cache; waiting for it", name)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+STAMP = "sinkless-cache.json"
 
 
 def cached(name: str, key: str, build: Callable[[Path], None]) -> Path:
     """The cache folder ``name`` built by ``build(folder)`` for ``key``; rebuilt when the key changes.
 
-    Built in a temporary folder and renamed into place, so an interrupted build leaves nothing half-written.
+    Built under a lock (one builder at a time; the others wait and use its result) in a temporary
+    folder that is renamed into place with its stamp, so no reader ever sees a half-built entry. An
+    interrupted build leaves nothing; one killed outright leaves a temp folder the next build removes.
     """
-    target = cache_dir() / name
-    stamp = target / "sinkless-cache.json"
-    if stamp.exists():
-        try:
-            if json.loads(stamp.read_text()).get("key") == key:
-                return target
-        except (OSError, json.JSONDecodeError):
-            pass
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building %s in the cache (%s); later loads reuse it", name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    from sinkless._tempfiles import clean_stale, default_mode, deferred_signals, make_temp
+
+    root = cache_dir()
+    target = root / name
+    if _stamped(target, key):
+        clean_stale(root)  # what a killed build left (a listing of the cache root: cheap)
+        return target
     try:
-        build(tmp)
-        (tmp / "sinkless-cache.json").write_text(json.dumps({"key": key, "sinkless_version": __version__}))
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SinklessError(f"cannot create the model cache {root} ({error.strerror or error})", fix="set SINKLESS_CACHE to a writable folder") from None
+    with _build_lock(root, name):
+        if _stamped(target, key):  # built by the process we waited for
+            return target
+        clean_stale(root)
+        log.info("building %s in the cache (%s); later loads reuse it", name, target)
+        tmp, fd = make_temp(root, name, directory=True)
         try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race: use its copy
-            if not stamp.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            (tmp / STAMP).write_text(json.dumps({"key": key, "sinkless_version": __version__}))
+            os.chmod(tmp, default_mode(directory=True))
+            with deferred_signals():
+                if target.exists() or target.is_symlink():  # an outdated entry: out of the way in one rename
+                    old = tmp.with_name(f".{name}.sinkless-tmp-old-{os.getpid()}-{id(tmp)}")
+                    os.replace(target, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp, target)
+        finally:
+            os.close(fd)
+            with deferred_signals():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -306,14 +364,18 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> Loaded:
             f"{name!r} is not a zoo name and {local} is not a model folder (no config.json)",
             fix=f"use a zoo name ({', '.join(ZOO)}), a Hugging Face hub id, or a folder written by save_pretrained",
         )
+    offline = False
+    if looks_local:
+        _hub.check_model_folder(local, name)
+    else:
+        offline = _hub.go_offline_if_unreachable()
     try:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(str(local) if looks_local else name)
     except (OSError, ValueError) as error:
-        raise SinklessError(
-            f"unknown model {name!r}: not a zoo name, not a local folder, and the Hugging Face hub could not provide it ({type(error).__name__})",
-            fix=f"run `sinkless models` for the names that work offline ({', '.join(ZOO)}), or pass a folder written by save_pretrained",
-        ) from None
+        if looks_local:
+            raise SinklessError(f"cannot read the model folder {local} ({type(error).__name__}: {error})", fix="pass a folder written by save_pretrained") from None
+        raise _hub.unknown_model(name, ZOO, error, offline) from None
     class_name = _CLASS_FOR_TYPE.get(config.model_type)
     if class_name is None:
         arch = (config.architectures or [config.model_type])[0]
@@ -321,7 +383,9 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> Loaded:
         class_name = arch
     adapter = adapter_for(class_name)
     source = str(local) if looks_local else name
-    with _quiet_transformers():
+    if looks_local and adapter.modality is Modality.TEXT:
+        _hub.check_tokenizer_files(local)
+    with _quiet_transformers(), _hub.folder_errors(local if looks_local else None):
         model = getattr(transformers, class_name).from_pretrained(source, dtype=dtype).eval()
         tokenizer = None
         if adapter.modality is Modality.TEXT:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from sinkless._cli import _args
 from sinkless._io import atomic_write_json, to_jsonable
-from sinkless.errors import SinklessError
 from sinkless.tasks.compare import TASKS, compare, write_pictures
 from sinkless.tasks.fixes import fix_names
 
@@ -62,14 +62,28 @@ def _overrides(args: argparse.Namespace) -> dict:
     keys = ("layer", "features", "l2", "gram_bias", "k", "mass", "labels", "knn_k")
     out = {k: getattr(args, k) for k in keys}
     if args.max_side is not None:
-        if args.max_side < 0:
-            raise SinklessError(f"--max-side must be >= 0, got {args.max_side}", fix="0 keeps images at full size")
+        _args.non_negative_int(args.max_side, "--max-side", fix="pass --max-side N with N >= 0 (0 keeps images at full size)")
         out["max_side"] = args.max_side or None
     return out
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every flag, before the model loads and the task runs."""
+    _args.positive_int(args.limit, "--limit")
+    _args.positive_int(args.k, "--k")
+    _args.positive_int(args.knn_k, "--knn-k")
+    _args.fraction(args.mass, "--mass")
+    if args.gram_bias != "median":
+        _args.finite_number(args.gram_bias, "--gram-bias")
+    _args.input_file(args.registers, "--registers", made_by="`sinkless fix --out`")
+    _args.output_file(args.json, "--json")
+    _args.output_dir(args.out_dir, "--out-dir")
+
+
 def run(args: argparse.Namespace) -> int:
     from sinkless.tasks.data import open_dataset
+
+    _check(args)
 
     data = args.data
     if args.split or args.images:

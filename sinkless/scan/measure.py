@@ -70,6 +70,8 @@ def parse_layers(spec: str | None, n_layers: int) -> tuple[int, ...] | None:
             lo = hi = int(part) + (n_layers if int(part) < 0 else 0)
         else:
             raise SinklessError(f"bad --layers {spec!r}", fix="use 'all', '3', '0-5,11' or '-1' (the last layer)")
+        if lo > hi:
+            raise SinklessError(f"--layers {spec!r}: the range {part!r} runs backwards", fix=f"write it low to high: '{hi}-{lo}'")
         if not (0 <= lo <= hi < n_layers):
             raise SinklessError(f"--layers {spec!r} names layers outside 0..{n_layers - 1}", fix=f"the model has {n_layers} layers")
         chosen.update(range(lo, hi + 1))
@@ -243,10 +245,15 @@ def measure_batch(
                 shares.append(_shares(mean_attn, key_masks[li], layout, body))
                 if not vision:  # the first real token (after any prepended register) is the sink
                     first = first_token(layout)
-                    warm = min(first + settings.warmup, n_tokens - 1)
-                    share0 = attn[:, warm:, first].mean()[None]
+                    warm = first + settings.warmup
+                    # defined only with queries past the warm-up: early tokens can attend to little but the
+                    # first one, so a shorter text reads ~100 % by construction (NaN: not measured)
+                    measured = warm < n_tokens
+                    share0 = attn[:, warm:, first].mean()[None] if measured else torch.full((1,), float("nan"))
                     record.first_token = share0 if record.first_token is None else torch.cat([record.first_token, share0])
                     alpha = attn[:, first:, first].mean(-1)[None]  # (1, H): every later query sees it
+                    if not measured:
+                        alpha = torch.full_like(alpha, float("nan"))
                     record.alpha0 = alpha if record.alpha0 is None else torch.cat([record.alpha0, alpha])
             share = torch.tensor(shares, dtype=torch.float32)  # (L, 3)
             record.share_cls, record.share_body, record.share_all = share[:, 0], share[:, 1], share[:, 2]

@@ -49,14 +49,17 @@ def _arch(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def rotary_inv_freq(model: nn.Module) -> torch.Tensor:
-    """The rotary inverse frequencies ``(d/2,)`` of a causal LM; a clear error for models without RoPE."""
+def rotary_inv_freq(model: nn.Module, *, no_rope_fix: str | None = None) -> torch.Tensor:
+    """The rotary inverse frequencies ``(d/2,)`` of a causal LM; a clear error for models without RoPE.
+
+    ``no_rope_fix``: the fix line of that error, for callers without ``--mode`` (``sinkless stream``).
+    """
     rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     if not rotary:
         raise SinklessError(
             f"{_arch(model)} has no rotary position embeddings (it adds absolute position embeddings to its inputs), "
             "so cached tokens cannot be given new positions as StreamingLLM needs",
-            fix="use a rotary model (Llama family incl. SmolLM2, Qwen3, Mistral), or --mode full / recompute",
+            fix=no_rope_fix or "use a rotary model (Llama family incl. SmolLM2, Qwen3, Mistral), or --mode full / recompute",
         )
     config = getattr(model, "config", None)
     rope = dict(getattr(config, "rope_parameters", None) or {})
@@ -76,7 +79,7 @@ def rotary_inv_freq(model: nn.Module) -> torch.Tensor:
     return inv_freq
 
 
-def check_streamable(model: nn.Module, sinks: int, window: int) -> torch.Tensor:
+def check_streamable(model: nn.Module, sinks: int, window: int, *, no_rope_fix: str | None = None) -> torch.Tensor:
     """Raise a ``SinklessError`` unless ``model`` can stream with ``sinks`` + ``window``; returns its inv_freq."""
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()) or getattr(model.config, "is_encoder_decoder", False):
@@ -91,7 +94,7 @@ def check_streamable(model: nn.Module, sinks: int, window: int) -> torch.Tensor:
             f"window ({window}) must be larger than the number of sinks ({sinks})",
             fix="the window holds the recent tokens; the paper uses --sinks 4 --window 1020",
         )
-    inv_freq = rotary_inv_freq(model)
+    inv_freq = rotary_inv_freq(model, no_rope_fix=no_rope_fix)
     sliding = getattr(model.config, "sliding_window", None)
     layer_types = getattr(model.config, "layer_types", None) or []
     if sliding and (sliding < sinks + window) and ("sliding_attention" in layer_types or not layer_types):

@@ -179,7 +179,7 @@ def write_pictures(pictures: dict, out_dir: str | Path) -> None:
     """Write qualitative pictures into ``out_dir`` all at once (nothing is left behind on failure)."""
     from sinkless._io import staged_dir
 
-    with staged_dir(out_dir) as stage:
+    with staged_dir(out_dir, kind="compare-pictures") as stage:
         for relative, picture in pictures.items():
             target = stage / relative
             target.parent.mkdir(parents=True, exist_ok=True)
