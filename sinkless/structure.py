@@ -231,10 +231,10 @@ def infer(model: nn.Module, *, family: str | None = None):
     vision = "pixel_values" in params
     missing = []
     if not vision and "input_ids" not in params:
-        missing.append("a forward taking pixel_values or input_ids")
+        missing.append("forward() taking pixel_values or input_ids")
     found = _blocks(model)
     if found is None:
-        missing.append("a ModuleList of transformer blocks with attention (q/k/v projections)")
+        missing.append("ModuleList of transformer blocks holding attention (modules owning q/k/v projections)")
     if missing:
         raise _unsupported(arch, missing)
     blocks, block_list = found
@@ -281,7 +281,7 @@ def _unsupported(arch: str, missing: list[str]) -> SinklessError:
     from sinkless.adapters import supported_architectures
 
     return SinklessError(
-        f"unsupported architecture {arch!r}: sinkless found no {' and no '.join(missing)}",
+        f"unsupported architecture {arch!r}: sinkless found no {'; no '.join(missing)}",
         fix="sinkless reads decoder-only LMs, encoders and ViTs with attention blocks; recognised by name: "
         + ", ".join(supported_architectures()),
     )

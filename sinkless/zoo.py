@@ -416,11 +416,12 @@ def as_loaded(model, processor=None, *, name: str | None = None) -> Loaded:
     """Wrap a model object the user already holds (any supported HF model, or a ``Loaded``) for sinkless.
 
     ``processor``: its tokenizer, image processor or ``AutoProcessor``; when None, the one saved in
-    the model's own folder (``config._name_or_path``) if there is one. Nothing is copied or changed:
+    the model's own folder (``config._name_or_path``) if there is one; False: none is needed (the
+    model is only edited, never fed by sinkless). Nothing is copied or changed:
     the returned ``Loaded`` drives the very same module (for CLIP/SigLIP two-tower models, its vision tower).
     """
     if isinstance(model, Loaded):
-        return model if processor is None else _with_processor(model, processor)
+        return model if processor is None or processor is False else _with_processor(model, processor)
     if not isinstance(model, nn.Module):
         raise SinklessError(f"expected a torch model, got {type(model).__name__}", fix="pass a Hugging Face model object or a zoo name")
     run = backbone(model)
@@ -429,6 +430,8 @@ def as_loaded(model, processor=None, *, name: str | None = None) -> Loaded:
     origin = getattr(config, "_name_or_path", "") or ""
     label = name or origin or type(model).__name__
     loaded = Loaded(label, run, adapter, source=origin, info={"class": type(model).__name__, "object": True})
+    if processor is False:
+        return loaded
     if processor is None and origin and Path(origin).is_dir():
         processor = _load_processor(origin, adapter.modality, required=False)
     if processor is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from sinkless import zoo
+from sinkless import distributed, zoo
+from sinkless.devices import add_device_args
 from sinkless.errors import SinklessError
 from sinkless.registers import DiscoverySettings, discover
 from sinkless.registers.inputs import discovery_inputs
@@ -32,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-heldout", type=int, default=16, metavar="N", help="bundled held-out inputs when none are given (default 16)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N")
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write the neurons JSON")
+    add_device_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise SinklessError(f"--top-k must be >= 1, got {args.top_k}")
     if args.threshold is not None and args.threshold <= 0:
         raise SinklessError(f"--threshold must be positive, got {args.threshold}")
-    loaded = zoo.load(args.model)
+    device, dtype = distributed.placement(args.device, args.dtype)
+    loaded = zoo.load(args.model, device=device, dtype=dtype)
     inputs, heldout = discovery_inputs(loaded, args.inputs, args.text, args.n_inputs, args.n_heldout)
     settings = DiscoverySettings(
         rule=OutlierRule(rule=Rule(args.rule), absolute=args.threshold),
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     found = discover(loaded, inputs, heldout, settings, progress=not args.quiet)
+    if not distributed.is_main():  # every process found the same neurons; the main one reports them
+        return 0
     found.save(args.out)
     print(f"{loaded.name}: {len(inputs)} discovery inputs, {len(heldout)} held out")
     before, after = found.heldout.get("before") or {}, found.heldout.get("after") or {}

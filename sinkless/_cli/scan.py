@@ -10,8 +10,9 @@ import argparse
 import logging
 from dataclasses import replace
 
-from sinkless import zoo
+from sinkless import distributed, zoo
 from sinkless.adapters import Modality
+from sinkless.devices import add_device_args
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES
 from sinkless.scan import OutlierRule, Rule, ScanSettings, parse_layers, resolve_inputs, scan, summary_lines, write_reports
@@ -38,7 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, metavar="N", help="truncate text inputs (default 512)")
     parser.add_argument("--registers", metavar="FILE", help="apply test-time registers from a neurons file written by `sinkless fix`")
     parser.add_argument("--no-attention", action="store_true", help="norms only (no eager attention): faster, no sink shares")
+    parser.add_argument("--rope-scale", type=float, default=1.0, metavar="F",
+                        help="rotary LMs: read inputs F x longer than the trained context by linear position interpolation "
+                        "(positions / F while scanning; e.g. 4 for 32k tokens on an 8k model)")
     parser.add_argument("--out", default="sinkless-out", metavar="DIR", help="output folder (default: sinkless-out)")
+    add_device_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -47,9 +52,11 @@ def _settings(args: argparse.Namespace) -> ScanSettings:
         raise SinklessError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threshold is not None and args.threshold <= 0:
         raise SinklessError(f"--threshold must be positive, got {args.threshold}")
+    if not args.rope_scale > 0:
+        raise SinklessError(f"--rope-scale must be positive, got {args.rope_scale}", fix="e.g. --rope-scale 4")
     rule = OutlierRule(rule=Rule(args.rule), absolute=args.threshold)
     return ScanSettings(rule=rule, batch_size=args.batch_size, image_size=args.image_size,
-                        max_tokens=args.max_tokens, attention=not args.no_attention)
+                        max_tokens=args.max_tokens, attention=not args.no_attention, rope_scale=args.rope_scale)
 
 
 def _jobs(args: argparse.Namespace) -> list[tuple[str, list[str], list[str]]]:
@@ -78,9 +85,10 @@ def _registers(loaded, path: str):
 
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    device, dtype = distributed.placement(args.device, args.dtype)
     scans = []
     for name, inputs, texts in _jobs(args):
-        loaded = zoo.load(name)
+        loaded = zoo.load(name, device=device, dtype=dtype)
         items = resolve_inputs(inputs, texts, loaded.modality)
         layers = parse_layers(args.layers, loaded.num_layers)
         job_settings = replace(settings, layers=layers)
@@ -91,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             intervention, extra = _registers(loaded, args.registers)
         report, records = scan(loaded, items, job_settings, intervention=intervention, extra_settings=extra, progress=not args.quiet)
         scans.append((report, records, items))
+    if not distributed.is_main():  # every process holds the merged records; the main one writes them
+        return 0
     written = write_reports(args.out, scans)
     for report, _, _ in scans:
         print("\n".join(summary_lines(report)))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from sinkless import distributed
 from sinkless.adapters import Modality, TokenLayout
 from sinkless.hooks import hooks
 from sinkless.registers.ttr import RegisterNeurons, TestTimeRegisters, _extreme
@@ -25,7 +26,7 @@ from sinkless.scan import ScanSettings
 from sinkless.scan import measure as measure_inputs
 from sinkless.scan.inputs import ImageInput, TextInput
 from sinkless.scan.measure import body_tokens
-from sinkless.scan.measure import model_inputs
+from sinkless.scan.measure import model_inputs, to_model
 from sinkless.scan.norms import OutlierRule, thresholds
 from sinkless.scan.report import MIN_FRACTION, build_report
 from sinkless.zoo import Loaded
@@ -75,8 +76,9 @@ class _Tally:
 
 def _layouts(loaded: Loaded, n_tokens: int, lengths: list, image_hw) -> list[TokenLayout]:
     """One layout per input: the padded batch width for images, each text's own length for text."""
-    if loaded.modality is Modality.VISION:
-        return [loaded.adapter.layout(loaded.model, n_tokens, image_hw)] * len(lengths)
+    if loaded.modality is Modality.VISION:  # image_hw: one size for the batch, or one per input
+        sizes = image_hw if isinstance(image_hw, list) else [image_hw] * len(lengths)
+        return [loaded.adapter.layout(loaded.model, n_tokens, hw) for hw in sizes]
     return [TokenLayout(n, loaded.adapter.n_cls) for n in lengths]
 
 
@@ -89,11 +91,12 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
     norm = lambda t: t.float().norm(dim=-1)  # noqa: E731
     capture = {adapter.residual_site(l): norm for l in range(n_layers)}
     capture.update({adapter.mlp_hidden_site(l): None for l in range(n_layers)})
-    for start in tqdm(range(0, len(inputs), settings.batch_size), desc="finding register neurons", disable=not progress):
+    starts = distributed.shard(range(0, len(inputs), settings.batch_size))  # this process's batches
+    for start in tqdm(starts, desc="finding register neurons", disable=not progress or not distributed.is_main()):
         batch = inputs[start : start + settings.batch_size]
         kwargs, lengths, image_hw, _ = model_inputs(loaded, batch, scan_settings)
         with hooks(model, capture=capture) as rec:
-            model(**kwargs)
+            model(**to_model(kwargs, model))
         norms = torch.stack([rec[adapter.residual_site(l)] for l in range(n_layers)], 1).cpu()  # (B, L, N)
         layouts = _layouts(loaded, norms.shape[-1], lengths, image_hw)
         for i, layout in enumerate(layouts):
@@ -115,6 +118,9 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
                 tally.images[d] += 1
                 for l in range(n_layers):
                     tally.score_sum[d, l] += hidden[l][positions].mean(0)
+    counts = torch.tensor([tally.n_body, tally.tokens, tally.inputs], dtype=torch.long)
+    distributed.all_sum(tally.score_sum, tally.images, tally.outliers, tally.quiet, tally.peak_sum, counts)
+    tally.n_body, tally.tokens, tally.inputs = (int(v) for v in counts)
     return tally
 
 
@@ -140,6 +146,7 @@ def discover(
     progress: bool = True,
 ) -> RegisterNeurons:
     """Find ``loaded``'s register neurons on ``inputs``; choose and check top_k on ``heldout``."""
+    TestTimeRegisters(loaded, [])  # a model test-time registers cannot fix fails here, before any work
     tally = _tally(loaded, inputs, settings, progress)
     fractions = [tally.outliers[l].item() / max(tally.n_body, 1) for l in range(tally.n_layers)]
     with_outliers = [l for l, f in enumerate(fractions) if f >= MIN_FRACTION]

@@ -125,7 +125,8 @@ def _by_layer(neurons: RegisterNeurons | Sequence[tuple[int, int]]) -> dict[int,
 
 
 class TestTimeRegisters:
-    """The intervention: ``with TestTimeRegisters(loaded, neurons)(): model(x)``, or ``.attach()`` -> handle.
+    """The intervention on a model (a HF model object or a zoo ``Loaded``): ``with TestTimeRegisters(model, neurons):
+    model(x)`` (or ``with ttr(): ...``); persistent: ``handle = ttr.attach()`` ... ``handle.remove()`` (or ``ttr.remove()``).
 
     Vision: ``n_registers`` zero tokens are appended after the patches (after position embeddings, with
     none of their own); outputs are ``[CLS, trained registers, patches, test-time registers]`` and
@@ -150,7 +151,12 @@ class TestTimeRegisters:
     ) -> None:
         if n_registers < 1:
             raise ValueError(f"n_registers must be >= 1, got {n_registers}")
+        if not isinstance(loaded, Loaded):  # a model object the user holds: nothing is changed until attached
+            from sinkless.zoo import as_loaded
+
+            loaded = as_loaded(loaded, processor=False)
         self.loaded = loaded
+        self._attached: list[Hooks] = []
         self.adapter = loaded.adapter
         self.n = n_registers
         self.mode = MaxMode(mode)
@@ -284,13 +290,32 @@ class TestTimeRegisters:
         return torch.cat([logits[:, : self._at], logits[:, self._at + self._in_call :]], 1)
 
     def attach(self) -> Hooks:
-        """Apply persistently; the returned handle's ``.remove()`` restores the model."""
-        return Hooks(self.loaded.model, edit=self._edits())
+        """Apply persistently; the returned handle's ``.remove()`` (or ``self.remove()``) restores the model."""
+        handle = Hooks(self.loaded.model, edit=self._edits())
+        self._attached.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        """Take off every attachment of this intervention (safe to call twice)."""
+        while self._attached:
+            self._attached.pop().remove()
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[TestTimeRegisters]:
-        with self.attach():
+        handle = self.attach()
+        try:
             yield self
+        finally:
+            handle.remove()
+            if handle in self._attached:
+                self._attached.remove(handle)
+
+    def __enter__(self) -> TestTimeRegisters:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def _extreme(values: torch.Tensor, dim: int) -> torch.Tensor:
