@@ -269,6 +269,8 @@ class TestTimeRegisters:
             edits[":output"] = self._drop_register_logits
         else:
             edits[adapter.block_input_site(0)] = self._add_tokens
+            encoder = adapter.blocks.rpartition(".")[0]  # a padding mask (SigLIP2) grows with the registers
+            edits[f"{encoder}:input[attention_mask]"] = self._extend_vision_mask
         for layer, neurons in self.layers.items():
             edits[adapter.mlp_hidden_site(layer)] = self._move(layer, neurons)
         return edits
@@ -285,6 +287,17 @@ class TestTimeRegisters:
     def _extend_mask(self, mask: torch.Tensor) -> torch.Tensor:
         ones = mask.new_ones(mask.shape[0], self._in_call)
         return torch.cat([mask[:, : self._at], ones, mask[:, self._at :]], 1)
+
+    def _extend_vision_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) or (B, 1, N, N) mask of the patches -> with the appended registers: every token sees them,
+        and they see what the first token sees."""
+        allowed = True if mask.dtype == torch.bool else 1 if mask.ndim == 2 else 0
+        if mask.ndim == 2:
+            return torch.cat([mask, mask.new_full((mask.shape[0], self.n), allowed)], 1)
+        b, h, n, _ = mask.shape
+        mask = torch.cat([mask, mask.new_full((b, h, n, self.n), allowed)], -1)  # (B, h, N, N + n)
+        rows = mask[:, :, :1].expand(b, h, self.n, n + self.n)  # (B, h, n, N + n)
+        return torch.cat([mask, rows], 2)
 
     def _drop_register_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.cat([logits[:, : self._at], logits[:, self._at + self._in_call :]], 1)

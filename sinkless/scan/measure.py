@@ -24,7 +24,7 @@ import torch
 from sinkless.adapters import Modality, TokenLayout, eager_attention, rope_scaled
 from sinkless.hooks import hooks, stop_after
 from sinkless.patches import as_tokens, neighbor_similarity
-from sinkless.scan.attention import chunked_attention, supports_chunking
+from sinkless.scan.attention import CHUNK_BYTES, chunked_attention, supports_chunking
 from sinkless.scan.inputs import ImageInput, TextInput, prepare_batch
 from sinkless.scan.norms import OutlierRule, thresholds
 from sinkless.zoo import Loaded
@@ -45,7 +45,7 @@ class ScanSettings:
     massive_rel: float = 1000.0  # ... and > massive_rel x the layer's median |a| (Sun et al. 2024)
     massive_per_layer: int = 20  # keep at most this many massive entries per input and layer
     attention: bool = True  # capture attention probabilities (eager attention); False: norms only
-    attention_chunk: int | None = 0  # text: queries per attention chunk (0: about 64 MB each; None: whole eager matrices)
+    attention_chunk: int | None = 0  # causal LMs: queries per attention chunk (0: chunks of ~64 MB when a layer's matrix is larger; None: never)
     rope_scale: float = 1.0  # rotary models: linear position interpolation, positions / rope_scale (longer inputs)
 
     def to_dict(self) -> dict:
@@ -266,6 +266,26 @@ def _share_of(mass: torch.Tensor, keys: torch.Tensor, layout: TokenLayout, body:
     return cls, float(mass[body].mean()) if body.any() else float("nan"), float(mass[queries].mean())
 
 
+def _chunking(chunk: int | None, kwargs: dict, model: torch.nn.Module) -> bool:
+    """Whether to run attention in query chunks: when asked (chunk > 0), or, by default (0), when one layer's
+    probabilities (B x H x n x n float32) would pass ``CHUNK_BYTES``; never with None."""
+    if chunk is None:
+        return False
+    if chunk > 0:
+        return True
+    batch, n = kwargs["input_ids"].shape
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1
+    return 4 * batch * heads * n * n > CHUNK_BYTES
+
+
+def _shares(attn: torch.Tensor, keys: torch.Tensor, layout: TokenLayout, body: torch.Tensor):
+    """Attention mass landing on outlier ``keys`` (N,) bool from CLS, body queries and all queries.
+
+    ``attn``: (N, N) attention of one input at one layer, mean over heads.
+    """
+    return _share_of(attn[:, keys].sum(-1) if keys.any() else attn[:, 0], keys, layout, body)
+
+
 def _head_dim(module: torch.nn.Module, model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     return int(getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -312,10 +332,7 @@ def measure_batch(
     capture: dict = {adapter.residual_site(layer): collector.residual(layer) for layer in layers}
     with_attention = [layer for layer in layers if adapter.has_attention(model, layer)] if settings.attention else []
     modules = {layer: model.get_submodule(f"{adapter.block(layer)}.{adapter.attention}") for layer in with_attention}
-    chunked = (
-        not vision and adapter.causal and settings.attention_chunk is not None
-        and supports_chunking(model, list(modules.values()))
-    )
+    chunked = not vision and adapter.causal and _chunking(settings.attention_chunk, kwargs, model) and supports_chunking(model, list(modules.values()))
     listeners = {}
     for layer in with_attention:
         capture[adapter.block_input_site(layer)] = collector.block_input(layer)
