@@ -18,11 +18,17 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
-__all__ = ["setup", "placement", "active", "rank", "world_size", "is_main", "shard", "gather_dict", "all_sum", "barrier", "process_device"]
+T = TypeVar("T")
+
+__all__ = [
+    "setup", "placement", "active", "rank", "world_size", "is_main", "shard", "gather_dict", "map_ordered", "all_sum", "barrier", "process_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,14 @@ def gather_dict(mine: dict) -> dict:
     for part in parts:
         merged.update(part)
     return merged
+
+
+def map_ordered(fn: Callable[[int], T], n: int, *, desc: str | None = None, progress: bool = False) -> list[T]:
+    """``[fn(i) for i in range(n)]`` with each process computing its share; every process gets the whole list."""
+    mine = shard(range(n))
+    done = {i: fn(i) for i in tqdm(mine, desc=desc, disable=not (progress and is_main()), leave=False)}
+    merged = gather_dict(done)
+    return [merged[i] for i in range(n)]
 
 
 def all_sum(*tensors: torch.Tensor) -> None:
