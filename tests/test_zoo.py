@@ -148,3 +148,57 @@ def test_models_command_table(capsys):
     out = capsys.readouterr().out
     for name in NAMES:
         assert name in out
+
+
+def _saved(family: str, folder):
+    from conftest import any_tiny_model, tiny_char_tokenizer
+
+    model = any_tiny_model(family)
+    model.save_pretrained(folder)
+    if family not in ("dinov2", "clip", "siglip2"):
+        tiny_char_tokenizer().save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("mistral", "MistralForCausalLM"), ("clip", "CLIPVisionModel"), ("siglip2", "Siglip2VisionModel"),
+    ("dinov2_backbone", "Dinov2Backbone"), ("vit_classifier", "ViTForImageClassification"), ("clip_text", "CLIPTextModel"),
+])
+def test_folder_loads_the_right_class(family, expected, tmp_path):
+    """The class the checkpoint was saved as; a CLIP two-tower checkpoint loads its vision tower."""
+    from conftest import any_tiny_model, tiny_char_tokenizer
+
+    model = any_tiny_model(family)
+    model.save_pretrained(tmp_path)
+    if expected in ("MistralForCausalLM", "CLIPTextModel"):
+        tiny_char_tokenizer().save_pretrained(tmp_path)
+    loaded = zoo.load(str(tmp_path))
+    assert type(loaded.model).__name__ == expected
+
+
+def test_folder_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{ not json")
+    with pytest.raises(SinklessError, match="cannot be read as a Hugging Face config"):
+        zoo.load(str(bad))
+    weightless = tmp_path / "weightless"
+    _saved("mistral", weightless)
+    (weightless / "model.safetensors").unlink()
+    with pytest.raises(SinklessError, match="no weights"):
+        zoo.load(str(weightless))
+    tokenless = tmp_path / "tokenless"
+    from conftest import any_tiny_model
+
+    any_tiny_model("mistral").save_pretrained(tokenless)
+    with pytest.raises(SinklessError, match="no usable tokenizer"):
+        zoo.load(str(tokenless))
+
+
+def test_unsupported_folder_fails_before_reading_weights(tmp_path, monkeypatch):
+    from transformers import MobileNetV1Config, MobileNetV1Model
+
+    MobileNetV1Model(MobileNetV1Config()).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")  # never read: the structure check comes first
+    with pytest.raises(SinklessError, match="unsupported architecture 'MobileNetV1Model'.*ModuleList"):
+        zoo.load(str(tmp_path))
