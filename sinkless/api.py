@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sinkless import zoo
+from sinkless import distributed, zoo
 from sinkless.adapters import Modality
 from sinkless.errors import SinklessError
 from sinkless.scan.inputs import TEXT_SUFFIXES, ImageInput, TextInput, resolve_inputs
@@ -117,7 +117,7 @@ def scan(model, inputs, processor=None, *, out: str | Path | None = None, progre
     chosen = scan_settings(loaded.num_layers, **settings)
     with evaluating(loaded.model):
         report, records = run_scan(loaded, items, chosen, progress=progress)
-    if out is not None:
+    if out is not None and distributed.is_main():  # under a launcher every process holds the report; one writes it
         write_reports(out, [(report, records, items)])
     return report
 

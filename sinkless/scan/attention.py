@@ -136,7 +136,7 @@ def _register() -> None:
 def chunked_attention(model: nn.Module, listeners: Mapping[nn.Module, Listener], *, chunk: int = 0) -> Iterator[nn.Module]:
     """Run ``model`` with query-chunked eager attention; ``listeners[module]`` sees that module's probabilities.
 
-    ``chunk``: queries per chunk (0: about ``CHUNK_BYTES`` of float32 probabilities per chunk).
+    ``chunk``: queries per chunk (0: about ``CHUNK_BYTES`` (64 MB) of float32 probabilities per chunk).
     Restores the model's attention implementation and drops the listeners on exit, exception or not.
     """
     _register()
