@@ -21,6 +21,7 @@ from PIL import Image
 from sinkless import distributed, zoo
 from sinkless.adapters import Modality
 from sinkless.errors import SinklessError
+from sinkless.pretrained import as_loaded
 from sinkless.scan.inputs import TEXT_SUFFIXES, ImageInput, TextInput, resolve_inputs
 from sinkless.scan.measure import ScanSettings, parse_layers
 from sinkless.scan.norms import OutlierRule, Rule
@@ -112,7 +113,7 @@ def scan(model, inputs, processor=None, *, out: str | Path | None = None, progre
     from sinkless.scan import scan as run_scan
     from sinkless.scan import write_reports
 
-    loaded = zoo.load(model) if isinstance(model, str) else zoo.as_loaded(model, processor)
+    loaded = zoo.load(model) if isinstance(model, str) else as_loaded(model, processor)
     items = as_inputs(inputs, loaded.modality)
     chosen = scan_settings(loaded.num_layers, **settings)
     with evaluating(loaded.model):
@@ -131,7 +132,7 @@ def find_register_neurons(model, inputs, processor=None, *, heldout=None, progre
     """
     from sinkless.registers import DiscoverySettings, discover
 
-    loaded = zoo.load(model) if isinstance(model, str) else zoo.as_loaded(model, processor)
+    loaded = zoo.load(model) if isinstance(model, str) else as_loaded(model, processor)
     items = as_inputs(inputs, loaded.modality)
     if heldout is None:
         if len(items) < 2:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sinkless
+import sinkless.pretrained
 from conftest import any_tiny_model, tiny_char_tokenizer, tiny_image_processor
 from sinkless.errors import SinklessError
 from sinkless.images import natural_crops
@@ -104,7 +105,7 @@ def test_ttr_on_a_plain_model_equals_ttr_on_loaded():
     with torch.no_grad():
         with sinkless.TestTimeRegisters(model, neurons):
             a = model(pixel_values=pixels).last_hidden_state
-        loaded = sinkless.zoo.as_loaded(model, processor=False)
+        loaded = sinkless.pretrained.as_loaded(model, processor=False)
         with sinkless.TestTimeRegisters(loaded, neurons)():
             b = model(pixel_values=pixels).last_hidden_state
     assert a.shape[1] == 1 + 4 + 1 and torch.equal(a, b)

@@ -152,7 +152,7 @@ class TestTimeRegisters:
         if n_registers < 1:
             raise ValueError(f"n_registers must be >= 1, got {n_registers}")
         if not isinstance(loaded, Loaded):  # a model object the user holds: nothing is changed until attached
-            from sinkless.zoo import as_loaded
+            from sinkless.pretrained import as_loaded
 
             loaded = as_loaded(loaded, processor=False)
         self.loaded = loaded

@@ -17,7 +17,6 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 import torch
 from PIL import Image
