@@ -158,9 +158,9 @@ def load_pretrained(name: str, dtype: torch.dtype, device: torch.device | None =
             f"{local} has a config.json but no weights ({' / '.join(WEIGHT_FILES[::2])})",
             fix="save the weights too: model.save_pretrained(folder)",
         )
-    if device_map is None and device is not None and not _fits_one_device(empty, dtype, device) and torch.cuda.device_count() > 1:
-        device_map = "auto"  # larger than one GPU: accelerate spreads the layers over all of them
-        log.info("%s does not fit on one GPU: loading with device_map='auto'", name)
+    if device_map is None and device is not None and not _fits_one_device(empty, dtype, device):
+        device_map = "auto"  # larger than one GPU: accelerate spreads the layers over the GPUs (then the CPU)
+        log.info("%s does not fit on one GPU: loading with device_map='auto' (%d GPUs)", name, torch.cuda.device_count())
     processor = _load_processor(source, adapter.modality, required=adapter.modality is Modality.TEXT)
     with _quiet_transformers():
         try:

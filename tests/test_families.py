@@ -28,7 +28,7 @@ NO_FIX = {
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    for i, crop in enumerate(natural_crops(5, seed=4)):
+    for i, crop in enumerate(natural_crops(3, seed=4)):
         crop.save(folder / f"{i}.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 90, 3), dtype=np.uint8)).save(folder / "wide.png")
     return folder
@@ -53,7 +53,7 @@ def test_family_scan_and_fix_from_a_local_folder(family, tmp_path, images, capsy
     vision = loaded.modality is Modality.VISION
     inputs = [str(images)] if vision else [arg for t in TEXTS for arg in ("--text", t)]
     out = tmp_path / "scan"
-    assert main(["-q", "scan", *inputs, "--model", str(tmp_path / "model"), "--out", str(out), "--batch-size", "2"]) == 0
+    assert main(["-q", "scan", *inputs, "--model", str(tmp_path / "model"), "--out", str(out), "--batch-size", "4"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert len(report["layers"]) == 3 and report["modality"] == ("vision" if vision else "text")
     if not vision:
