@@ -10,7 +10,7 @@ import torch
 
 from conftest import require_package, tiny_model
 from sinkless import zoo
-from sinkless.adapters import Modality
+from sinkless.adapters import Modality, adapter_for
 from sinkless.errors import SinklessError
 
 NAMES = {"dinov2-s-focus", "smollm2-135m", "minilm-l6", "planted-vit", "planted-vit-clean", "planted-vit-tiny", "planted-vit-tiny-clean"}
@@ -37,7 +37,7 @@ def test_local_folder_loads_every_family(family, tmp_path):
     """A save_pretrained folder loads through the same path users take for hub ids."""
     model = tiny_model(family)
     model.save_pretrained(tmp_path)
-    if zoo.adapter_for(model).modality is Modality.TEXT:
+    if adapter_for(model).modality is Modality.TEXT:
         _tiny_tokenizer().save_pretrained(tmp_path)
     loaded = zoo.load(str(tmp_path))
     assert type(loaded.model) is type(model)
