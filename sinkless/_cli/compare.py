@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from sinkless import distributed
 from sinkless._cli import _args
 from sinkless._io import atomic_write_json, to_jsonable
+from sinkless.devices import add_device_args
 from sinkless.tasks.compare import TASKS, compare, write_pictures
 from sinkless.tasks.fixes import fix_names
 
@@ -46,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     protocol.add_argument("--mass", type=float, help="zeroseg: share of CLS attention kept as foreground (default 0.6)")
     protocol.add_argument("--probe-labels", dest="labels", choices=["classes", "foreground"], help="probe: dense targets (default classes)")
     protocol.add_argument("--knn-k", type=int, help="probe: neighbours of the k-NN probe (default 20)")
+    add_device_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from sinkless.tasks.data import open_dataset
 
     _check(args)
-
+    device, dtype = distributed.placement(args.device, args.dtype)
     data = args.data
     if args.split or args.images:
         data = open_dataset(args.data, split=args.split, image_dir=args.images)
@@ -92,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     comparison, pictures = compare(
         args.model, args.task, data, args.fix or ["none"], overrides=_overrides(args), limit=args.limit,
         progress=not args.quiet, visuals=bool(args.out_dir),
-        fix_options={"ttr": {"registers": args.registers}} if args.registers else None,
+        fix_options={"ttr": {"registers": args.registers}} if args.registers else None, device=device, dtype=dtype,
     )
+    if not distributed.is_main():  # every process holds the merged results; the main one writes them
+        return 0
     result = comparison.to_json()
     json.dumps(to_jsonable(result))  # fail here, before writing anything, if something is not serialisable
     if args.out_dir:

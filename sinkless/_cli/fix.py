@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from sinkless import zoo
+from sinkless import distributed, zoo
 from sinkless._cli import _args
+from sinkless.devices import add_device_args
 from sinkless.registers import DiscoverySettings, discover
 from sinkless.registers.inputs import discovery_inputs
 from sinkless.scan import OutlierRule, Rule
@@ -32,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-heldout", type=int, default=16, metavar="N", help="bundled held-out inputs when none are given (default 16)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N")
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write the neurons JSON")
+    add_device_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     _args.positive_int(args.batch_size, "--batch-size")
     _args.output_file(args.out, "--out")
     _args.not_an_input(args.out, args.inputs, "--out")
-    loaded = zoo.load(args.model)
+    device, dtype = distributed.placement(args.device, args.dtype)
+    loaded = zoo.load(args.model, device=device, dtype=dtype)
     detection = _args.layer_index(args.detection_layer, "--detection-layer", loaded.num_layers, model=loaded.name)
     inputs, heldout = discovery_inputs(loaded, args.inputs, args.text, args.n_inputs, args.n_heldout)
     settings = DiscoverySettings(
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     found = discover(loaded, inputs, heldout, settings, progress=not args.quiet)
+    if not distributed.is_main():  # every process found the same neurons; the main one reports them
+        return 0
     found.save(args.out)
     print(f"{loaded.name}: {len(inputs)} discovery inputs, {len(heldout)} held out")
     before, after = found.heldout.get("before") or {}, found.heldout.get("after") or {}

@@ -10,9 +10,10 @@ import argparse
 import logging
 from dataclasses import replace
 
-from sinkless import zoo
+from sinkless import distributed, zoo
 from sinkless._cli import _args
 from sinkless.adapters import Modality
+from sinkless.devices import add_device_args
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES
 from sinkless.scan import OutlierRule, Rule, ScanSettings, parse_layers, resolve_inputs, scan, summary_lines, write_reports
@@ -39,7 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, metavar="N", help="truncate text inputs (default 512)")
     parser.add_argument("--registers", metavar="FILE", help="apply test-time registers from a neurons file written by `sinkless fix`")
     parser.add_argument("--no-attention", action="store_true", help="norms only (no eager attention): faster, no sink shares")
+    parser.add_argument("--rope-scale", type=float, default=1.0, metavar="F",
+                        help="rotary LMs: read inputs F x longer than the trained context by linear position interpolation "
+                        "(positions / F while scanning; e.g. 4 for 32k tokens on an 8k model)")
     parser.add_argument("--out", default="sinkless-out", metavar="DIR", help="output folder (default: sinkless-out)")
+    add_device_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -49,13 +54,14 @@ def _settings(args: argparse.Namespace) -> ScanSettings:
     _args.positive_number(args.threshold, "--threshold", fix="pass a norm above which a token is an outlier (e.g. 50), or leave it out for the automatic rule")
     _args.positive_int(args.image_size, "--image-size", fix="pass a side in pixels of at least one patch (e.g. 224), or leave it out for the model's own")
     _args.positive_int(args.max_tokens, "--max-tokens")
+    _args.positive_number(args.rope_scale, "--rope-scale", fix="e.g. --rope-scale 4 to stretch positions 4x past the model's context")
     _args.input_file(args.registers, "--registers", made_by="`sinkless fix --out`")
     _args.output_dir(args.out, "--out")
     if args.threshold is not None and args.rule != Rule.ROBUST.value:
         log.warning("--threshold %g replaces the --rule %s: tokens with a norm above it are outliers", args.threshold, args.rule)
     rule = OutlierRule(rule=Rule(args.rule), absolute=args.threshold)
     return ScanSettings(rule=rule, batch_size=args.batch_size, image_size=args.image_size,
-                        max_tokens=args.max_tokens, attention=not args.no_attention)
+                        max_tokens=args.max_tokens, attention=not args.no_attention, rope_scale=args.rope_scale)
 
 
 def _check_for_model(loaded, settings: ScanSettings) -> ScanSettings:
@@ -143,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
         from sinkless.registers import load_neurons
 
         neurons = load_neurons(args.registers)
+    device, dtype = distributed.placement(args.device, args.dtype)
     scans = []
     for name, inputs, texts in _jobs(args):
-        loaded = zoo.load(name)
+        loaded = zoo.load(name, device=device, dtype=dtype)
         job_settings = _check_for_model(loaded, settings)
         items = resolve_inputs(inputs, texts, loaded.modality)
         layers = parse_layers(args.layers, loaded.num_layers)
@@ -158,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
             intervention, extra = _registers(loaded, neurons, args.registers)
         report, records = scan(loaded, items, job_settings, intervention=intervention, extra_settings=extra, progress=not args.quiet)
         scans.append((report, records, items))
+    if not distributed.is_main():  # every process holds the merged records; the main one writes them
+        return 0
     written = write_reports(args.out, scans)
     for report, _, _ in scans:
         print("\n".join(summary_lines(report)))

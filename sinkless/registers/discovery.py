@@ -20,13 +20,14 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from sinkless import distributed
 from sinkless.adapters import Modality, TokenLayout
 from sinkless.errors import SinklessError
 from sinkless.hooks import hooks
 from sinkless.registers.ttr import RegisterNeurons, TestTimeRegisters, _extreme
 from sinkless.scan import ScanSettings
 from sinkless.scan.inputs import ImageInput, TextInput
-from sinkless.scan.measure import InputRecord, _outlier_masks, body_tokens, model_inputs
+from sinkless.scan.measure import InputRecord, _outlier_masks, body_tokens, model_inputs, to_model
 from sinkless.scan.norms import OutlierRule, thresholds
 from sinkless.scan.report import MIN_FRACTION, build_report
 from sinkless.zoo import Loaded
@@ -92,13 +93,15 @@ class _Tally:
             positions = flagged[detection]
             if positions.any():
                 total += hidden[:, positions].double().mean(1)  # (L, W)
+        distributed.all_sum(total)  # each process kept its own inputs' activations
         return total / self.images[detection]
 
 
 def _layouts(loaded: Loaded, n_tokens: int, lengths: list, image_hw) -> list[TokenLayout]:
     """One layout per input: the padded batch width for images, each text's own length for text."""
-    if loaded.modality is Modality.VISION:
-        return [loaded.adapter.layout(loaded.model, n_tokens, image_hw)] * len(lengths)
+    if loaded.modality is Modality.VISION:  # image_hw: one size for the batch, or one per input
+        sizes = image_hw if isinstance(image_hw, list) else [image_hw] * len(lengths)
+        return [loaded.adapter.layout(loaded.model, n_tokens, hw) for hw in sizes]
     return [TokenLayout(n, loaded.adapter.n_cls) for n in lengths]
 
 
@@ -115,11 +118,12 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
     mlp_sites = [adapter.mlp_hidden_site(l) for l in range(n_layers)]
     capture = {adapter.residual_site(l): _norm for l in range(n_layers)}
     capture.update({site: None for site in mlp_sites})
-    for start in tqdm(range(0, len(inputs), settings.batch_size), desc="finding register neurons", disable=not progress):
+    starts = distributed.shard(range(0, len(inputs), settings.batch_size))  # this process's batches
+    for start in tqdm(starts, desc="finding register neurons", disable=not progress or not distributed.is_main()):
         batch = inputs[start : start + settings.batch_size]
         kwargs, lengths, image_hw, _ = model_inputs(loaded, batch, scan_settings)
         with hooks(model, capture=capture) as rec:
-            model(**kwargs)
+            model(**to_model(kwargs, model))
         norms = torch.stack([rec[adapter.residual_site(l)] for l in range(n_layers)], 1).cpu()  # (B, L, N)
         hidden = torch.stack([rec[site] for site in mlp_sites], 1).cpu()  # (B, L, N, W), signed
         layouts = _layouts(loaded, norms.shape[-1], lengths, image_hw)
@@ -140,6 +144,9 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
             if any_layer.any():
                 tally.images += flagged.any(-1)
                 tally.kept.append((flagged[:, any_layer], signed[:, any_layer].abs()))
+    counts = torch.tensor([tally.n_body, tally.tokens, tally.inputs], dtype=torch.long)
+    distributed.all_sum(tally.images, tally.outliers, tally.quiet, tally.peak_sum, counts)  # the kept activations stay per process
+    tally.n_body, tally.tokens, tally.inputs = (int(v) for v in counts)
     return tally
 
 
@@ -161,17 +168,19 @@ def _norm_records(loaded: Loaded, inputs, settings: DiscoverySettings, intervent
         kwargs, lengths, image_hw, _ = model_inputs(loaded, batch, scan_settings)
         edit = intervention() if intervention is not None else contextlib.nullcontext()
         with edit, hooks(model, capture=capture) as rec:
-            model(**kwargs)
+            model(**to_model(kwargs, model))
         norms = torch.stack([rec[adapter.residual_site(l)] for l in layers], 1).cpu()  # (B, L, N)
+        hws = image_hw if isinstance(image_hw, list) else [image_hw] * len(batch)  # one size per input, or one for the batch
         for i, item in enumerate(batch):
             n = norms.shape[-1] if vision else lengths[i] + norms.shape[-1] - kwargs["input_ids"].shape[1]
+            hw = tuple(hws[i]) if vision else None
             if layout_of is not None:
-                layout = layout_of(n, image_hw)
+                layout = layout_of(n, hw)
             else:
-                layout = adapter.layout(model, n, image_hw) if vision else TokenLayout(n, adapter.n_cls)
+                layout = adapter.layout(model, n, hw) if vision else TokenLayout(n, adapter.n_cls)
             body = body_tokens(layout, text=not vision)
             tau, outliers, medians = _outlier_masks(norms[i, :, :n], body, settings.rule)
-            records.append(InputRecord(item.name, layout, layers, body, norms[i, :, :n], tau, outliers, medians, image_hw=image_hw))
+            records.append(InputRecord(item.name, layout, layers, body, norms[i, :, :n], tau, outliers, medians, image_hw=hw))
     return records
 
 
@@ -206,6 +215,7 @@ def discover(
         value = getattr(settings, name)
         if value is not None and not 0 <= value < n_layers:
             raise SinklessError(f"{name.replace('_', ' ')} {value} is not a layer of {loaded.name} (0..{n_layers - 1})", fix=f"pick a layer from 0 to {n_layers - 1}, or leave it out")
+    TestTimeRegisters(loaded, [])  # a model test-time registers cannot fix fails here, before any work
     tally = _tally(loaded, inputs, settings, progress)
     fractions = [tally.outliers[l].item() / max(tally.n_body, 1) for l in range(tally.n_layers)]
     with_outliers = [l for l, f in enumerate(fractions) if f >= MIN_FRACTION]

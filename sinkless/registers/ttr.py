@@ -199,7 +199,8 @@ def _by_layer(neurons: RegisterNeurons | Sequence[tuple[int, int]]) -> dict[int,
 
 
 class TestTimeRegisters:
-    """The intervention: ``with TestTimeRegisters(loaded, neurons)(): model(x)``, or ``.attach()`` -> handle.
+    """The intervention on a model (a HF model object or a zoo ``Loaded``): ``with TestTimeRegisters(model, neurons):
+    model(x)`` (or ``with ttr(): ...``); persistent: ``handle = ttr.attach()`` ... ``handle.remove()`` (or ``ttr.remove()``).
 
     Vision: ``n_registers`` zero tokens are appended after the patches (after position embeddings, with
     none of their own); outputs are ``[CLS, trained registers, patches, test-time registers]`` and
@@ -224,7 +225,12 @@ class TestTimeRegisters:
     ) -> None:
         if n_registers < 1:
             raise ValueError(f"n_registers must be >= 1, got {n_registers}")
+        if not isinstance(loaded, Loaded):  # a model object the user holds: nothing is changed until attached
+            from sinkless.pretrained import as_loaded
+
+            loaded = as_loaded(loaded, processor=False)
         self.loaded = loaded
+        self._attached: list[Hooks] = []
         self.adapter = loaded.adapter
         self.n = n_registers
         self.mode = MaxMode(mode)
@@ -333,6 +339,8 @@ class TestTimeRegisters:
             edits[":output"] = self._drop_register_logits
         else:
             edits[adapter.block_input_site(0)] = self._add_tokens
+            encoder = adapter.blocks.rpartition(".")[0]  # a padding mask (SigLIP2) grows with the registers
+            edits[f"{encoder}:input[attention_mask]"] = self._extend_vision_mask
         for layer, neurons in self.layers.items():
             edits[adapter.mlp_hidden_site(layer)] = self._move(layer, neurons)
         return edits
@@ -350,17 +358,47 @@ class TestTimeRegisters:
         ones = mask.new_ones(mask.shape[0], self._in_call)
         return torch.cat([mask[:, : self._at], ones, mask[:, self._at :]], 1)
 
+    def _extend_vision_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) or (B, 1, N, N) mask of the patches -> with the appended registers: every token sees them,
+        and they see what the first token sees."""
+        allowed = True if mask.dtype == torch.bool else 1 if mask.ndim == 2 else 0
+        if mask.ndim == 2:
+            return torch.cat([mask, mask.new_full((mask.shape[0], self.n), allowed)], 1)
+        b, h, n, _ = mask.shape
+        mask = torch.cat([mask, mask.new_full((b, h, n, self.n), allowed)], -1)  # (B, h, N, N + n)
+        rows = mask[:, :, :1].expand(b, h, self.n, n + self.n)  # (B, h, n, N + n)
+        return torch.cat([mask, rows], 2)
+
     def _drop_register_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.cat([logits[:, : self._at], logits[:, self._at + self._in_call :]], 1)
 
     def attach(self) -> Hooks:
-        """Apply persistently; the returned handle's ``.remove()`` restores the model."""
-        return Hooks(self.loaded.model, edit=self._edits())
+        """Apply persistently; the returned handle's ``.remove()`` (or ``self.remove()``) restores the model."""
+        handle = Hooks(self.loaded.model, edit=self._edits())
+        self._attached.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        """Take off every attachment of this intervention (safe to call twice)."""
+        while self._attached:
+            self._attached.pop().remove()
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[TestTimeRegisters]:
-        with self.attach():
+        handle = self.attach()
+        try:
             yield self
+        finally:
+            handle.remove()
+            if handle in self._attached:
+                self._attached.remove(handle)
+
+    def __enter__(self) -> TestTimeRegisters:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def _extreme(values: torch.Tensor, dim: int) -> torch.Tensor:

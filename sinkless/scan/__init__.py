@@ -1,19 +1,28 @@
 """Diagnose: where a model's high-norm tokens, attention sinks and massive activations are.
 
-``scan(loaded, inputs)`` measures every layer (norms, outliers, attention shares, Sink_eps, massive
-activations) and returns a ``Report``; with ``out_dir`` it also writes ``report.json``,
-``report.html`` and PNG figures. See the README for the JSON schema.
+``scan(loaded, inputs, settings)`` measures every layer (norms, outliers, attention shares, Sink_eps,
+massive activations) and returns the ``Report`` with the per-input records behind it;
+``write_reports`` writes ``report.json``, ``report.html`` and PNG figures. See the README for the
+JSON schema. Under ``torchrun`` / ``accelerate launch`` each process measures its share of the
+batches and every process receives all records, in input order (``sinkless.distributed``).
+
+This package is also the public function ``sinkless.scan(model, inputs, processor=None, **settings)``
+(``sinkless.api.scan``): the module object is callable, so ``sinkless.scan(...)`` scans while
+``from sinkless.scan import ScanSettings`` keeps importing from the package.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sinkless import distributed
 from sinkless._io import atomic_write_json, staged_dir
 from sinkless.scan.html import render
 from sinkless.scan.inputs import ImageInput, TextInput, resolve_inputs, sample_text
@@ -50,14 +59,16 @@ def measure(
     progress: bool = True,
 ) -> list[InputRecord]:
     """Per-input records for ``inputs``, in batches of ``settings.batch_size``."""
-    records: list[InputRecord] = []
-    batches = range(0, len(inputs), settings.batch_size)
-    with tqdm(total=len(inputs), desc=f"scanning {loaded.name}", unit="input", disable=not progress) as bar:
-        for start in batches:
-            batch = inputs[start : start + settings.batch_size]
-            records.extend(measure_batch(loaded, batch, settings, intervention=intervention))
-            bar.update(len(batch))
-    return records
+    batches = [inputs[start : start + settings.batch_size] for start in range(0, len(inputs), settings.batch_size)]
+    mine = distributed.shard(range(len(batches)))  # every batch here, or this process's share of them
+    per_batch: dict[int, list[InputRecord]] = {}
+    shown = progress and distributed.is_main()
+    with tqdm(total=sum(len(batches[k]) for k in mine), desc=f"scanning {loaded.name}", unit="input", disable=not shown) as bar:
+        for k in mine:
+            per_batch[k] = measure_batch(loaded, batches[k], settings, intervention=intervention)
+            bar.update(len(batches[k]))
+    merged = distributed.gather_dict(per_batch)  # {batch index: records} from every process
+    return [record for k in range(len(batches)) for record in merged[k]]
 
 
 def scan(
@@ -151,3 +162,15 @@ def summary_lines(report: Report) -> list[str]:
             lines.append(f"  secondary outlier {word['text']!r}: {word['count']}x in layers {_span(word['layers'])}, up to {word['max_ratio']:.1f}x the median norm")
     lines += [f"  note: {note}" for note in s.get("notes", [])]
     return lines
+
+
+class _CallableModule(types.ModuleType):
+    """``sinkless.scan`` is this package and, called, the public ``sinkless.api.scan``."""
+
+    def __call__(self, model, inputs, processor=None, **settings) -> Report:
+        from sinkless.api import scan as scan_model
+
+        return scan_model(model, inputs, processor, **settings)
+
+
+sys.modules[__name__].__class__ = _CallableModule

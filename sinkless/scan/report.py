@@ -94,6 +94,10 @@ def _layer_rows(records: list[InputRecord], vision: bool) -> list[dict]:
                 row["outlier_attention_share_patches"] = _nanmean([float(r.share_body[li]) for r in records])
         if records[0].first_token is not None:
             row["first_token_attention"] = _nanmean([float(r.first_token[li]) for r in records])
+        if records[0].learned_sink is not None:  # gpt-oss: the share its learned sink logit takes
+            row["learned_sink_attention"] = _nanmean([float(r.learned_sink[li]) for r in records])
+        if records[0].attention_gate is not None:  # gated attention (Qwen3-Next): mean sigmoid output gate
+            row["attention_gate"] = _nanmean([float(r.attention_gate[li]) for r in records])
         for group in ("registers", "appended"):
             ratios = [
                 float(getattr_slice(r, group, li).median() / r.medians[li])
@@ -119,8 +123,8 @@ def build_report(
     if records[0].alpha0 is not None:
         for li, row in enumerate(layers):
             alphas = torch.cat([r.alpha0[li] for r in records])
-            alphas = alphas[~alphas.isnan()]  # texts too short to measure (no queries past the warm-up)
-            row["sink_epsilon"] = float((alphas > settings.epsilon).float().mean()) if len(alphas) else None
+            alphas = alphas[~alphas.isnan()]  # texts too short to measure, blocks without softmax attention
+            row["sink_epsilon"] = float((alphas > settings.epsilon).float().mean()) if alphas.numel() else None
 
     outliers = []
     for r in records:

@@ -54,7 +54,9 @@ def rotary_inv_freq(model: nn.Module, *, no_rope_fix: str | None = None) -> torc
 
     ``no_rope_fix``: the fix line of that error, for callers without ``--mode`` (``sinkless stream``).
     """
-    rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    # ``inv_freq``, or one ``<layer type>_inv_freq`` per layer type (Gemma3: sliding and full attention)
+    rotary = {name: buffer for name, buffer in model.named_buffers(remove_duplicate=False)
+              if name.endswith("inv_freq") and not name.endswith("original_inv_freq")}
     if not rotary:
         raise SinklessError(
             f"{_arch(model)} has no rotary position embeddings (it adds absolute position embeddings to its inputs), "
@@ -69,7 +71,15 @@ def rotary_inv_freq(model: nn.Module, *, no_rope_fix: str | None = None) -> torc
             f"{_arch(model)} uses {rope_type!r} rotary scaling, whose frequencies change with the sequence length",
             fix=f"streaming supports rope types {', '.join(_STATIC_ROPE)}",
         )
-    inv_freq = rotary[0].inv_freq.detach().float()
+    frequencies = list(rotary.values())
+    if any(f.shape != frequencies[0].shape or not torch.equal(f, frequencies[0]) for f in frequencies[1:]):
+        raise SinklessError(
+            f"{_arch(model)} rotates its layers with different rotary frequencies "
+            f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name in rotary}))}), "
+            "and the sink cache re-rotates every layer's cached keys alike",
+            fix="use --mode full / recompute with this model, or a model with one rotary embedding (Llama, Qwen3, Mistral)",
+        )
+    inv_freq = frequencies[0].detach().float()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if 2 * inv_freq.numel() != head_dim:
         raise SinklessError(

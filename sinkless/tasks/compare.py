@@ -118,6 +118,8 @@ def compare(
     progress: bool = True,
     visuals: bool = False,
     fix_options: dict[str, dict] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
 ) -> tuple[Comparison, dict]:
     """Evaluate ``task`` on ``data`` for ``model`` (a zoo name, hub id, folder or ``Loaded``) under each fix.
 
@@ -141,7 +143,7 @@ def compare(
     protocol = make_protocol(spec, overrides)
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
     dataset = dataset.limit(limit)
-    loaded = zoo.load(model) if isinstance(model, str) else model
+    loaded = zoo.load(model, device=device, dtype=dtype) if isinstance(model, str) else model
     check_vision(loaded, spec.name)
     started = time.perf_counter()
     contexts = []
