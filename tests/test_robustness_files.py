@@ -318,7 +318,7 @@ def test_unknown_fields_in_a_neurons_file_are_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("broken, message", [("config-is-a-folder", "cannot read config.json"), ("config-empty", "not valid JSON"),
-                                              ("weights-are-a-folder", "holds no weights"), ("tokenizer-broken", "cannot load the model in folder")])
+                                              ("weights-are-a-folder", "holds no weights"), ("tokenizer-broken", "has no usable tokenizer")])
 def test_model_folder_more(tmp_path, capsys, text_model, broken, message):
     import shutil
 
