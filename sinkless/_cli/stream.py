@@ -64,12 +64,12 @@ def _chat(args: argparse.Namespace, loaded, generate_kwargs: dict, streamer) -> 
             line = line.rstrip("\n")
         if not line.strip():
             continue
-        if interactive:
-            print("assistant> ", end="", file=sys.stderr, flush=True)
+        if not interactive:  # a log of the conversation on stderr; the replies alone on stdout
+            print(f"you> {line}", file=sys.stderr, flush=True)
+        print("assistant> ", end="", file=sys.stderr, flush=True)
         result = chat.send(line, streamer=streamer, seed=args.seed, **generate_kwargs)
         sys.stdout.flush()
-        if interactive:
-            _stats(result)
+        _stats(result)
     return 0
 
 

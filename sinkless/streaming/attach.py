@@ -102,7 +102,8 @@ class _Attachment:
         before = cache.count if cache.count is not None and cache.count.shape[0] == b else torch.zeros(b, dtype=torch.long)
         if bool((before + valid.sum(1) == 0).any()):
             raise SinklessError("a row of the batch has no tokens yet (only padding)", fix="give every row at least one real token")
-        step = cache.prepare(valid)
+        model = self.model()
+        step = cache.prepare(valid, x.device, next(model.parameters()).dtype if model is not None else None)
         cache._calls.append(_Call(valid, source, keep, prefix))
         new = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "cache_position")}
         new.update({name: x, "use_cache": True, "logits_to_keep": keep_model, **step})

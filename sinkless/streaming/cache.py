@@ -192,13 +192,15 @@ class SinkCache(Cache):
                 fix="use one SinkCache per batch (or cache.reset() to start over)",
             )
 
-    def prepare(self, valid: torch.Tensor) -> dict:
-        """Lay out the next forward of ``valid.shape[1]`` tokens per row (``valid`` ``(B, n)``: False = padding).
+    def prepare(self, valid: torch.Tensor, device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict:
+        """Lay out the next forward of ``valid.shape[1]`` tokens per row (``valid`` ``(B, n)``: False = padding), on
+        ``device`` (the inputs') with float masks in ``dtype`` (the model's).
 
         Returns the model inputs the step needs: ``position_ids`` ``(B, n)`` and ``attention_mask`` (None when a
         plain causal mask over the slots is right, else a 4D mask or a dict of them per layer type)."""
         if self._plan is not None:  # an earlier forward failed half way: its layers' work is dropped
             self.abort()
+        self._device, self._dtype = device or self._device, dtype or self._dtype
         self._start(valid.shape[0])
         fast = layout.plan_fast(self, valid) if valid.shape[1] == 1 else None
         self._plan = fast if fast is not None else layout.plan_general(self, valid)
@@ -236,21 +238,22 @@ class SinkCache(Cache):
             self._commit()
         return keys, values
 
-    def _cos_sin(self, plan, inv_freq: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (id(inv_freq), id(shifts))
+    @staticmethod
+    def _cos_sin(plan, inv_freq: torch.Tensor, shifts: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(inv_freq), id(shifts), device)  # layers of a model split over devices get their own copy
         if key not in plan.rotations:
             cos, sin = rotation(inv_freq, shifts)
-            plan.rotations[key] = (cos.to(self._device), sin.to(self._device))
+            plan.rotations[key] = (cos.to(device), sin.to(device))
         return plan.rotations[key]
 
     def _update_fast(self, layer: SinkLayer, plan: layout.Fast, inv_freq, key_states, value_states):
         layer.ensure(plan.capacity, self.sinks)
         b, h, _, d = key_states.shape
-        slot = plan.slot.to(self._device).view(b, 1, 1, 1)  # (B, 1, 1, 1) each row's free slot
+        slot = plan.slot.to(key_states.device).view(b, 1, 1, 1)  # (B, 1, 1, 1) each row's free slot
         layer.keys.scatter_(2, slot.expand(b, h, 1, d), key_states)
         layer.values.scatter_(2, slot.expand(b, h, 1, value_states.shape[-1]), value_states)
         if self.sinks and not torch.equal(layer.slot_offset, plan.offset):  # re-rotate the sink slots
-            cos, sin = self._cos_sin(plan, inv_freq, plan.offset)  # (B, r)
+            cos, sin = self._cos_sin(plan, inv_freq, plan.offset, key_states.device)  # (B, r)
             layer.keys[:, :, : self.sinks] = shift_keys(layer.sink_keys, cos[:, None, None], sin[:, None, None])
             layer.slot_offset = plan.offset.clone()
         return layer.keys[:, :, : plan.capacity], layer.values[:, :, : plan.capacity]
@@ -258,14 +261,14 @@ class SinkCache(Cache):
     def _update_general(self, layer: SinkLayer, plan: layout.General, inv_freq, key_states, value_states):
         layer.ensure(max(plan.capacity_before, self.sinks), self.sinks)
         keys, values = layer.keys[:, :, : plan.capacity_before], layer.values[:, :, : plan.capacity_before]
-        s, dev = self.sinks, self._device
+        s, dev = self.sinks, key_states.device
         # this step's sinks (unrotated): stored ones, or new tokens of this chunk
         sink_index = plan.sink_index.to(dev)  # (B, S) into [stored sinks | new]
         sink_k = _gather(torch.cat([layer.sink_keys, key_states], 2), sink_index)  # (B, h, S, d)
         sink_v = _gather(torch.cat([values[:, :, :s], value_states], 2), sink_index)
         blocks_k, blocks_v = [sink_k, keys, key_states], [sink_v, values, value_states]
         if plan.copy_shift is not None:  # per-query rotated copies of the sinks
-            cos, sin = self._cos_sin(plan, inv_freq, plan.copy_shift)  # (B, G, r)
+            cos, sin = self._cos_sin(plan, inv_freq, plan.copy_shift, dev)  # (B, G, r)
             b, h, _, d = sink_k.shape
             g = plan.copy_shift.shape[1]
             copies = shift_keys(sink_k[:, :, None], cos[:, None, :, None], sin[:, None, :, None])  # (B, h, G, S, d)
@@ -299,11 +302,11 @@ class SinkCache(Cache):
         for i, layer in enumerate(self.layers):
             if not layer.is_initialized:
                 continue
-            inv = self.spec.inv_freq[i]
-            if id(inv) not in done:
+            inv, device = self.spec.inv_freq[i], layer.keys.device
+            if (id(inv), device) not in done:
                 cos, sin = rotation(inv, shift)
-                done[id(inv)] = (cos.to(self._device)[:, None, None], sin.to(self._device)[:, None, None])
-            cos, sin = done[id(inv)]
+                done[id(inv), device] = (cos.to(device)[:, None, None], sin.to(device)[:, None, None])
+            cos, sin = done[id(inv), device]
             layer.keys = torch.cat([layer.keys[:, :, : self.sinks], shift_keys(layer.keys[:, :, self.sinks :], cos, sin)], 2)
         self.frame = new_frame
         self.rebases += 1
