@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-k", type=int, default=None, help="sampling: keep the K most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sampling: nucleus probability mass")
-    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating tokens")
+    parser.add_argument("--repetition-penalty", type=float, default=1.2, help="> 1 discourages repeating tokens (default 1.2: small models loop without it; 1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per forward during prefill (results do not depend on it)")
     add_device_args(parser)

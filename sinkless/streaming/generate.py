@@ -62,7 +62,7 @@ def sampling_kwargs(*, temperature: float = 0.0, top_k: int | None = None, top_p
     if temperature > 0:
         kwargs["temperature"] = temperature
         kwargs.update({k: v for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None})
-    if repetition_penalty is not None:
+    if repetition_penalty is not None and repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = repetition_penalty
     _check_settings(kwargs)
     return kwargs
