@@ -210,9 +210,9 @@ def _load_minilm() -> Loaded:
 
 def _load_planted(name: str) -> Callable[[], Loaded]:
     def load_it() -> Loaded:
-        from sinkless import planted
+        from sinkless.planted.builder import load_named
 
-        return planted.load_named(name)
+        return load_named(name)
 
     return load_it
 

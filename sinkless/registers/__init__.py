@@ -4,6 +4,6 @@ Now: test-time registers (Jiang et al. 2025), no retraining. Trained and self-di
 """
 
 from sinkless.registers.discovery import SWEEP, DiscoverySettings, discover
-from sinkless.registers.test_time import MaxMode, RegisterNeurons, TestTimeRegisters, ZeroNeurons, load_neurons
+from sinkless.registers.ttr import MaxMode, RegisterNeurons, TestTimeRegisters, ZeroNeurons, load_neurons
 
 __all__ = ["discover", "DiscoverySettings", "SWEEP", "MaxMode", "RegisterNeurons", "TestTimeRegisters", "ZeroNeurons", "load_neurons"]

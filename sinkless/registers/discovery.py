@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sinkless.adapters import Modality, TokenLayout
 from sinkless.hooks import hooks
-from sinkless.registers.test_time import RegisterNeurons, TestTimeRegisters, _extreme
+from sinkless.registers.ttr import RegisterNeurons, TestTimeRegisters, _extreme
 from sinkless.scan import ScanSettings
 from sinkless.scan import measure as measure_inputs
 from sinkless.scan.inputs import ImageInput, TextInput

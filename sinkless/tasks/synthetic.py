@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from sinkless.tasks.data import Dataset, Sample
+from sinkless.tasks.dataset import Dataset, Sample
 
 __all__ = ["SHAPES", "SceneSpec", "render_scene", "synthetic_scenes"]
 

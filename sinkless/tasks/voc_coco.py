@@ -13,7 +13,7 @@ import numpy as np
 
 from sinkless.errors import SinklessError
 from sinkless.images import load_image
-from sinkless.tasks.data import (
+from sinkless.tasks.dataset import (
     _DATA_HELP,
     IGNORE,
     Dataset,
