@@ -228,4 +228,12 @@ def check_streamable(model: nn.Module, sinks: int = 4, window: int = 1020) -> St
     if cached is None or cached[0] != key:
         cached = (key, _spec(model))
         _SPECS[model] = cached
-    return cached[1]
+    spec = cached[1]
+    narrow = {w for w in spec.sliding if w is not None and w <= sinks + window}
+    if narrow and len(narrow | {w if w in narrow else None for w in spec.sliding}) > 1 and not spec.mask_dicts:
+        raise SinklessError(
+            f"{spec.arch} has sliding-window layers of {min(narrow)} tokens next to other layers, and does not take "
+            "one attention mask per layer type, which a cache larger than that window needs",
+            fix=f"use --sinks + --window < {min(narrow)}",
+        )
+    return spec

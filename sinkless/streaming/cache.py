@@ -126,6 +126,10 @@ class SinkCache(Cache):
         param = next(model.parameters())
         self._device, self._dtype = param.device, param.dtype
         super().__init__(layers=[SinkLayer(self, i) for i in range(self.spec.n_layers)])
+        self.mask_groups = layout.groups(self)
+        self._freq_groups: dict[int, list[int]] = {}  # layers sharing rotary frequencies
+        for i, inv in enumerate(self.spec.inv_freq):
+            self._freq_groups.setdefault(id(inv), []).append(i)
         self._clear()
         from sinkless.streaming.attach import attach
 
@@ -138,6 +142,7 @@ class SinkCache(Cache):
         self.slot_pos: torch.Tensor | None = None  # (B, C) text position held by each slot, -1 empty
         self.rebases = 0
         self.last_logits: torch.Tensor | None = None  # (B, V) each row's logits after its last real token
+        self._sink_stack: torch.Tensor | None = None  # (L, B, h, S, d) every layer's sinks, when their shapes agree
         self._plan: layout.Fast | layout.General | None = None
         self._done = 0
 
@@ -253,10 +258,33 @@ class SinkCache(Cache):
         layer.keys.scatter_(2, slot.expand(b, h, 1, d), key_states)
         layer.values.scatter_(2, slot.expand(b, h, 1, value_states.shape[-1]), value_states)
         if self.sinks and not torch.equal(layer.slot_offset, plan.offset):  # re-rotate the sink slots
-            cos, sin = self._cos_sin(plan, inv_freq, plan.offset, key_states.device)  # (B, r)
-            layer.keys[:, :, : self.sinks] = shift_keys(layer.sink_keys, cos[:, None, None], sin[:, None, None])
-            layer.slot_offset = plan.offset.clone()
+            layer.keys[:, :, : self.sinks] = self._rotated_sinks(plan, layer, inv_freq, key_states.device)
+            layer.slot_offset = plan.offset
         return layer.keys[:, :, : plan.capacity], layer.values[:, :, : plan.capacity]
+
+    def _rotated_sinks(self, plan: layout.Fast, layer: SinkLayer, inv_freq: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``layer``'s sinks rotated by each row's offset ``(B, h, S, d)``: one rotation of every layer's sinks per
+        step when they are stacked (a one-token step is otherwise a handful of tiny ops per layer)."""
+        if self._sink_stack is None:
+            cos, sin = self._cos_sin(plan, inv_freq, plan.offset, device)  # (B, r)
+            return shift_keys(layer.sink_keys, cos[:, None, None], sin[:, None, None])
+        if plan.rotated is None:
+            plan.rotated = {}
+            for key, members in self._freq_groups.items():
+                cos, sin = rotation(self.spec.inv_freq[members[0]], plan.offset)  # (B, r)
+                cos, sin = cos.to(self._sink_stack.device)[None, :, None, None], sin.to(self._sink_stack.device)[None, :, None, None]
+                stack = self._sink_stack if len(members) == len(self.layers) else self._sink_stack[members]
+                plan.rotated[key] = (shift_keys(stack, cos, sin), {m: j for j, m in enumerate(members)})  # (L_g, B, h, S, d)
+        rotated, where = plan.rotated[id(inv_freq)]
+        return rotated[where[layer._owner_index]]
+
+    def _stack_sinks(self) -> None:
+        sinks = [layer.sink_keys for layer in self.layers]
+        same = all(k is not None and k.shape == sinks[0].shape and k.device == sinks[0].device and k.dtype == sinks[0].dtype for k in sinks)
+        self._sink_stack = torch.stack(sinks) if same and sinks else None
+        if self._sink_stack is not None:
+            for i, layer in enumerate(self.layers):
+                layer.sink_keys = self._sink_stack[i]
 
     def _update_general(self, layer: SinkLayer, plan: layout.General, inv_freq, key_states, value_states):
         layer.ensure(max(plan.capacity_before, self.sinks), self.sinks)
@@ -283,19 +311,21 @@ class SinkCache(Cache):
 
     def _commit(self) -> None:
         plan, self._plan, self._done = self._plan, None, 0
-        for layer in self.layers:
-            if layer.staged is not None:
+        if isinstance(plan, layout.General):
+            for layer in self.layers:
                 layer.keys, layer.values, layer.sink_keys = layer.staged
                 layer.slot_offset = torch.zeros_like(plan.count_after)
                 layer.staged = None
+            self._stack_sinks()
         self.count, self.slot_pos, self.columns = plan.count_after, plan.slot_pos_after, self.columns + plan.n
         self._rebase()
 
     def _rebase(self) -> None:
         """Rotate the window back for rows whose frame positions passed ``2 (S + W)``."""
-        rows = self.count - self.frame > 2 * self.capacity
-        if not bool(rows.any()):
+        lead = self.count - self.frame
+        if int(lead.max()) <= 2 * self.capacity:
             return
+        rows = lead > 2 * self.capacity
         new_frame = torch.where(rows, self.count - self.count.clamp(max=self.capacity), self.frame)
         shift = self.frame - new_frame  # (B,) 0 for rows that stay
         done = {}
@@ -329,6 +359,7 @@ class SinkCache(Cache):
             self.last_logits = self.last_logits.index_select(0, index.to(self.last_logits.device))
         for layer in self.layers:
             layer.select_rows(index)
+        self._stack_sinks()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)

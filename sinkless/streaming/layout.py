@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["Fast", "General", "plan_fast", "plan_general", "format_masks"]
+__all__ = ["Fast", "General", "groups", "plan_fast", "plan_general", "format_masks"]
 
 _FAR = torch.iinfo(torch.long).max // 4
 
@@ -40,6 +40,7 @@ class Fast:
     slot_pos_after: torch.Tensor  # (B, C) after eviction
     n: int = 1
     rotations: dict = dataclasses.field(default_factory=dict)
+    rotated: dict | None = None  # the step's rotated sinks of every layer, per rotary-frequency group
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ class General:
     rotations: dict = dataclasses.field(default_factory=dict)
 
 
-def _groups(cache) -> dict[int | None, list[str]]:
+def groups(cache) -> dict[int | None, list[str]]:
     """Effective sliding window -> layer types using it (None: no restriction within the kept tokens)."""
     groups: dict[int | None, list[str]] = {}
     for kind, window in zip(cache.spec.layer_types, cache.spec.sliding):
@@ -78,13 +79,12 @@ def format_masks(cache, visible_by_group: dict[int | None, torch.Tensor]) -> tor
         out[window] = mask
     if len(out) == 1:
         return next(iter(out.values()))
-    groups = _groups(cache)
-    return {kind: out[window] for window, kinds in groups.items() for kind in kinds}
+    return {kind: out[window] for window, kinds in cache.mask_groups.items() for kind in kinds}
 
 
 def _visible(cache, build) -> dict[int | None, torch.Tensor]:
     """``build(window)`` -> visibility for each sliding group of the model."""
-    return {window: build(window) for window in _groups(cache)}
+    return {window: build(window) for window in cache.mask_groups}
 
 
 def _within(distance: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -111,13 +111,12 @@ def plan_fast(cache, valid: torch.Tensor) -> Fast | None:
     after = slot_pos.clone()
     after[torch.arange(b), slot] = t
     occupied = after >= 0  # (B, C): every kept token is visible to the new one
-    distance = torch.where(after < s, cpos[:, None] - after, t[:, None] - after)  # (B, C) in-cache distances
-
-    def build(window):
-        return (occupied & _within(distance, window))[:, None, :]  # (B, 1, C)
-
-    visible = _visible(cache, build)
-    plain = len(visible) == 1 and None in visible and bool(occupied.all())
+    if list(cache.mask_groups) == [None]:  # no sliding window narrower than the cache
+        visible, plain = {None: occupied[:, None, :]}, bool(occupied.all())
+    else:
+        distance = torch.where(after < s, cpos[:, None] - after, t[:, None] - after)  # (B, C) in-cache distances
+        visible = _visible(cache, lambda window: (occupied & _within(distance, window))[:, None, :])  # (B, 1, C)
+        plain = False
     count_after = count + 1
     evict = (after >= s) & (after < (count_after - w)[:, None])
     return Fast(
