@@ -45,6 +45,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from sinkless.errors import SinklessError
 from sinkless.streaming import layout
 from sinkless.streaming.architecture import StreamSpec, check_streamable, rotation, shift_keys
+from sinkless.streaming.attach import attach
 
 __all__ = ["SinkCache"]
 
@@ -56,9 +57,9 @@ class SinkLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, owner: SinkCache, index: int) -> None:
+    def __init__(self, index: int) -> None:
         super().__init__()
-        self._owner_index = index
+        self.index = index
         self.sink_keys: torch.Tensor | None = None
         self.slot_offset: torch.Tensor | None = None  # (B,) rotation currently applied to the sink slots
         self.staged: tuple | None = None
@@ -125,14 +126,12 @@ class SinkCache(Cache):
         self.sinks, self.window, self.chunk_size = int(sinks), int(window), int(chunk_size)
         param = next(model.parameters())
         self._device, self._dtype = param.device, param.dtype
-        super().__init__(layers=[SinkLayer(self, i) for i in range(self.spec.n_layers)])
+        super().__init__(layers=[SinkLayer(i) for i in range(self.spec.n_layers)])
         self.mask_groups = layout.groups(self)
         self._freq_groups: dict[int, list[int]] = {}  # layers sharing rotary frequencies
         for i, inv in enumerate(self.spec.inv_freq):
             self._freq_groups.setdefault(id(inv), []).append(i)
         self._clear()
-        from sinkless.streaming.attach import attach
-
         attach(model, self)
 
     def _clear(self) -> None:
@@ -276,7 +275,7 @@ class SinkCache(Cache):
                 stack = self._sink_stack if len(members) == len(self.layers) else self._sink_stack[members]
                 plan.rotated[key] = (shift_keys(stack, cos, sin), {m: j for j, m in enumerate(members)})  # (L_g, B, h, S, d)
         rotated, where = plan.rotated[id(inv_freq)]
-        return rotated[where[layer._owner_index]]
+        return rotated[where[layer.index]]
 
     def _stack_sinks(self) -> None:
         sinks = [layer.sink_keys for layer in self.layers]
