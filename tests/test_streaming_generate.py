@@ -70,6 +70,9 @@ def test_padded_batch_equals_separate_runs(family, side):
     print(f"{family} {side}-padded batch of 3 vs 3 separate runs: identical tokens, logits max |diff| = {worst:.3g}")
     assert worst <= 1e-5
     assert cache.seen() == [n + 14 for n in (5, 11, 17)] and cache.kept() == [8, 8, 8]
+    chunked = model.generate(ids, attention_mask=mask, past_key_values=SinkCache(model, sinks=2, window=6), max_new_tokens=15,
+                             do_sample=False, pad_token_id=0, prefill_chunk_size=4)  # transformers' own chunked prefill
+    assert torch.equal(chunked[:, ids.shape[1] :], tokens)
 
 
 def test_sampling_options_match_the_default_cache_before_eviction():

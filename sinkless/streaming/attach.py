@@ -89,19 +89,19 @@ class _Attachment:
             if wanted:
                 prefix.append(out.logits)
         x, valid = x[:, n - last :], valid[:, n - last :]
-        # the returned columns of the final chunk that are padding take their row's last real logits
+        # the returned columns of the final chunk that are padding take their row's last real logits (a row
+        # with no real token yet, e.g. in transformers' own chunked prefill, keeps its pad's meaningless ones)
         returned = valid if keep == 0 else valid[:, -min(keep, last) :]
         source = None
         if not bool(returned.all()):
             columns = torch.arange(valid.shape[1]).expand_as(valid)
             latest = torch.where(valid, columns, -1).cummax(1).values  # (B, n) last real column so far
+            earlier = cache.count if cache.count is not None and cache.count.shape[0] == b else torch.zeros(b, dtype=torch.long)
+            latest = torch.where((latest < 0) & (earlier == 0)[:, None], columns, latest)
             source = latest[:, -returned.shape[1] :]
             keep_model = 0
         else:
             keep_model = min(keep, last) if keep else 0
-        before = cache.count if cache.count is not None and cache.count.shape[0] == b else torch.zeros(b, dtype=torch.long)
-        if bool((before + valid.sum(1) == 0).any()):
-            raise SinklessError("a row of the batch has no tokens yet (only padding)", fix="give every row at least one real token")
         model = self.model()
         step = cache.prepare(valid, x.device, next(model.parameters()).dtype if model is not None else None)
         cache._calls.append(_Call(valid, source, keep, prefix))
