@@ -412,3 +412,90 @@ def test_cli_user_mistakes_exit_2(argv, message, capsys):
         code = exit_.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+# -- the cache's bookkeeping, by hand -----------------------------------------------------------------
+# (pinned to the paper's counting: S + W kept between steps, S + W + 1 attended, in-cache positions)
+def test_kept_positions_by_hand():
+    cache = SinkCache(tiny_lm("llama"), sinks=2, window=4)
+    assert cache.capacity == 6 and cache.get_max_length() == 7
+    assert cache.kept_positions(0) == [0] and cache.kept_positions(1) == [0, 1]
+    assert cache.kept_positions(3) == [0, 1, 2, 3]
+    assert cache.kept_positions(6) == [0, 1, 2, 3, 4, 5, 6]  # 2 sinks + 4 before + itself: nothing evicted yet
+    assert cache.kept_positions(7) == [0, 1, 3, 4, 5, 6, 7]  # the 4 before 7 (3..6) after the 2 sinks
+    assert cache.kept_positions(10) == [0, 1, 6, 7, 8, 9, 10]
+    no_sinks = SinkCache(tiny_lm("llama"), sinks=0, window=3)
+    assert no_sinks.kept_positions(7) == [4, 5, 6, 7] and no_sinks.kept_positions(1) == [0, 1]
+
+
+def test_cache_between_steps_holds_sinks_and_window():
+    model = tiny_lm("llama")
+    _, cache = stream_logits(model, ids_for(11), sinks=2, window=4)
+    assert cache.seen() == [11] and cache.kept() == [2 + 4] and cache.get_seq_length() == 11  # columns generate counts
+    assert sorted(p for p in cache.slot_pos[0].tolist() if p >= 0) == [0, 1, 7, 8, 9, 10]  # sinks, then 11 - 4 ..
+    assert repr(cache) == "SinkCache(sinks=2, window=4, seen=[11], kept=[6])"
+    cache.reset()
+    assert (cache.seen(), cache.kept(), cache.get_seq_length(), cache.rebases, cache.pending) == ([], [], 0, 0, False)
+    with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+        cache.crop(1)
+
+
+def test_step_positions_and_mask_before_eviction():
+    cache = SinkCache(tiny_lm("llama"), sinks=2, window=4)
+    inputs = cache.prepare(torch.ones(2, 3, dtype=torch.bool))
+    assert inputs["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    mask = inputs["attention_mask"]  # columns [sinks (2) | slots (2, empty) | new tokens (3)]
+    assert mask.shape == (2, 1, 3, 7) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 1]]
+    assert cache.pending
+    cache.prepare(torch.ones(2, 1, dtype=torch.bool))  # a step that never ran is dropped, not merged
+    cache.abort()
+    assert not cache.pending and cache.seen() == [0, 0]
+    with pytest.raises(RuntimeError, match="assigns the positions and mask of each step"):
+        cache.update(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4), 0)
+
+
+def test_eager_mask_is_additive():
+    cache = SinkCache(tiny_lm("llama", attn="eager"), sinks=1, window=2)
+    mask = cache.prepare(torch.ones(1, 2, dtype=torch.bool))["attention_mask"][0, 0]  # [sink | slot | new (2)]
+    assert mask.dtype == torch.float32 and mask[0, 0] == 0 and mask[1, 0] == 0 and mask[1, 3] == 0
+    assert mask[0, 1] == mask[0, 3] == mask[1, 2] == torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize(
+    "sinks, window, message",
+    [
+        (-1, 8, "bad cache size: sinks=-1, window=8\n  fix: use --sinks >= 0 and --window >= 1 (the paper: --sinks 4 --window 1020)"),
+        (0, 0, "bad cache size: sinks=0, window=0\n  fix: use --sinks >= 0 and --window >= 1 (the paper: --sinks 4 --window 1020)"),
+        (2, 1.5, "--window must be a whole number, got 1.5"),
+    ],
+)
+def test_bad_sizes_messages(sinks, window, message):
+    with pytest.raises(SinklessError) as error:
+        SinkCache(tiny_lm("llama"), sinks=sinks, window=window)
+    assert str(error.value) == message
+    assert SinkCache(tiny_lm("llama"), sinks=4, window=4).capacity == 8  # paper counting: any window >= 1
+
+
+def test_models_that_cannot_stream_are_named():
+    from conftest import tiny_model
+    from sinkless.streaming import check_streamable
+
+    with pytest.raises(SinklessError, match="BertModel is not a causal language model"):
+        check_streamable(tiny_model("bert"), 2, 4)
+    with pytest.raises(SinklessError, match="GPT2LMHeadModel has no rotary position embeddings"):
+        check_streamable(tiny_model("gpt2"), 2, 4)
+    model = tiny_lm("llama")
+    model.config.rope_parameters = {**(model.config.rope_parameters or {}), "rope_type": "dynamic"}
+    with pytest.raises(SinklessError, match="uses 'dynamic' rotary scaling") as error:
+        check_streamable(model, 2, 4)
+    assert "default, linear, llama3, yarn" in error.value.fix
+    sliding = tiny_lm("mistral")
+    sliding.config.sliding_window = 5
+    assert check_streamable(sliding, 2, 4).sliding == (5, 5, 5)  # narrower than the cache: masked, not refused
+    flash = tiny_lm("llama")
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(SinklessError, match="needs sdpa or eager attention, and LlamaForCausalLM uses 'flash_attention_2'"):
+        check_streamable(flash, 2, 4)
+    inv = check_streamable(tiny_lm("llama"), 2, 4).inv_freq[0]
+    assert inv.shape == (8,) and inv.dtype == torch.float32 and float(inv[0]) == 1.0
