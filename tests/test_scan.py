@@ -575,7 +575,7 @@ def test_summary_lines_in_detail():
     text.layers = layers[:3]
     text.massive_activations = []
     text.summary.update(secondary_outliers=[], sink_share=None, first_token_attention_max=None, sink_epsilon=None)
-    assert summary_lines(text)[1:] == ["  first-token attention: mean 0 %, max 0 %; >= 30 % in layers 1-2; Sink_eps=0.3: 0 % of heads"]
+    assert summary_lines(text)[1:] == ["  first-token attention: not measured"]  # None is unknown, never 0 %
     text.layers = layers[:1]
     assert ">= 30 % in layers none;" in summary_lines(text)[1]
 

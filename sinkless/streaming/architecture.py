@@ -170,12 +170,18 @@ def _probe(model: nn.Module, inv_freq: list[torch.Tensor], types: list[str] | No
     return layers, mask_dicts
 
 
+_UNTESTED = {"gpt_neox": "rotates part of each head (partial rotary, rotary_pct) and fails inside the sink cache"}
+"""Families that pass the structural checks but are known not to stream, with the reason."""
+
+
 def _spec(model: nn.Module, no_rope_fix: str | None = None) -> StreamSpec:
     arch = type(model).__name__
     config = model.config
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()) or getattr(config, "is_encoder_decoder", False):
         raise _refuse(f"{arch} is not a causal language model")
+    if config.model_type in _UNTESTED:
+        raise _refuse(f"{arch} {_UNTESTED[config.model_type]}; the sink cache does not support it yet")
     impl = config._attn_implementation
     if impl not in MASK_KINDS:
         raise _refuse(f"streaming needs sdpa or eager attention, and {arch} uses {impl!r}", fix="model.set_attn_implementation('sdpa') (or 'eager')")
