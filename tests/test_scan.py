@@ -577,6 +577,7 @@ def test_summary_lines_in_detail():
     text.summary.update(secondary_outliers=[], sink_share=None, first_token_attention_max=None, sink_epsilon=None)
     assert summary_lines(text)[1:] == ["  first-token attention: not measured"]  # None is unknown, never 0 %
     text.layers = layers[:1]
+    text.summary.update(sink_share=0.1, first_token_attention_max=0.1, sink_epsilon=0.0)
     assert ">= 30 % in layers none;" in summary_lines(text)[1]
 
 
