@@ -398,7 +398,7 @@ def test_window_mode_with_sinks_and_bad_flags_are_refused():
         (["ppl", "--model", "smollm2-135m", "--mode", "sink", "--text", "/no/such/file.txt"], "does not exist"),
         (["ppl", "--model", "smollm2-135m", "--mode", "window", "--sinks", "4"], "keeps no sinks"),
         (["ppl", "--model", "smollm2-135m", "--device", "tpu"], "unknown device"),
-        (["stream", "--model", "smollm2-135m", "--sinks", "-1", "--prompt", "x"], "--sinks >= 0"),
+        (["stream", "--model", "smollm2-135m", "--sinks", "-1", "--prompt", "x"], "--sinks N with N >= 0"),
         (["stream", "--model", "smollm2-135m", "--top-p", "1.5", "--temperature", "1", "--prompt", "x"], "--top-p"),
         (["stream", "--model", "smollm2-135m", "--dtype", "int3", "--prompt", "x"], "invalid choice"),
     ],

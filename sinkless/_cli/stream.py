@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     _args.non_negative_int(args.sinks, "--sinks", fix="pass --sinks N with N >= 0 (the paper keeps 4)")
     _args.positive_int(args.window, "--window", fix="pass --window N with N >= 1 (the paper uses 1020)")
-    _args.non_negative_int(args.max_new_tokens, "--max-new-tokens")
+    _args.positive_int(args.max_new_tokens, "--max-new-tokens")
     _args.positive_int(args.chunk_size, "--chunk-size")
     _args.non_negative_number(args.temperature, "--temperature", fix="pass --temperature 0 for greedy decoding, or a positive number such as 0.7")
     generate_kwargs = {
