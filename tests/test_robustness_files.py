@@ -295,10 +295,31 @@ def test_a_scan_that_cannot_fit_in_memory_is_refused(tmp_path, capsys, flags, me
                  contains=[message, "--no-attention"], root=tmp_path)
 
 
-def test_a_long_text_context_that_cannot_fit_in_memory_is_refused(tmp_path, capsys):
+def test_a_long_text_context_that_cannot_fit_in_memory_is_refused(tmp_path, capsys, monkeypatch):
+    import sinkless._cli.scan as scan_cli
+
+    monkeypatch.setattr(scan_cli, "_available_bytes", lambda: 256 * 2**20)  # a small machine: 256 MiB free
     folder = tiny_text_model_dir(tmp_path / "wide", context=1_000_000)
     expect_error(["scan", "--model", str(folder), "--text", words(200_000), "--max-tokens", "200000", "--out", str(tmp_path / "o")], capsys,
                  contains="texts of 200000 tokens", root=tmp_path)
+
+
+def test_the_memory_check_counts_chunked_text_attention_as_linear_in_the_tokens(tmp_path, monkeypatch):
+    """A causal LM's attention runs in query chunks and its hooks keep per-token reductions: a 200k-token
+    text of the tiny model needs well under 4 GiB, and refusing it for an (n x n) matrix would be wrong.
+    With chunking switched off (`attention_chunk=None`) the same length is refused for its quadratic attention."""
+    from types import SimpleNamespace
+
+    import sinkless._cli.scan as scan_cli
+    from sinkless import zoo
+    from sinkless.scan import ScanSettings
+
+    monkeypatch.setattr(scan_cli, "_available_bytes", lambda: 4 * 2**30)
+    items = [SimpleNamespace(text=words(200_000))]
+    causal = zoo.load(str(tiny_text_model_dir(tmp_path / "causal", context=1_000_000)))
+    scan_cli._check_memory(causal, items, ScanSettings(max_tokens=200_000))  # no error
+    with pytest.raises(SinklessError, match="texts of 200000 tokens"):  # the same text, attention never chunked
+        scan_cli._check_memory(causal, items, ScanSettings(max_tokens=200_000, attention_chunk=None))
 
 
 @pytest.mark.parametrize("content", ["model: x\nneurons: []\n", "layer,neuron\n1,3\n"], ids=["yaml", "csv"])

@@ -18,6 +18,7 @@ from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES
 from sinkless.scan import OutlierRule, Rule, ScanSettings, parse_layers, resolve_inputs, scan, summary_lines, write_reports
 from sinkless.scan.inputs import TEXT_SUFFIXES
+from sinkless.scan.attention import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +121,20 @@ def _check_memory(loaded, items, settings: ScanSettings) -> None:
     batch = min(settings.batch_size, len(items))
     if loaded.modality is Modality.VISION:
         side = (settings.image_size or loaded.image_spec.size) // loaded.image_spec.patch_size
-        tokens, kept_heads = side * side + 1, 1  # vision keeps attention averaged over heads
+        tokens = side * side + 1
         what = f"--image-size {settings.image_size or loaded.image_spec.size} ({tokens} tokens per image)"
     else:
         tokens = max(len(loaded.tokenizer(item.text, truncation=True, max_length=settings.max_tokens)["input_ids"]) for item in items)
-        kept_heads = heads  # text keeps every head (Sink_eps)
         what = f"texts of {tokens} tokens (--max-tokens {settings.max_tokens})"
-    floats = batch * tokens * (width * (n_layers + 2) + mlp)  # residuals of every scanned layer, one MLP activation
+    # the forward's own activations (hidden states, q/k/v, MLP) plus what the reducing hooks keep per
+    # scanned layer: per-token norms, attention mass per key and, for text, each head's first column
+    floats = batch * tokens * (6 * width + 3 * mlp) + batch * tokens * (heads + 4) * n_layers
     if settings.attention:
-        floats += batch * tokens * tokens * (kept_heads * n_layers + 2 * heads)  # captured + one layer's eager attention
+        chunked = loaded.modality is not Modality.VISION and loaded.adapter.causal and settings.attention_chunk is not None
+        if chunked:  # causal LMs: scores, probabilities and mask rows of one chunk of queries at a time
+            floats += 3 * max(CHUNK_BYTES // 4, batch * heads * tokens)
+        else:  # one layer's eager scores and probabilities exist at a time
+            floats += 2 * batch * heads * tokens * tokens
     needed = 4 * floats * 1.25
     if needed > 0.9 * available:
         raise SinklessError(
