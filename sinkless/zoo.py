@@ -323,6 +323,9 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> Loaded:
     source = str(local) if looks_local else name
     with _quiet_transformers():
         model = getattr(transformers, class_name).from_pretrained(source, dtype=dtype).eval()
+        from sinkless.registers.add import restore_registers  # ViT/CLIP/SigLIP registers saved by sinkless
+
+        restore_registers(model, source)
         tokenizer = None
         if adapter.modality is Modality.TEXT:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source)
