@@ -66,11 +66,13 @@ def _supported(model: nn.Module) -> Adapter:
         raise SinklessError(f"add_registers needs a model (torch module), got {type(model).__name__}",
                             fix="pass loaded.model, or a model from transformers' from_pretrained")
     adapter = adapter_for(model)  # unsupported architecture -> a clear error listing the supported ones
-    if adapter.modality is not Modality.VISION or adapter.family not in (*_NATIVE, *_HOOKED):
-        raise SinklessError(
-            f"registers are tokens of a vision transformer; {type(model).__name__} is a {adapter.modality.value} model",
-            fix="use Dinov2Model, Dinov2WithRegistersModel, ViTModel, CLIPVisionModel or SiglipVisionModel",
-        )
+    supported = "Dinov2Model, Dinov2WithRegistersModel, ViTModel, CLIPVisionModel or SiglipVisionModel"
+    if adapter.modality is not Modality.VISION:
+        raise SinklessError(f"registers are tokens of a vision transformer; {type(model).__name__} is a {adapter.modality.value} model",
+                            fix=f"use a {supported}")
+    if adapter.family not in (*_NATIVE, *_HOOKED):
+        raise SinklessError(f"adding registers to {type(model).__name__} is not supported (unsupported family {adapter.family!r})",
+                            fix=f"use a {supported}")
     return adapter
 
 

@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,7 +132,6 @@ class DistillResult:
     out: Path
     log: dict
     student: nn.Module | None = None
-    info: dict = field(default_factory=dict)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -347,7 +346,9 @@ def distill(
     meta = {
         "job": "distill", "model": loaded.name, "student": type(student).__name__, "data": data,
         "distill_settings": settings.to_dict(), "trainable": {"parts": list(settings.train), "parameters": sum(p.numel() for p in params.values())},
-        "job_key": {"model": loaded.name, "source": loaded.source, "data": data, "settings": settings.to_dict()},
+        # what a checkpoint must match to be resumed (the step budget and bookkeeping may change, as in training.py)
+        "job_key": {"model": loaded.name, "source": loaded.source, "data": data,
+                    "settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "log_every")}},
     }
 
     created = not out.exists()
@@ -391,8 +392,8 @@ def distill(
         result = train(params, step, train_settings, out / STATE_DIR, meta=meta, resume=resume, progress=progress,
                        desc=f"distill {loaded.name}", on_log=evaluate)
     except BaseException:
-        if created and not (out / STATE_DIR / "checkpoint.pt").exists():
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: leave no trace
+        if not (out / STATE_DIR / "checkpoint.pt").exists():  # nothing worth keeping: leave no trace
+            shutil.rmtree(out if created else out / STATE_DIR, ignore_errors=True)
         raise
     finally:
         teacher.to(home).train(was_training)
