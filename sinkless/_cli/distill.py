@@ -2,7 +2,7 @@
 
 The frozen model is the teacher: its patch features averaged over shifted and flipped views are the
 target. The student (the model + registers) trains its registers, position embeddings, patch embedding
-and last block. OUT becomes a model folder (`--model OUT` anywhere in sinkless; DINOv2 students also load
+and last block (PH-Reg's choice; --train picks other parts). OUT becomes a model folder (`--model OUT` anywhere in sinkless; DINOv2 students also load
 with plain transformers as Dinov2WithRegistersModel) with distill_log.json (loss curve, settings, data,
 seconds). Interrupted runs continue with --resume and end with the same weights.
 """
@@ -37,7 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="training crops whose teacher targets are computed once (default 256; 0: new crops and targets every step, as PH-Reg)")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate, decayed exponentially to 5e-6 (default 1e-4)")
     parser.add_argument("--train-blocks", type=int, default=1, metavar="K", help="train the last K blocks (default 1)")
-    parser.add_argument("--train-all", action="store_true", help="train every weight, not only registers, positions, patch embedding and last blocks")
+    parser.add_argument("--train", metavar="PARTS", default="registers,positions,patch_embed,blocks",
+                        help="comma-separated parts to train, from registers, positions, patch_embed, blocks (the last --train-blocks), "
+                             "final_norm, all (default: PH-Reg's registers,positions,patch_embed,blocks)")
+    parser.add_argument("--train-all", action="store_true", help="train every weight (same as --train all)")
     parser.add_argument("--image-size", type=int, metavar="PX", help="side of the square training crops (default: the model's input size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     settings = DistillSettings(
         registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
         pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, **({"train": ("all",)} if args.train_all else {}),
+        checkpoint_every=args.checkpoint_every, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
     )
     result = distill(args.model, args.images, args.out, settings, resume=args.resume, device=args.device, progress=not args.quiet)
     curve = result.log.get("loss_curve") or []
