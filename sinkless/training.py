@@ -272,7 +272,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{smoothed:.4g}", lr=f"{lr:.2e}")
             if (t + 1) % settings.log_every == 0 or t + 1 == settings.steps or t == start_step:
-                row = {"step": t + 1, "lr": lr, **{k: float(v) for k, v in losses.items()}}
+                row = {"step": t + 1, "lr": lr, **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()}}
                 if on_log is not None:
                     row.update(on_log(t + 1, row) or {})
                 result.curve.append(row)
