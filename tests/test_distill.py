@@ -277,7 +277,7 @@ def test_compare_distils_when_no_folder_is_given(tmp_path, monkeypatch, tiny):
     from sinkless.tasks.compare import compare
 
     monkeypatch.setenv("SINKLESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(distill_module, "DistillSettings", lambda: DistillSettings(**FAST))
+    monkeypatch.setattr(distill_module, "PHOTO_SETTINGS", DistillSettings(**FAST))
     seen = {}
     real = distill_module.training_photos
 

@@ -119,17 +119,17 @@ def _distilled(loaded, images, distilled: str | None = None) -> AbstractContextM
 
 
 def _distill_cached(loaded, images):
-    """``loaded`` distilled with the default settings on ``training_photos`` minus the evaluation images; cached by weights + data."""
+    """``loaded`` distilled with ``PHOTO_SETTINGS`` on ``training_photos`` minus the evaluation images; cached by weights + data."""
     import hashlib
 
     from sinkless import zoo
     from sinkless.planted import fingerprint
-    from sinkless.registers.distill import DistillSettings, distill, training_photos
+    from sinkless.registers.distill import PHOTO_SETTINGS, distill, training_photos
 
     photos = training_photos(exclude=list(images))
     if not photos:
         raise SinklessError("every bundled training photo is among the evaluation images", fix="distill on other photos and pass --distilled DIR")
-    settings = DistillSettings()
+    settings = PHOTO_SETTINGS
     text = json.dumps({"weights": fingerprint(loaded.model), "photos": [n for n, _ in photos], "settings": settings.to_dict()}, sort_keys=True)
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     name = "distilled-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.name)[-60:] + "-" + key[:8]
