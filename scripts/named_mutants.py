@@ -32,7 +32,7 @@ BUGS = [
     ("has_artifacts on 1 layer instead of >= 2", "sinkless/scan/report.py",
      "persistent = len(outlier_layers) >= min(2, len(layers))", "persistent = len(outlier_layers) >= 1", ["tests/test_report.py", "tests/test_scan.py"]),
     ("discovery scoring over all tokens instead of outlier positions", "sinkless/registers/discovery.py",
-     "tally.score_sum[d, l] += hidden[l][positions].mean(0)", "tally.score_sum[d, l] += hidden[l].mean(0)", ["tests/test_discovery.py"]),
+     "total += hidden[:, positions].double().mean(1)", "total += hidden.double().mean(1)", ["tests/test_discovery.py"]),
     ("LOST expanding k + 1 candidates", "sinkless/tasks/lost.py",
      "candidates = order[:k]", "candidates = order[: k + 1]", ["tests/test_tasks_lost.py"]),
     ("Hooks.__init__ leaving handles when a later site fails", "sinkless/hooks.py",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -12,7 +15,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from sinkless._io import MANIFEST, TMP_MARK
 from sinkless.errors import SinklessError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ImageSpec",
@@ -46,41 +52,155 @@ class ImageSpec:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, with a clear error for a missing or unreadable file."""
+    """Open an image file as 8-bit RGB, with a clear error for a missing or unreadable file.
+
+    Read correctly, not just converted: 16-bit and 32-bit integer images are scaled from their own
+    range (65535), float images from [0, 1] (or [0, 255]; other ranges are stretched), palette and
+    alpha images are composited on white (transparent pixels carry no colour of their own), CMYK and
+    Lab go through colour management, and the EXIF orientation of camera photos is applied. Animated
+    or multi-page files give their first frame.
+    """
     path = Path(path)
     if not path.exists():
         raise SinklessError(f"image file not found: {path}", fix="check the path")
+    if path.is_dir():
+        raise SinklessError(f"{path} is a folder, not an image", fix="pass the folder itself as an INPUT (its images are read), or an image file")
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            return _to_rgb(image, path)
+    except SinklessError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise SinklessError(f"{path} is too large to read safely ({error})", fix="downscale the image (a ViT sees it at a few hundred pixels anyway)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
         raise SinklessError(
             f"cannot read {path} as an image ({type(error).__name__}: {error})",
             fix=f"pass image files ({', '.join(IMAGE_SUFFIXES)}); is the file truncated or not an image?",
         ) from None
 
 
+_HIGH_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_rgb(image: Image.Image, path: Path | str = "image") -> Image.Image:
+    """Any PIL image as an 8-bit RGB image (see ``load_image``)."""
+    from PIL import ImageOps
+
+    with contextlib.suppress(Exception):  # a broken EXIF block must not make the pixels unreadable
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in _HIGH_BIT:
+        image = Image.fromarray(_to_uint8(np.asarray(image), mode, path))
+        mode = image.mode
+    if mode in ("P", "PA") and ("transparency" in image.info or mode == "PA"):
+        image, mode = image.convert("RGBA"), "RGBA"
+    elif mode in ("L", "RGB") and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in ("CMYK", "LAB"):
+        converted = _colour_managed(image)
+        if converted is not None:
+            return converted
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray, mode: str, path: Path | str) -> np.ndarray:
+    """High bit-depth grey levels (H, W) -> uint8: integers by their type's range, floats by [0, 1]."""
+    values = array.astype(np.float64)
+    if values.size and not np.isfinite(values).all():
+        raise SinklessError(f"{path} holds NaN or infinite pixel values", fix="save the image without invalid pixels (e.g. as 8-bit PNG)")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        scaled = values / 65535.0
+    elif mode == "I" and low >= 0 and high <= 65535:
+        scaled = values / (65535.0 if high > 255 else 255.0)
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = values
+    elif mode == "F" and low >= 0 and high <= 255:
+        scaled = values / 255.0
+    else:  # signed or unusual ranges: stretch what is there
+        log.info("%s: pixel values %g..%g outside a standard range; stretched to 0..255", path, low, high)
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+def _colour_managed(image: Image.Image) -> Image.Image | None:
+    """CMYK with an embedded ICC profile, or Lab -> sRGB through LittleCMS; None: use PIL's plain conversion."""
+    try:
+        from PIL import ImageCms
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        srgb = ImageCms.createProfile("sRGB")
+        if image.mode == "LAB":
+            source = ImageCms.createProfile("LAB")
+        elif image.info.get("icc_profile"):
+            source = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+        else:
+            return None
+        return ImageCms.applyTransform(image, ImageCms.buildTransform(source, srgb, image.mode, "RGB"))
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return None
+
+
+def _written_by_sinkless(path: Path, cache: dict[Path, set[Path]]) -> bool:
+    """Is ``path`` an output sinkless wrote (a report figure, ...) into a folder above it?"""
+    from sinkless._io import sinkless_outputs
+
+    resolved = path.resolve()
+    for folder in resolved.parents:
+        if folder not in cache:
+            cache[folder] = sinkless_outputs(folder) if (folder / MANIFEST).exists() else set()
+        if resolved in cache[folder]:
+            return True
+    return False
+
+
+def _own_files(paths: list[Path], cache: dict[Path, set[Path]]) -> list[Path]:
+    """``paths`` without sinkless's own outputs and temporary files (a report written inside an input folder)."""
+    kept = [p for p in paths if TMP_MARK not in str(p) and not _written_by_sinkless(p, cache)]
+    if len(kept) < len(paths):
+        log.info("skipped %d file(s) sinkless wrote itself (reports, figures)", len(paths) - len(kept))
+    return kept
+
+
 def expand_paths(inputs: Iterable[str], suffixes: Sequence[str] | None = None) -> list[Path]:
     """Files named by ``inputs``: files, directories (their files with ``suffixes``, sorted) or globs.
 
-    Raises a ``SinklessError`` naming the first input that matches nothing.
+    Folders and globs leave out hidden files and what sinkless itself wrote there (report figures,
+    listed in the folder's ``.sinkless-outputs.json``), so an ``--out`` inside an input folder is not
+    read back as input. Raises a ``SinklessError`` naming the first input that matches nothing.
     """
     found: list[Path] = []
+    cache: dict[Path, set[Path]] = {}
     for item in inputs:
-        path = Path(item)
+        path = Path(item).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and (suffixes is None or p.suffix.lower() in suffixes))
+            try:
+                files = sorted(
+                    p for p in path.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and (suffixes is None or p.suffix.lower() in suffixes)
+                )
+            except OSError as error:
+                raise SinklessError(f"cannot list folder {path} ({error.strerror or error})", fix="check its permissions") from None
+            files = _own_files(files, cache)
             if not files:
                 raise SinklessError(f"directory {path} holds no input files", fix=f"expected files ending in {', '.join(suffixes or ['*'])}")
             found.extend(files)
         elif path.is_file():
             found.append(path)
         elif glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True) if Path(p).is_file())
+            matches = _own_files(matches, cache)
             if not matches:
                 raise SinklessError(f"no file matches {item!r}", fix="check the pattern (quote it so the shell does not expand it)")
             found.extend(matches)
+        elif path.exists():
+            raise SinklessError(f"input {item} is not a regular file or folder", fix="pass image/text files, folders or glob patterns")
         else:
             raise SinklessError(f"input not found: {item}", fix="pass existing files, directories or glob patterns")
     return found
@@ -111,7 +231,7 @@ def to_pixels(images: Sequence[Image.Image], spec: ImageSpec, size: int | tuple[
     std = np.asarray(spec.std, dtype=np.float32)
     arrays = []
     for image in images:
-        resized = image.convert("RGB").resize((width, height), Image.BICUBIC)
+        resized = (image if image.mode == "RGB" else _to_rgb(image)).resize((width, height), Image.BICUBIC)
         arrays.append((np.asarray(resized, dtype=np.float32) / 255.0 - mean) / std)
     return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (B, 3, H, W)
 

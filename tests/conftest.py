@@ -41,6 +41,110 @@ def _tiny(family: str):
 FAMILIES = ("dinov2", "dinov2_with_registers", "vit", "clip_vision", "siglip_vision", "llama", "qwen3", "gpt2", "bert")
 
 
+def _tiny_structural(family: str):
+    """Families sinkless reads by structure alone (no entry in adapters.ADAPTERS), tiny and random."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    text = dict(**common, num_key_value_heads=1, vocab_size=64)
+    vision = dict(image_size=28, patch_size=14)
+    if family == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**text))
+    if family == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**text))
+    if family == "gemma":
+        return T.GemmaForCausalLM(T.GemmaConfig(**text, head_dim=16))
+    if family == "gemma2":
+        return T.Gemma2ForCausalLM(T.Gemma2Config(**text, head_dim=16, sliding_window=4))
+    if family == "gemma3":
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**text, head_dim=16, sliding_window=4, sliding_window_pattern=2, eos_token_id=1, bos_token_id=2, pad_token_id=0))
+    if family == "phi3":
+        return T.Phi3ForCausalLM(T.Phi3Config(**text, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    if family == "gpt_neox":
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**common, vocab_size=64, eos_token_id=1, bos_token_id=2))
+    if family == "opt":
+        return T.OPTForCausalLM(T.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, ffn_dim=64, vocab_size=64,
+                                            word_embed_proj_dim=32, eos_token_id=1, bos_token_id=2, pad_token_id=0))
+    if family == "falcon":
+        return T.FalconForCausalLM(T.FalconConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, vocab_size=64, eos_token_id=1, bos_token_id=2))
+    if family == "gpt_oss":
+        return T.GptOssForCausalLM(T.GptOssConfig(**text, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                                  eos_token_id=1, bos_token_id=2, pad_token_id=0))
+    if family == "qwen3_next":  # layer 0 linear attention, layers 1-2 gated softmax attention; dense MLPs
+        return T.Qwen3NextForCausalLM(T.Qwen3NextConfig(
+            **text, head_dim=16, linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=8, linear_value_head_dim=8,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+            mlp_only_layers=[0, 1, 2], layer_types=["linear_attention", "full_attention", "full_attention"]))
+    if family == "clip_text":
+        return T.CLIPTextModel(T.CLIPTextConfig(**common, vocab_size=64, eos_token_id=1, bos_token_id=2, pad_token_id=0))
+    if family == "dinov3":
+        return T.DINOv3ViTModel(T.DINOv3ViTConfig(**common, **vision, num_register_tokens=2))
+    if family == "siglip2":
+        return T.Siglip2VisionModel(T.Siglip2VisionConfig(**common, patch_size=14, num_patches=16))
+    if family == "clip":  # the two-tower model: sinkless drives its vision tower
+        return T.CLIPModel(T.CLIPConfig(text_config=dict(**common, vocab_size=64, eos_token_id=1, bos_token_id=2, pad_token_id=0), vision_config=dict(**common, **vision)))
+    if family == "vit_classifier":
+        return T.ViTForImageClassification(T.ViTConfig(**common, **vision, num_labels=3))
+    if family == "dinov2_backbone":
+        return T.Dinov2Backbone(T.Dinov2Config(**common, **vision, mlp_ratio=2, out_features=["stage3"]))
+    raise KeyError(family)
+
+
+STRUCTURAL_FAMILIES = (
+    "mistral", "qwen2", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox", "opt", "falcon", "gpt_oss", "qwen3_next",
+    "clip_text", "dinov3", "siglip2", "clip", "vit_classifier", "dinov2_backbone",
+)
+
+
+def any_tiny_model(family: str):
+    """A tiny random model of any family (the table's or a structural one), in eval mode."""
+    return (_tiny(family) if family in FAMILIES else _tiny_structural(family)).eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``w0`` .. ``w62`` (63 is [UNK]) for the tiny language models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(64)}
+    vocab["[UNK]"] = 63
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="w0")
+
+
+def tiny_char_tokenizer():
+    """A byte-level tokenizer of single characters (``w``, digits, space) that every family's tokenizer class
+    reloads as saved (Qwen2's class rebuilds a byte-level BPE and would drop a word-level one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["w", "\u0120"] + [str(i) for i in range(10)]
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w")
+
+
+def tiny_image_processor(family: str):
+    """The PIL image processor a tiny vision model ships with (None: families tested on the hand-made path)."""
+    import transformers as T
+
+    size = {"height": 28, "width": 28}
+    if family in ("vit", "vit_classifier"):
+        return T.ViTImageProcessorPil(size=size)
+    if family in ("clip_vision", "clip"):
+        return T.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size=size)
+    if family == "siglip_vision":
+        return T.SiglipImageProcessorPil(size=size)
+    if family == "siglip2":
+        return T.Siglip2ImageProcessorPil(patch_size=14, max_num_patches=16)
+    if family in ("dinov2_with_registers", "dinov2_backbone"):
+        return T.BitImageProcessorPil(size={"shortest_edge": 32}, crop_size=size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return None  # dinov2, dinov3: resized and normalised by hand
+
+
 def tiny_model(family: str):
     """A tiny random model of ``family`` in eval mode."""
     return _tiny(family).eval()

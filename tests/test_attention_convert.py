@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import require_package, tiny_inputs, tiny_model
+from conftest import tiny_inputs, tiny_model
 
 from sinkless.adapters import adapter_for
 from sinkless.attention import (
-    CONVERTIBLE,
     attention_probabilities,
     convert,
     export_fused_query,

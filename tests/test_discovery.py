@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from handmade import Plant, tiny_vit
+from sinkless.errors import SinklessError
 from sinkless.registers import DiscoverySettings, discover
 from sinkless.scan import ImageInput
 from sinkless.scan.norms import OutlierRule
@@ -105,7 +106,8 @@ def test_sweep_tries_every_k_then_keeps_the_largest():
 
 
 def test_no_input_with_outliers_at_the_chosen_detection_layer_is_an_error():
-    with pytest.raises(ValueError, match="detection layer 0"):
+    # a user's choice (`fix --detection-layer`): a SinklessError (exit 2 with a fix), no longer a bare ValueError
+    with pytest.raises(SinklessError, match="detection layer 0"):
         _discover(DiscoverySettings(top_k=1, detection_layer=0))
 
 

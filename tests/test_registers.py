@@ -323,7 +323,7 @@ def test_vision_register_takes_each_neurons_signed_extreme():
     two = TestTimeRegisters(loaded, [(1, 5)], n_registers=2)
     h = _edited_hidden(loaded, two, 1, _ramp, {"pixel_values": pixels})[0]
     assert h.shape[0] == 19 and h[17, 5] == h[18, 5] == 8.0
-    with pytest.raises(SinklessError, match="register neurons outside 0..63"):
+    with pytest.raises(SinklessError, match=r"register neurons \[64\] are outside 0..63"):
         TestTimeRegisters(loaded, [(1, 64)])
     with pytest.raises(SinklessError, match=r"layers \[3\]"):
         TestTimeRegisters(loaded, [(3, 1)])
@@ -373,7 +373,7 @@ def test_register_neurons_top_k_layers_and_peaks():
 
 
 def test_register_neurons_from_dict_and_its_errors():
-    data = {"model": "m", "neurons": [{"layer": "2", "neuron": 9.0}], "top_k": 1, "unknown": "ignored", "detection_layer": 3}
+    data = {"model": "m", "neurons": [{"layer": 2, "neuron": 9.0}], "top_k": 1, "unknown": "ignored", "detection_layer": 3}
     neurons = RegisterNeurons.from_dict(data)
     assert neurons.neurons == [{"layer": 2, "neuron": 9, "score": 0.0, "peak": None}]
     assert neurons.top_k == 1 and neurons.detection_layer == 3 and neurons.model == "m"
@@ -381,8 +381,9 @@ def test_register_neurons_from_dict_and_its_errors():
     for bad in ([], {"model": "m"}, {"neurons": []}):
         with pytest.raises(SinklessError, match="src is not a register-neurons file"):
             RegisterNeurons.from_dict(bad, "src")
-    for neuron in ({"layer": 1}, {"layer": "x", "neuron": 1}, {"layer": None, "neuron": 1}):
-        with pytest.raises(SinklessError, match="src: every neuron needs integer 'layer' and 'neuron'") as error:
+    # issue 15 (hardening): wrong types are refused, a string "2" included, no longer converted
+    for neuron in ({"layer": 1}, {"layer": "x", "neuron": 1}, {"layer": None, "neuron": 1}, {"layer": "2", "neuron": 9}):
+        with pytest.raises(SinklessError, match=r"src: neurons\[0\](\.layer must be at least 0 \(a whole number\)| needs integer 'layer' and 'neuron')") as error:
             RegisterNeurons.from_dict({"model": "m", "neurons": [neuron]}, "src")
         assert "sinkless fix --out" in error.value.fix
 

@@ -85,9 +85,10 @@ def test_artifacts_need_outliers_in_at_least_two_layers():
 
 
 def test_text_outliers_also_need_two_layers():
-    one = text_report([text_record(outliers_at={2: {3: 9.0}})])
+    low = torch.tensor([0.05, 0.05, 0.05])  # first-token attention measured and low: no sink verdict
+    one = text_report([text_record(outliers_at={2: {3: 9.0}}, first_token=low)])
     assert one.summary["has_outliers"] is False and one.summary["has_artifacts"] is False
-    two = text_report([text_record(outliers_at={1: {3: 9.0}, 2: {3: 9.0}})])
+    two = text_report([text_record(outliers_at={1: {3: 9.0}, 2: {3: 9.0}}, first_token=low)])
     assert two.summary["has_outliers"] is True and two.summary["has_artifacts"] is True
 
 
@@ -190,8 +191,10 @@ def test_first_token_sink_verdict_at_exactly_30_percent():
     assert at.summary["has_first_token_sink"] is True and at.summary["has_artifacts"] is True
     below = text_report([text_record(first_token=torch.tensor([0.1, 0.29, 0.2]))])
     assert below.summary["has_first_token_sink"] is False and below.summary["has_artifacts"] is False
+    # not measured (no first-token attention in the record): no verdict either way, and a note says why
     none = text_report([text_record()])
-    assert none.summary["has_first_token_sink"] is False and none.summary["first_token_attention_max"] is None
+    assert none.summary["has_first_token_sink"] is None and none.summary["first_token_attention_max"] is None
+    assert none.summary["has_artifacts"] is None and none.summary["notes"]
 
 
 def test_first_token_attention_is_averaged_over_inputs():
@@ -201,10 +204,11 @@ def test_first_token_attention_is_averaged_over_inputs():
 
 def test_sink_epsilon_counts_heads_strictly_above_epsilon():
     alpha = torch.tensor([[0.3, 0.31, 0.1, 0.9], [0.0, 0.0, 0.0, 0.5], [1.0, 1.0, 1.0, 1.0]])  # (L, H)
-    report = text_report([text_record(alpha0=alpha)], epsilon=0.3)
+    measured = torch.tensor([0.1, 0.1, 0.1])
+    report = text_report([text_record(alpha0=alpha, first_token=measured)], epsilon=0.3)
     assert [row["sink_epsilon"] for row in report.layers] == pytest.approx([0.5, 0.25, 1.0])
     assert report.summary["sink_epsilon"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
-    loose = text_report([text_record(alpha0=alpha)], epsilon=0.05)
+    loose = text_report([text_record(alpha0=alpha, first_token=measured)], epsilon=0.05)
     assert loose.layers[1]["sink_epsilon"] == pytest.approx(0.25)
     assert loose.layers[0]["sink_epsilon"] == pytest.approx(1.0)
 
@@ -268,7 +272,7 @@ VISION_ROW_KEYS = {
 }
 SUMMARY_KEYS = {
     "has_artifacts", "first_outlier_layer", "outlier_layers", "peak_layer", "outlier_fraction", "max_ratio", "border_fraction",
-    "border_fraction_expected", "corner_fraction", "neighbor_similarity", "sink_share", "n_inputs",
+    "border_fraction_expected", "corner_fraction", "neighbor_similarity", "sink_share", "n_inputs", "notes",
 }
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_package, tiny_model
+from conftest import tiny_model
 from sinkless import zoo
-from sinkless.adapters import Modality
+from sinkless.adapters import Modality, adapter_for
 from sinkless.errors import SinklessError
 
 NAMES = {"dinov2-s-focus", "smollm2-135m", "minilm-l6", "planted-vit", "planted-vit-clean", "planted-vit-tiny", "planted-vit-tiny-clean"}
@@ -37,7 +37,7 @@ def test_local_folder_loads_every_family(family, tmp_path):
     """A save_pretrained folder loads through the same path users take for hub ids."""
     model = tiny_model(family)
     model.save_pretrained(tmp_path)
-    if zoo.adapter_for(model).modality is Modality.TEXT:
+    if adapter_for(model).modality is Modality.TEXT:
         _tiny_tokenizer().save_pretrained(tmp_path)
     loaded = zoo.load(str(tmp_path))
     assert type(loaded.model) is type(model)
@@ -148,3 +148,57 @@ def test_models_command_table(capsys):
     out = capsys.readouterr().out
     for name in NAMES:
         assert name in out
+
+
+def _saved(family: str, folder):
+    from conftest import any_tiny_model, tiny_char_tokenizer
+
+    model = any_tiny_model(family)
+    model.save_pretrained(folder)
+    if family not in ("dinov2", "clip", "siglip2"):
+        tiny_char_tokenizer().save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("mistral", "MistralForCausalLM"), ("clip", "CLIPVisionModel"), ("siglip2", "Siglip2VisionModel"),
+    ("dinov2_backbone", "Dinov2Backbone"), ("vit_classifier", "ViTForImageClassification"), ("clip_text", "CLIPTextModel"),
+])
+def test_folder_loads_the_right_class(family, expected, tmp_path):
+    """The class the checkpoint was saved as; a CLIP two-tower checkpoint loads its vision tower."""
+    from conftest import any_tiny_model, tiny_char_tokenizer
+
+    model = any_tiny_model(family)
+    model.save_pretrained(tmp_path)
+    if expected in ("MistralForCausalLM", "CLIPTextModel"):
+        tiny_char_tokenizer().save_pretrained(tmp_path)
+    loaded = zoo.load(str(tmp_path))
+    assert type(loaded.model).__name__ == expected
+
+
+def test_folder_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{ not json")
+    with pytest.raises(SinklessError, match="config.json is not valid JSON"):
+        zoo.load(str(bad))
+    weightless = tmp_path / "weightless"
+    _saved("mistral", weightless)
+    (weightless / "model.safetensors").unlink()
+    with pytest.raises(SinklessError, match="no weights"):
+        zoo.load(str(weightless))
+    tokenless = tmp_path / "tokenless"
+    from conftest import any_tiny_model
+
+    any_tiny_model("mistral").save_pretrained(tokenless)
+    with pytest.raises(SinklessError, match="holds no tokenizer"):
+        zoo.load(str(tokenless))
+
+
+def test_unsupported_folder_fails_before_reading_weights(tmp_path, monkeypatch):
+    from transformers import MobileNetV1Config, MobileNetV1Model
+
+    MobileNetV1Model(MobileNetV1Config()).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")  # never read: the structure check comes first
+    with pytest.raises(SinklessError, match="unsupported architecture 'MobileNetV1Model'.*ModuleList"):
+        zoo.load(str(tmp_path))

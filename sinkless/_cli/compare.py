@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from sinkless import distributed
+from sinkless._cli import _args
 from sinkless._io import atomic_write_json, to_jsonable
 from sinkless.errors import SinklessError
+from sinkless.devices import add_device_args
 from sinkless.tasks.compare import TASKS, compare, write_pictures
 from sinkless.tasks.fixes import fix_names
 
@@ -51,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     protocol.add_argument("--mass", type=float, help="zeroseg: share of CLS attention kept as foreground (default 0.6)")
     protocol.add_argument("--probe-labels", dest="labels", choices=["classes", "foreground"], help="probe: dense targets (default classes)")
     protocol.add_argument("--knn-k", type=int, help="probe: neighbours of the k-NN probe (default 20)")
+    add_device_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -67,8 +71,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     keys = ("layer", "features", "l2", "gram_bias", "k", "mass", "labels", "knn_k")
     out = {k: getattr(args, k) for k in keys}
     if args.max_side is not None:
-        if args.max_side < 0:
-            raise SinklessError(f"--max-side must be >= 0, got {args.max_side}", fix="0 keeps images at full size")
+        _args.non_negative_int(args.max_side, "--max-side", fix="pass --max-side N with N >= 0 (0 keeps images at full size)")
         out["max_side"] = args.max_side or None
     return out
 
@@ -90,17 +93,34 @@ def _fix_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every flag, before the model loads and the task runs."""
+    _args.positive_int(args.limit, "--limit")
+    _args.positive_int(args.k, "--k")
+    _args.positive_int(args.knn_k, "--knn-k")
+    _args.fraction(args.mass, "--mass")
+    if args.gram_bias != "median":
+        _args.finite_number(args.gram_bias, "--gram-bias")
+    _args.input_file(args.registers, "--registers", made_by="`sinkless fix --out`")
+    _args.output_file(args.json, "--json")
+    _args.output_dir(args.out_dir, "--out-dir")
+
+
 def run(args: argparse.Namespace) -> int:
     from sinkless.tasks.data import open_dataset
 
+    _check(args)
+    device, dtype = distributed.placement(args.device, args.dtype)
     data = args.data
     if args.split or args.images:
         data = open_dataset(args.data, split=args.split, image_dir=args.images)
         data.name = args.data
     comparison, pictures = compare(
         args.model, args.task, data, args.fix or ["none"], overrides=_overrides(args), limit=args.limit,
-        progress=not args.quiet, visuals=bool(args.out_dir), fix_options=_fix_options(args),
+        progress=not args.quiet, visuals=bool(args.out_dir), fix_options=_fix_options(args), device=device, dtype=dtype,
     )
+    if not distributed.is_main():  # every process holds the merged results; the main one writes them
+        return 0
     result = comparison.to_json()
     json.dumps(to_jsonable(result))  # fail here, before writing anything, if something is not serialisable
     if args.out_dir:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from sinkless import zoo
-from sinkless.errors import SinklessError
+from sinkless import distributed, zoo
+from sinkless._cli import _args
+from sinkless.devices import add_device_args
 from sinkless.registers import DiscoverySettings, discover
 from sinkless.registers.inputs import discovery_inputs
 from sinkless.scan import OutlierRule, Rule
@@ -32,29 +33,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-heldout", type=int, default=16, metavar="N", help="bundled held-out inputs when none are given (default 16)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N")
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write the neurons JSON")
+    add_device_args(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.top_k is not None and args.top_k < 1:
-        raise SinklessError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.threshold is not None and args.threshold <= 0:
-        raise SinklessError(f"--threshold must be positive, got {args.threshold}")
-    loaded = zoo.load(args.model)
+    _args.positive_int(args.top_k, "--top-k", fix="pass --top-k K with K >= 1, or leave it out to choose k by the sweep")
+    _args.positive_number(args.threshold, "--threshold", fix="pass a norm above which a token is an outlier, or leave it out for the automatic rule")
+    _args.positive_int(args.n_inputs, "--n-inputs", fix="pass --n-inputs N >= 1 (default 64): discovery needs inputs to find the neurons on")
+    _args.positive_int(args.n_heldout, "--n-heldout", fix="pass --n-heldout N >= 1 (default 16): the fix is checked on held-out inputs")
+    _args.positive_int(args.batch_size, "--batch-size")
+    _args.output_file(args.out, "--out")
+    _args.not_an_input(args.out, args.inputs, "--out")
+    device, dtype = distributed.placement(args.device, args.dtype)
+    loaded = zoo.load(args.model, device=device, dtype=dtype)
+    detection = _args.layer_index(args.detection_layer, "--detection-layer", loaded.num_layers, model=loaded.name)
     inputs, heldout = discovery_inputs(loaded, args.inputs, args.text, args.n_inputs, args.n_heldout)
     settings = DiscoverySettings(
         rule=OutlierRule(rule=Rule(args.rule), absolute=args.threshold),
-        detection_layer=args.detection_layer,
+        detection_layer=detection,
         top_k=args.top_k,
         sparsity=args.sparsity,
         batch_size=args.batch_size,
     )
     found = discover(loaded, inputs, heldout, settings, progress=not args.quiet)
+    if not distributed.is_main():  # every process found the same neurons; the main one reports them
+        return 0
     found.save(args.out)
     print(f"{loaded.name}: {len(inputs)} discovery inputs, {len(heldout)} held out")
     before, after = found.heldout.get("before") or {}, found.heldout.get("after") or {}
     if not found.neurons:
-        print(f"no outlier tokens found: nothing to fix (held-out max/median norm {before.get('max_ratio') or 0:.2f}); wrote an empty neuron set")
+        if before.get("has_artifacts"):
+            print(
+                f"no outlier tokens in the {len(inputs)} discovery inputs, but {before.get('outlier_tokens')} in the {len(heldout)} held-out ones: "
+                "no neurons found; pass more (or other) discovery inputs. Wrote an empty neuron set"
+            )
+        else:
+            print(f"no outlier tokens found: nothing to fix (held-out max/median norm {before.get('max_ratio') or 0:.2f}); wrote an empty neuron set")
         print(f"wrote {args.out}")
         return 0
     print(f"outliers first appear at layer {found.highest_layer}; scores from detection layer {found.detection_layer}")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from sinkless._cli import _args
 from sinkless.errors import SinklessError
 
 
@@ -36,14 +36,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _read_overlays(paths: list[str]) -> list[dict]:
-    results = []
-    for path in paths:
-        try:
-            results.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as error:
-            raise SinklessError(f"cannot read --overlay {path!r}: {error}", fix="pass JSON files written by `sinkless ppl --json`") from None
-    return results
+def _check(args: argparse.Namespace) -> list[dict]:
+    """Every flag checked before the model loads (issue 15): numbers, the text, outputs, overlays."""
+    _args.non_negative_int(args.sinks, "--sinks", fix="pass --sinks N with N >= 0 (the paper keeps 4)")
+    _args.positive_int(args.window, "--window", fix="pass --window N with N >= 1 (the paper uses 1020)")
+    for value, flag in ((args.max_tokens, "--max-tokens"), (args.batch_size, "--batch-size"), (args.chunk_size, "--chunk-size"), (args.every, "--every")):
+        _args.positive_int(value, flag)
+    if args.text is not None and Path(args.text).expanduser().is_dir():  # a missing file: text.read_text says so
+        raise SinklessError(f"--text {args.text} is a folder, not a file", fix="pass one UTF-8 text file, or leave --text out for the bundled Hamlet")
+    _args.input_file(args.registers, "--registers", made_by="`sinkless fix --out`")
+    _args.input_file(args.zero_neurons, "--zero-neurons", made_by="`sinkless fix --out`")
+    _args.output_file(args.json, "--json")
+    _args.output_file(args.plot, "--plot")
+    overlays = [_args.json_input(p, "--overlay", keys=("nll_curve", "model", "mode"), made_by="`sinkless ppl --json`") for p in args.overlay]
+    for path, data in zip(args.overlay, overlays):
+        curve = data["nll_curve"]
+        if not isinstance(curve, list) or not curve or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in curve):
+            raise SinklessError(f"--overlay {path}: 'nll_curve' is not a list of numbers", fix="pass JSON files written by `sinkless ppl --json`")
+    return overlays
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
     from sinkless._io import atomic_write_json
     from sinkless.streaming import ppl, text
 
+    overlays = _check(args)
     config = ppl.PplConfig(
         mode=ppl.Mode(args.mode), sinks=args.sinks, window=args.window, batch_size=args.batch_size,
         chunk_size=args.chunk_size, every=args.every, max_tokens=args.max_tokens,
     ).resolved()  # user mistakes surface before the model loads
-    overlays = _read_overlays(args.overlay)
     body = text.read_text(args.text)
     neurons_file = args.registers or args.zero_neurons
     if args.registers and args.zero_neurons:

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from sinkless._cli import _args
 from sinkless.errors import SinklessError
 
 
@@ -78,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from sinkless.streaming.generate import Detokenizer, Sampling, eos_ids, generate_tokens
     from sinkless.streaming.text import tokenize
 
+    _args.non_negative_int(args.sinks, "--sinks", fix="pass --sinks N with N >= 0 (the paper keeps 4)")
+    _args.positive_int(args.window, "--window", fix="pass --window N with N >= 1 (the paper uses 1020)")
+    _args.positive_int(args.max_new_tokens, "--max-new-tokens")
+    _args.positive_int(args.chunk_size, "--chunk-size")
+    _args.non_negative_number(args.temperature, "--temperature", fix="pass --temperature 0 for greedy decoding, or a positive number such as 0.7")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.seed, args.chunk_size)
     if args.window <= args.sinks:
         raise SinklessError(f"window ({args.window}) must be larger than the number of sinks ({args.sinks})", fix="e.g. --sinks 4 --window 1020")
@@ -87,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
             raise SinklessError("no prompt", fix="pass --prompt TEXT, pipe a file (`sinkless stream --model M < prompt.txt`) or use --chat")
         prompt = sys.stdin.read()
     loaded = zoo.load(args.model)
-    check_streamable(loaded.model, args.sinks, args.window)
+    check_streamable(loaded.model, args.sinks, args.window, no_rope_fix=(
+        "stream a rotary model (Llama family incl. SmolLM2, Qwen3, Mistral); "
+        "`sinkless ppl --mode full` or `--mode recompute` measures this one"
+    ))
     if args.chat:
         return _chat(args, loaded, sampling)
     cache = SinkCache(loaded.model, sinks=args.sinks, window=args.window)

@@ -11,21 +11,23 @@ Shapes: B batch, N tokens, W MLP width, L layers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
+from sinkless import distributed
 from sinkless.adapters import Modality, TokenLayout
+from sinkless.errors import SinklessError
 from sinkless.hooks import hooks
 from sinkless.registers.ttr import RegisterNeurons, TestTimeRegisters, _extreme
 from sinkless.scan import ScanSettings
-from sinkless.scan import measure as measure_inputs
 from sinkless.scan.inputs import ImageInput, TextInput
-from sinkless.scan.measure import body_tokens
-from sinkless.scan.measure import model_inputs
+from sinkless.scan.measure import InputRecord, _outlier_masks, body_tokens, model_inputs, to_model
 from sinkless.scan.norms import OutlierRule, thresholds
 from sinkless.scan.report import MIN_FRACTION, build_report
 from sinkless.zoo import Loaded
@@ -50,34 +52,61 @@ class DiscoverySettings:
     n_registers: int = 1
     max_tokens: int = 512
 
+    def __post_init__(self) -> None:
+        for name in ("max_k", "batch_size", "n_registers", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SinklessError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise SinklessError(f"top_k must be a whole number >= 1, got {self.top_k!r}", fix="pass --top-k K with K >= 1, or leave it out for the sweep")
+        if self.rule.absolute is not None and not (math.isfinite(self.rule.absolute) and 0 < self.rule.absolute < 3.4e38):
+            raise SinklessError(f"the outlier threshold must be a positive number, got {self.rule.absolute}")
+
     def scan_settings(self) -> ScanSettings:
         return ScanSettings(rule=self.rule, batch_size=self.batch_size, max_tokens=self.max_tokens, attention=False)
 
 
 @dataclass
 class _Tally:
-    """Running sums over the discovery inputs."""
+    """Running sums over the discovery inputs. Scores are summed only once the detection layer is known,
+    from the activations kept at the tokens that are outliers in some layer (a few % of all tokens)."""
 
     n_layers: int
     width: int
 
     def __post_init__(self) -> None:
         L, W = self.n_layers, self.width
-        self.score_sum = torch.zeros(L, L, W, dtype=torch.float64)  # [detection layer, layer, neuron]
         self.images = torch.zeros(L, dtype=torch.long)  # images with outliers, per detection layer
         self.outliers = torch.zeros(L, dtype=torch.long)
         self.n_body = 0
-        self.quiet = torch.zeros(L, W, dtype=torch.float64)  # tokens with |activation| < 0.5
+        self.quiet = torch.zeros(L, W, dtype=torch.float64)  # tokens with |activation| < 0.5 (with the sparsity filter)
         self.tokens = 0
         self.peak_sum = torch.zeros(L, W, dtype=torch.float64)  # per-input extreme (largest |a|, signed) over body tokens
         self.inputs = 0
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per input with outliers: (flagged (L, F) bool, |a| (L, F, W))
+
+    def scores(self, detection: int) -> torch.Tensor:
+        """(L, W) float64: for each (layer, neuron), the mean over inputs with outliers at ``detection``
+        of its mean |activation| over those outlier positions."""
+        total = torch.zeros(self.n_layers, self.width, dtype=torch.float64)
+        for flagged, hidden in self.kept:
+            positions = flagged[detection]
+            if positions.any():
+                total += hidden[:, positions].double().mean(1)  # (L, W)
+        distributed.all_sum(total)  # each process kept its own inputs' activations
+        return total / self.images[detection]
 
 
 def _layouts(loaded: Loaded, n_tokens: int, lengths: list, image_hw) -> list[TokenLayout]:
     """One layout per input: the padded batch width for images, each text's own length for text."""
-    if loaded.modality is Modality.VISION:
-        return [loaded.adapter.layout(loaded.model, n_tokens, image_hw)] * len(lengths)
+    if loaded.modality is Modality.VISION:  # image_hw: one size for the batch, or one per input
+        sizes = image_hw if isinstance(image_hw, list) else [image_hw] * len(lengths)
+        return [loaded.adapter.layout(loaded.model, n_tokens, hw) for hw in sizes]
     return [TokenLayout(n, loaded.adapter.n_cls) for n in lengths]
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    return t.float().norm(dim=-1)
 
 
 @torch.no_grad()
@@ -86,15 +115,17 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
     n_layers = adapter.num_layers(model)
     tally = _Tally(n_layers, adapter.mlp_width(model))
     scan_settings = settings.scan_settings()
-    norm = lambda t: t.float().norm(dim=-1)  # noqa: E731
-    capture = {adapter.residual_site(l): norm for l in range(n_layers)}
-    capture.update({adapter.mlp_hidden_site(l): None for l in range(n_layers)})
-    for start in tqdm(range(0, len(inputs), settings.batch_size), desc="finding register neurons", disable=not progress):
+    mlp_sites = [adapter.mlp_hidden_site(l) for l in range(n_layers)]
+    capture = {adapter.residual_site(l): _norm for l in range(n_layers)}
+    capture.update({site: None for site in mlp_sites})
+    starts = distributed.shard(range(0, len(inputs), settings.batch_size))  # this process's batches
+    for start in tqdm(starts, desc="finding register neurons", disable=not progress or not distributed.is_main()):
         batch = inputs[start : start + settings.batch_size]
         kwargs, lengths, image_hw, _ = model_inputs(loaded, batch, scan_settings)
         with hooks(model, capture=capture) as rec:
-            model(**kwargs)
+            model(**to_model(kwargs, model))
         norms = torch.stack([rec[adapter.residual_site(l)] for l in range(n_layers)], 1).cpu()  # (B, L, N)
+        hidden = torch.stack([rec[site] for site in mlp_sites], 1).cpu()  # (B, L, N, W), signed
         layouts = _layouts(loaded, norms.shape[-1], lengths, image_hw)
         for i, layout in enumerate(layouts):
             n = layout.n_tokens
@@ -103,23 +134,58 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
             flagged = (norms[i, :, :n] > tau[:, None]) & body  # (L, N)
             tally.outliers += flagged.sum(-1)
             tally.n_body += int(body.sum())
-            signed = [rec[adapter.mlp_hidden_site(l)][i, :n].double().cpu() for l in range(n_layers)]  # L x (N, W)
-            hidden = [h.abs() for h in signed]
-            for l in range(n_layers):
-                tally.quiet[l] += (hidden[l] < 0.5).sum(0)
-                tally.peak_sum[l] += _extreme(signed[l][body], dim=0)
+            signed = hidden[i, :, :n]  # (L, N, W)
+            if settings.sparsity:
+                tally.quiet += (signed.abs() < 0.5).sum(1)
+            tally.peak_sum += _extreme(signed[:, body], dim=1).double()  # (L, W); a selection: exact in float32
             tally.tokens += n
             tally.inputs += 1
-            for d in flagged.any(-1).nonzero().flatten().tolist():
-                positions = flagged[d]
-                tally.images[d] += 1
-                for l in range(n_layers):
-                    tally.score_sum[d, l] += hidden[l][positions].mean(0)
+            any_layer = flagged.any(0)  # (N,) outlier somewhere: the only positions a score reads
+            if any_layer.any():
+                tally.images += flagged.any(-1)
+                tally.kept.append((flagged[:, any_layer], signed[:, any_layer].abs()))
+    counts = torch.tensor([tally.n_body, tally.tokens, tally.inputs], dtype=torch.long)
+    distributed.all_sum(tally.images, tally.outliers, tally.quiet, tally.peak_sum, counts)  # the kept activations stay per process
+    tally.n_body, tally.tokens, tally.inputs = (int(v) for v in counts)
     return tally
 
 
+@torch.no_grad()
+def _norm_records(loaded: Loaded, inputs, settings: DiscoverySettings, intervention=None) -> list[InputRecord]:
+    """Per-input norms and outliers at every layer: the part of a scan that outlier counts need (one
+    capture of the token norms per layer, no attention, no massive-activation search), with the same
+    layouts, thresholds and medians as ``sinkless.scan.measure``."""
+    adapter, model = loaded.adapter, loaded.model
+    n_layers = adapter.num_layers(model)
+    layers = list(range(n_layers))
+    vision = loaded.modality is Modality.VISION
+    scan_settings = settings.scan_settings()
+    capture = {adapter.residual_site(l): _norm for l in layers}
+    layout_of = getattr(intervention, "layout", None)
+    records = []
+    for start in range(0, len(inputs), settings.batch_size):
+        batch = inputs[start : start + settings.batch_size]
+        kwargs, lengths, image_hw, _ = model_inputs(loaded, batch, scan_settings)
+        edit = intervention() if intervention is not None else contextlib.nullcontext()
+        with edit, hooks(model, capture=capture) as rec:
+            model(**to_model(kwargs, model))
+        norms = torch.stack([rec[adapter.residual_site(l)] for l in layers], 1).cpu()  # (B, L, N)
+        hws = image_hw if isinstance(image_hw, list) else [image_hw] * len(batch)  # one size per input, or one for the batch
+        for i, item in enumerate(batch):
+            n = norms.shape[-1] if vision else lengths[i] + norms.shape[-1] - kwargs["input_ids"].shape[1]
+            hw = tuple(hws[i]) if vision else None
+            if layout_of is not None:
+                layout = layout_of(n, hw)
+            else:
+                layout = adapter.layout(model, n, hw) if vision else TokenLayout(n, adapter.n_cls)
+            body = body_tokens(layout, text=not vision)
+            tau, outliers, medians = _outlier_masks(norms[i, :, :n], body, settings.rule)
+            records.append(InputRecord(item.name, layout, layers, body, norms[i, :, :n], tau, outliers, medians, image_hw=hw))
+    return records
+
+
 def _outlier_count(loaded: Loaded, inputs, settings: DiscoverySettings, intervention=None) -> dict:
-    records = measure_inputs(loaded, inputs, settings.scan_settings(), intervention=intervention, progress=False)
+    records = _norm_records(loaded, inputs, settings, intervention)
     report = build_report(loaded.name, loaded.modality.value, records, settings.scan_settings())
     per_layer = {row["layer"]: int(sum(int(r.outliers[i].sum()) for r in records)) for i, row in enumerate(report.layers)}
     return {
@@ -140,6 +206,16 @@ def discover(
     progress: bool = True,
 ) -> RegisterNeurons:
     """Find ``loaded``'s register neurons on ``inputs``; choose and check top_k on ``heldout``."""
+    if not inputs:
+        raise SinklessError("no discovery inputs", fix="pass at least one input (or --n-inputs N >= 1)")
+    if not heldout:
+        raise SinklessError("no held-out inputs to check the fix on", fix="pass at least one held-out input (or --n-heldout N >= 1)")
+    n_layers = loaded.num_layers
+    for name in ("detection_layer", "highest_layer"):
+        value = getattr(settings, name)
+        if value is not None and not 0 <= value < n_layers:
+            raise SinklessError(f"{name.replace('_', ' ')} {value} is not a layer of {loaded.name} (0..{n_layers - 1})", fix=f"pick a layer from 0 to {n_layers - 1}, or leave it out")
+    TestTimeRegisters(loaded, [])  # a model test-time registers cannot fix fails here, before any work
     tally = _tally(loaded, inputs, settings, progress)
     fractions = [tally.outliers[l].item() / max(tally.n_body, 1) for l in range(tally.n_layers)]
     with_outliers = [l for l, f in enumerate(fractions) if f >= MIN_FRACTION]
@@ -159,15 +235,23 @@ def discover(
     )
     if not with_outliers:
         log.info("no outlier tokens in %d inputs: nothing to fix", len(inputs))
-        base.heldout = {"before": _outlier_count(loaded, heldout, settings)} if heldout else {}
-        base.heldout["after"] = base.heldout.get("before")
+        before = _outlier_count(loaded, heldout, settings)
+        base.heldout = {"before": before, "after": before}
+        if before["has_artifacts"]:
+            log.warning(
+                "the %d discovery inputs show no outliers but the %d held-out inputs hold %d outlier tokens: "
+                "pass more (or other) discovery inputs", len(inputs), len(heldout), before["outlier_tokens"],
+            )
         return base
 
     detection = settings.detection_layer if settings.detection_layer is not None else max(with_outliers, key=lambda l: fractions[l])
     highest = settings.highest_layer if settings.highest_layer is not None else with_outliers[0]
     if tally.images[detection] == 0:
-        raise ValueError(f"no input has outliers at detection layer {detection}")
-    scores = (tally.score_sum[detection] / tally.images[detection]).float()  # (L, W)
+        raise SinklessError(
+            f"no discovery input has outliers at detection layer {detection}",
+            fix=f"leave out the detection layer, or pick one with outliers: {with_outliers}",
+        )
+    scores = tally.scores(detection).float()  # (L, W)
     scores[highest + 1 :] = float("-inf")
     if settings.sparsity:
         quiet_share = tally.quiet / tally.tokens
@@ -183,6 +267,7 @@ def discover(
     found = replace(base, neurons=ranked, detection_layer=detection, highest_layer=highest)
 
     before = _outlier_count(loaded, heldout, settings)
+    after = None
     if settings.top_k is not None:
         chosen = min(settings.top_k, len(ranked))
         sweep = []
@@ -199,8 +284,11 @@ def discover(
         if chosen is None:
             chosen = min(settings.max_k, len(ranked))
             log.warning("no top_k up to %d removes the outliers on held-out inputs; keeping %d", chosen, chosen)
+            if not sweep or sweep[-1]["k"] != chosen:
+                after = None  # the kept k was not among those tried
     found = found.with_top_k(chosen)
     found.sweep = sweep
-    after = _outlier_count(loaded, heldout, settings, intervention=TestTimeRegisters(loaded, found, n_registers=settings.n_registers))
+    if after is None:  # the sweep's last try is the chosen k: its held-out counts are the answer already
+        after = _outlier_count(loaded, heldout, settings, intervention=TestTimeRegisters(loaded, found, n_registers=settings.n_registers))
     found.heldout = {"before": before, "after": after}
     return found

@@ -29,6 +29,7 @@ import contextlib
 import enum
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,22 +85,79 @@ class RegisterNeurons:
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, asdict(self))
 
+    def check_model(self, name: str) -> bool:
+        """Warn when these neurons were found on another model than ``name`` (indices then mean nothing); True if they match."""
+        if self.model == name:
+            return True
+        log.warning(
+            "these register neurons were made for %s, not %s: on another model their indices pick arbitrary neurons "
+            "(make a file for it with `sinkless fix --model %s --out FILE`)", self.model, name, name,
+        )
+        return False
+
     @classmethod
     def from_dict(cls, data: dict, source: str = "the file") -> RegisterNeurons:
+        """A neurons file's contents, every field checked: a ``SinklessError`` names the first bad one."""
+        fix = "pass a file written by `sinkless fix --out` (or fix the field by hand)"
         if not isinstance(data, dict) or "neurons" not in data or "model" not in data:
             raise SinklessError(f"{source} is not a register-neurons file (no 'model'/'neurons')", fix="pass a file written by `sinkless fix --out`")
-        try:
-            neurons = [
-                {"layer": int(n["layer"]), "neuron": int(n["neuron"]), "score": float(n.get("score", 0.0)), "peak": n.get("peak")}
-                for n in data["neurons"]
-            ]
-        except (TypeError, KeyError, ValueError):
-            raise SinklessError(f"{source}: every neuron needs integer 'layer' and 'neuron'", fix="pass a file written by `sinkless fix --out`") from None
-        known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in data.items() if k in known}
+        if not isinstance(data["model"], str) or not data["model"]:
+            raise SinklessError(f"{source}: 'model' must be the model's name, got {data['model']!r}", fix=fix)
+        if not isinstance(data["neurons"], list):
+            raise SinklessError(f"{source}: 'neurons' must be a list of {{\"layer\", \"neuron\"}} entries, got {type(data['neurons']).__name__}", fix=fix)
+        neurons, seen = [], set()
+        for i, entry in enumerate(data["neurons"]):
+            where = f"{source}: neurons[{i}]"
+            if not isinstance(entry, dict) or "layer" not in entry or "neuron" not in entry:
+                raise SinklessError(f"{where} needs integer 'layer' and 'neuron', got {entry!r}", fix=fix)
+            layer, neuron = _index(entry["layer"], f"{where}.layer", fix), _index(entry["neuron"], f"{where}.neuron", fix)
+            if (layer, neuron) in seen:
+                raise SinklessError(f"{where}: layer {layer} neuron {neuron} is listed twice", fix="list each neuron once")
+            seen.add((layer, neuron))
+            score = _number(entry.get("score", 0.0), f"{where}.score", fix, default=0.0)
+            peak = _number(entry.get("peak"), f"{where}.peak", fix, default=None)
+            neurons.append({"layer": layer, "neuron": neuron, "score": score, "peak": peak})
+        top_k = data.get("top_k", len(neurons))
+        if top_k is None:
+            top_k = len(neurons)
+        if not _whole(top_k) or not (1 if neurons else 0) <= top_k <= len(neurons):
+            raise SinklessError(
+                f"{source}: top_k must be a whole number from {1 if neurons else 0} to {len(neurons)} (the neurons listed), got {top_k!r}",
+                fix=f"set top_k to how many of the listed neurons to use (1..{len(neurons)})" if neurons else fix,
+            )
+        kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("detection_layer", "highest_layer"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _index(kwargs[key], f"{source}: {key}", fix)
+        if kwargs.get("threshold") is not None:
+            kwargs["threshold"] = _number(kwargs["threshold"], f"{source}: threshold", fix, default=None)
+            if kwargs["threshold"] is not None and kwargs["threshold"] <= 0:
+                raise SinklessError(f"{source}: threshold must be positive, got {kwargs['threshold']}", fix=fix)
+        for key, kind in (("rule", dict), ("sweep", list), ("heldout", dict), ("settings", dict)):
+            if key in kwargs and not isinstance(kwargs[key], kind):
+                raise SinklessError(f"{source}: {key!r} must be a {'JSON object' if kind is dict else 'list'}, got {type(kwargs[key]).__name__}", fix=fix)
         kwargs["neurons"] = neurons
-        kwargs.setdefault("top_k", len(neurons))
+        kwargs["top_k"] = int(top_k)
         return cls(**kwargs)
+
+
+def _whole(value) -> bool:
+    """An integer, or a float with an integer value (JSON writers differ); never a bool."""
+    return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
+
+
+def _index(value, where: str, fix: str) -> int:
+    if not _whole(value) or value < 0:
+        raise SinklessError(f"{where} must be at least 0 (a whole number), got {value!r}", fix=fix)
+    return int(value)
+
+
+def _number(value, where: str, fix: str, *, default):
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SinklessError(f"{where} must be a finite number, got {value!r}", fix=fix)
+    return float(value)
 
 
 def load_neurons(path: str | Path) -> RegisterNeurons:
@@ -107,11 +165,27 @@ def load_neurons(path: str | Path) -> RegisterNeurons:
     path = Path(path)
     if not path.exists():
         raise SinklessError(f"register-neurons file not found: {path}", fix="create it with `sinkless fix --model NAME --out FILE`")
+    if path.is_dir():
+        raise SinklessError(f"{path} is a folder, not a register-neurons file", fix="pass the JSON file written by `sinkless fix --out`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SinklessError(f"{path} is not valid JSON ({error})", fix="pass a file written by `sinkless fix --out`") from None
+    except OSError as error:
+        raise SinklessError(f"cannot read {path} ({error.strerror or error})", fix="check its permissions") from None
     return RegisterNeurons.from_dict(data, str(path))
+
+
+def _check_neurons(loaded: Loaded, layers: dict[int, list[int]]) -> None:
+    """Every (layer, neuron) must exist in ``loaded``: a clear error otherwise (a file made for another model)."""
+    n_layers = loaded.adapter.num_layers(loaded.model)
+    bad = sorted(layer for layer in layers if not 0 <= layer < n_layers)
+    if bad:
+        raise SinklessError(f"register neurons name layers {bad} but {loaded.name} has {n_layers} (0..{n_layers - 1})", fix="use the neurons file made for this model")
+    width = loaded.adapter.mlp_width(loaded.model)
+    outside = sorted({n for ids in layers.values() for n in ids if not 0 <= n < width})
+    if outside:
+        raise SinklessError(f"register neurons {outside[:5]} are outside 0..{width - 1}, the MLP width of {loaded.name}", fix="use the neurons file made for this model")
 
 
 def _by_layer(neurons: RegisterNeurons | Sequence[tuple[int, int]]) -> dict[int, list[int]]:
@@ -125,7 +199,8 @@ def _by_layer(neurons: RegisterNeurons | Sequence[tuple[int, int]]) -> dict[int,
 
 
 class TestTimeRegisters:
-    """The intervention: ``with TestTimeRegisters(loaded, neurons)(): model(x)``, or ``.attach()`` -> handle.
+    """The intervention on a model (a HF model object or a zoo ``Loaded``): ``with TestTimeRegisters(model, neurons):
+    model(x)`` (or ``with ttr(): ...``); persistent: ``handle = ttr.attach()`` ... ``handle.remove()`` (or ``ttr.remove()``).
 
     Vision: ``n_registers`` zero tokens are appended after the patches (after position embeddings, with
     none of their own); outputs are ``[CLS, trained registers, patches, test-time registers]`` and
@@ -150,7 +225,12 @@ class TestTimeRegisters:
     ) -> None:
         if n_registers < 1:
             raise ValueError(f"n_registers must be >= 1, got {n_registers}")
+        if not isinstance(loaded, Loaded):  # a model object the user holds: nothing is changed until attached
+            from sinkless.pretrained import as_loaded
+
+            loaded = as_loaded(loaded, processor=False)
         self.loaded = loaded
+        self._attached: list[Hooks] = []
         self.adapter = loaded.adapter
         self.n = n_registers
         self.mode = MaxMode(mode)
@@ -163,13 +243,9 @@ class TestTimeRegisters:
         self.peaks: dict[tuple[int, int], float] = neurons.peaks() if isinstance(neurons, RegisterNeurons) else {}
         if not self.layers:
             self.n = 0  # nothing to move: add no token, edit nothing
-        n_layers = self.adapter.num_layers(loaded.model)
-        bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
-        if bad:
-            raise SinklessError(f"register neurons name layers {bad} but {loaded.name} has {n_layers}", fix="use the neurons file made for this model")
-        width = self.adapter.mlp_width(loaded.model)
-        if any(not 0 <= n < width for ids in self.layers.values() for n in ids):
-            raise SinklessError(f"register neurons outside 0..{width - 1}", fix="use the neurons file made for this model")
+        if isinstance(neurons, RegisterNeurons):
+            neurons.check_model(loaded.name)
+        _check_neurons(loaded, self.layers)
         self.text = loaded.modality is Modality.TEXT
         self._in_call = self.n  # text: registers present in the current forward call (0 once cached)
         if self.text and self.layers and any((l, n) not in self.peaks for l, ids in self.layers.items() for n in ids):
@@ -263,6 +339,8 @@ class TestTimeRegisters:
             edits[":output"] = self._drop_register_logits
         else:
             edits[adapter.block_input_site(0)] = self._add_tokens
+            encoder = adapter.blocks.rpartition(".")[0]  # a padding mask (SigLIP2) grows with the registers
+            edits[f"{encoder}:input[attention_mask]"] = self._extend_vision_mask
         for layer, neurons in self.layers.items():
             edits[adapter.mlp_hidden_site(layer)] = self._move(layer, neurons)
         return edits
@@ -280,17 +358,47 @@ class TestTimeRegisters:
         ones = mask.new_ones(mask.shape[0], self._in_call)
         return torch.cat([mask[:, : self._at], ones, mask[:, self._at :]], 1)
 
+    def _extend_vision_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) or (B, 1, N, N) mask of the patches -> with the appended registers: every token sees them,
+        and they see what the first token sees."""
+        allowed = True if mask.dtype == torch.bool else 1 if mask.ndim == 2 else 0
+        if mask.ndim == 2:
+            return torch.cat([mask, mask.new_full((mask.shape[0], self.n), allowed)], 1)
+        b, h, n, _ = mask.shape
+        mask = torch.cat([mask, mask.new_full((b, h, n, self.n), allowed)], -1)  # (B, h, N, N + n)
+        rows = mask[:, :, :1].expand(b, h, self.n, n + self.n)  # (B, h, n, N + n)
+        return torch.cat([mask, rows], 2)
+
     def _drop_register_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.cat([logits[:, : self._at], logits[:, self._at + self._in_call :]], 1)
 
     def attach(self) -> Hooks:
-        """Apply persistently; the returned handle's ``.remove()`` restores the model."""
-        return Hooks(self.loaded.model, edit=self._edits())
+        """Apply persistently; the returned handle's ``.remove()`` (or ``self.remove()``) restores the model."""
+        handle = Hooks(self.loaded.model, edit=self._edits())
+        self._attached.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        """Take off every attachment of this intervention (safe to call twice)."""
+        while self._attached:
+            self._attached.pop().remove()
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[TestTimeRegisters]:
-        with self.attach():
+        handle = self.attach()
+        try:
             yield self
+        finally:
+            handle.remove()
+            if handle in self._attached:
+                self._attached.remove(handle)
+
+    def __enter__(self) -> TestTimeRegisters:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def _extreme(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -317,6 +425,9 @@ class ZeroNeurons:
     def __init__(self, loaded: Loaded, neurons: RegisterNeurons | Sequence[tuple[int, int]]) -> None:
         self.loaded = loaded
         self.layers = _by_layer(neurons)
+        if isinstance(neurons, RegisterNeurons):
+            neurons.check_model(loaded.name)
+        _check_neurons(loaded, self.layers)
 
     def _zero(self, neurons: list[int]):
         index = torch.tensor(neurons)

@@ -94,6 +94,10 @@ def _layer_rows(records: list[InputRecord], vision: bool) -> list[dict]:
                 row["outlier_attention_share_patches"] = _nanmean([float(r.share_body[li]) for r in records])
         if records[0].first_token is not None:
             row["first_token_attention"] = _nanmean([float(r.first_token[li]) for r in records])
+        if records[0].learned_sink is not None:  # gpt-oss: the share its learned sink logit takes
+            row["learned_sink_attention"] = _nanmean([float(r.learned_sink[li]) for r in records])
+        if records[0].attention_gate is not None:  # gated attention (Qwen3-Next): mean sigmoid output gate
+            row["attention_gate"] = _nanmean([float(r.attention_gate[li]) for r in records])
         for group in ("registers", "appended"):
             ratios = [
                 float(getattr_slice(r, group, li).median() / r.medians[li])
@@ -119,7 +123,8 @@ def build_report(
     if records[0].alpha0 is not None:
         for li, row in enumerate(layers):
             alphas = torch.cat([r.alpha0[li] for r in records])
-            row["sink_epsilon"] = float((alphas > settings.epsilon).float().mean())
+            alphas = alphas[~alphas.isnan()]  # texts too short to measure, blocks without softmax attention
+            row["sink_epsilon"] = float((alphas > settings.epsilon).float().mean()) if alphas.numel() else None
 
     outliers = []
     for r in records:
@@ -143,6 +148,7 @@ def build_report(
     massive = [{"input": r.name, **m} for r in records for m in r.massive]
 
     summary = _summary(records, layers, outliers, massive, vision)
+    _measured_only(summary, records, layers, settings, vision)
     inputs = [
         {"name": r.name, "tokens": r.layout.n_tokens, **({"image_size": list(r.image_hw)} if vision else {"text_tokens": r.tokens})}
         for r in records
@@ -248,3 +254,42 @@ def _summary(records, layers, outliers, massive, vision: bool) -> dict:
             ({**w, "layers": sorted(w["layers"])} for w in words.values()), key=lambda w: -w["count"]
         )[:20]
     return summary
+
+
+def _measured_only(summary: dict, records: list[InputRecord], layers: list[dict], settings: ScanSettings, vision: bool) -> None:
+    """No verdict from what was not measured: what could not be measured is null, and ``notes`` says why.
+
+    Text: first-token attention needs queries past the warm-up (a shorter text attends to its first
+    token by construction) and attention capture (not ``--no-attention``); outlier tokens need tokens
+    after the first. The verdict is True when something measured shows artifacts, False only when
+    everything was measured and shows none, else null.
+    """
+    notes = []
+    if vision:
+        if not settings.attention:
+            summary["sink_share"] = summary["sink_share_cls"] = None
+            notes.append("attention not measured (--no-attention): the share of attention outliers draw is unknown")
+        summary["notes"] = notes
+        return
+    long_enough = sum(1 for r in records if r.first_token is not None and not bool(r.first_token.isnan().all()))
+    if not settings.attention:
+        notes.append("first-token attention not measured (--no-attention)")
+    elif long_enough == 0:
+        notes.append(f"first-token attention not measured: every text is too short (it needs at least {settings.warmup + 1} tokens)")
+    elif long_enough < len(records):
+        notes.append(f"first-token attention from the {long_enough} of {len(records)} texts of at least {settings.warmup + 1} tokens")
+    sink_measured = settings.attention and long_enough > 0
+    if not sink_measured:
+        summary["sink_share"] = summary["first_token_attention_max"] = summary["sink_epsilon"] = None
+        summary["has_first_token_sink"] = None
+    if not any(bool(r.body.any()) for r in records):
+        summary["has_outliers"] = None
+        notes.append("outlier tokens not measured: no text has a token after its first")
+    flags = [summary["has_first_token_sink"], summary["has_massive_activations"], summary["has_outliers"]]
+    if any(flags):
+        summary["has_artifacts"] = True
+    elif None in flags:
+        summary["has_artifacts"] = None
+    else:
+        summary["has_artifacts"] = False
+    summary["notes"] = notes

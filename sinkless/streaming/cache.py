@@ -49,14 +49,19 @@ def _arch(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def rotary_inv_freq(model: nn.Module) -> torch.Tensor:
-    """The rotary inverse frequencies ``(d/2,)`` of a causal LM; a clear error for models without RoPE."""
-    rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+def rotary_inv_freq(model: nn.Module, *, no_rope_fix: str | None = None) -> torch.Tensor:
+    """The rotary inverse frequencies ``(d/2,)`` of a causal LM; a clear error for models without RoPE.
+
+    ``no_rope_fix``: the fix line of that error, for callers without ``--mode`` (``sinkless stream``).
+    """
+    # ``inv_freq``, or one ``<layer type>_inv_freq`` per layer type (Gemma3: sliding and full attention)
+    rotary = {name: buffer for name, buffer in model.named_buffers(remove_duplicate=False)
+              if name.endswith("inv_freq") and not name.endswith("original_inv_freq")}
     if not rotary:
         raise SinklessError(
             f"{_arch(model)} has no rotary position embeddings (it adds absolute position embeddings to its inputs), "
             "so cached tokens cannot be given new positions as StreamingLLM needs",
-            fix="use a rotary model (Llama family incl. SmolLM2, Qwen3, Mistral), or --mode full / recompute",
+            fix=no_rope_fix or "use a rotary model (Llama family incl. SmolLM2, Qwen3, Mistral), or --mode full / recompute",
         )
     config = getattr(model, "config", None)
     rope = dict(getattr(config, "rope_parameters", None) or {})
@@ -66,7 +71,15 @@ def rotary_inv_freq(model: nn.Module) -> torch.Tensor:
             f"{_arch(model)} uses {rope_type!r} rotary scaling, whose frequencies change with the sequence length",
             fix=f"streaming supports rope types {', '.join(_STATIC_ROPE)}",
         )
-    inv_freq = rotary[0].inv_freq.detach().float()
+    frequencies = list(rotary.values())
+    if any(f.shape != frequencies[0].shape or not torch.equal(f, frequencies[0]) for f in frequencies[1:]):
+        raise SinklessError(
+            f"{_arch(model)} rotates its layers with different rotary frequencies "
+            f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name in rotary}))}), "
+            "and the sink cache re-rotates every layer's cached keys alike",
+            fix="use --mode full / recompute with this model, or a model with one rotary embedding (Llama, Qwen3, Mistral)",
+        )
+    inv_freq = frequencies[0].detach().float()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if 2 * inv_freq.numel() != head_dim:
         raise SinklessError(
@@ -76,7 +89,7 @@ def rotary_inv_freq(model: nn.Module) -> torch.Tensor:
     return inv_freq
 
 
-def check_streamable(model: nn.Module, sinks: int, window: int) -> torch.Tensor:
+def check_streamable(model: nn.Module, sinks: int, window: int, *, no_rope_fix: str | None = None) -> torch.Tensor:
     """Raise a ``SinklessError`` unless ``model`` can stream with ``sinks`` + ``window``; returns its inv_freq."""
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()) or getattr(model.config, "is_encoder_decoder", False):
@@ -91,7 +104,7 @@ def check_streamable(model: nn.Module, sinks: int, window: int) -> torch.Tensor:
             f"window ({window}) must be larger than the number of sinks ({sinks})",
             fix="the window holds the recent tokens; the paper uses --sinks 4 --window 1020",
         )
-    inv_freq = rotary_inv_freq(model)
+    inv_freq = rotary_inv_freq(model, no_rope_fix=no_rope_fix)
     sliding = getattr(model.config, "sliding_window", None)
     layer_types = getattr(model.config, "layer_types", None) or []
     if sliding and (sliding < sinks + window) and ("sliding_attention" in layer_types or not layer_types):

@@ -24,6 +24,7 @@ from sinkless.adapters import Modality, TokenLayout, eager_attention
 from sinkless.errors import SinklessError
 from sinkless.hooks import hooks
 from sinkless.images import to_pixels
+from sinkless.scan.measure import to_model
 
 __all__ = ["Prepared", "prepare", "Extracted", "extract", "FEATURES", "check_vision", "resolve_layer"]
 
@@ -110,7 +111,7 @@ def extract(
         sites["tokens"] = adapter.residual_site(last)
     kwargs = {"interpolate_pos_encoding": True} if _accepts_interpolation(type(model)) else {}
     with eager_attention(model) if cls_attention else contextlib.nullcontext(), hooks(model, capture=sites.values()) as rec:
-        model(pixel_values=prepared.pixels, **kwargs)
+        model(**to_model({"pixel_values": prepared.pixels}, model), **kwargs)  # on the model's device, in its dtype
     captured = {name: rec[site][0] for name, site in sites.items()}  # batch of one
     n_tokens = next(iter(captured.values())).shape[-2]
     layout = adapter.layout(model, n_tokens, image_hw=tuple(prepared.pixels.shape[-2:]))

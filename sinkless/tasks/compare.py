@@ -118,6 +118,8 @@ def compare(
     progress: bool = True,
     visuals: bool = False,
     fix_options: dict[str, dict] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
 ) -> tuple[Comparison, dict]:
     """Evaluate ``task`` on ``data`` for ``model`` (a zoo name, hub id, folder or ``Loaded``) under each fix.
 
@@ -141,7 +143,7 @@ def compare(
     protocol = make_protocol(spec, overrides)
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
     dataset = dataset.limit(limit)
-    loaded = zoo.load(model) if isinstance(model, str) else model
+    loaded = zoo.load(model, device=device, dtype=dtype) if isinstance(model, str) else model
     check_vision(loaded, spec.name)
     started = time.perf_counter()
     contexts = []
@@ -179,7 +181,7 @@ def write_pictures(pictures: dict, out_dir: str | Path) -> None:
     """Write qualitative pictures into ``out_dir`` all at once (nothing is left behind on failure)."""
     from sinkless._io import staged_dir
 
-    with staged_dir(out_dir) as stage:
+    with staged_dir(out_dir, kind="compare-pictures") as stage:
         for relative, picture in pictures.items():
             target = stage / relative
             target.parent.mkdir(parents=True, exist_ok=True)

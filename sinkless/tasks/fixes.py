@@ -135,7 +135,9 @@ def _distill_cached(loaded, images):
     name = "distilled-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.name)[-60:] + "-" + key[:8]
     log.info("distilling %s on %d bundled photos (not among the evaluation images); cached for later runs", loaded.name, len(photos))
     device = next(loaded.model.parameters()).device
-    folder = zoo.cached(name, key, lambda tmp: distill(loaded, [im for _, im in photos], tmp, settings, device=device, progress=True))
+    # into a subfolder: the cache holds its build folder locked, and distill's own staged write locks its output folder
+    entry = zoo.cached(name, key, lambda tmp: distill(loaded, [im for _, im in photos], tmp / "model", settings, device=device, progress=True))
+    folder = entry / "model"
     other = zoo.load(str(folder))
     other.name = f"{loaded.name}+distilled"
     return other, str(folder)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
+from sinkless.distributed import map_ordered
 from sinkless.errors import SinklessError
 from sinkless.tasks._features import FEATURES, check_vision, extract, prepare, resolve_layer
 
@@ -133,10 +133,11 @@ def evaluate(loaded, dataset, protocol: LostProtocol = LostProtocol(), *, progre
         raise SinklessError(f"LOST needs k >= 1, got {protocol.k}", fix="pass --k 100 (the paper's value)")
     layer = resolve_layer(loaded, protocol.layer)
     patch = loaded.adapter.patch_size(loaded.model)
-    records, pictures = [], {}
-    for sample in tqdm(dataset, total=len(dataset), desc="lost", disable=not progress, leave=False):
+
+    def one(index: int):  # the record and picture of one image (None: no box)
+        sample = dataset[index]
         if not len(sample.boxes):
-            continue
+            return None
         prepared = prepare(sample.image, loaded, protocol.max_side)
         out = extract(loaded, prepared, layer=layer, features=protocol.features)
         result = lost(out.features, out.layout.grid, k=protocol.k, gram_bias=protocol.gram_bias, l2=protocol.l2)
@@ -146,12 +147,17 @@ def evaluate(loaded, dataset, protocol: LostProtocol = LostProtocol(), *, progre
         truth = sample.boxes * prepared.scale
         best = float(box_iou(pred, truth).max())
         hit = best >= protocol.iou_threshold
-        records.append({
+        record = {
             "name": sample.name, "box": (pred / prepared.scale).round(1).tolist(), "iou": round(best, 4), "hit": hit,
             "seed": divmod(result.seed, out.layout.grid[1]), "expansion": len(result.expansion),
-        })
-        if visuals:
-            pictures[sample.name] = _draw(sample.image, pred / prepared.scale, sample.boxes, result, patch / prepared.scale, hit)
+        }
+        picture = _draw(sample.image, pred / prepared.scale, sample.boxes, result, patch / prepared.scale, hit) if visuals else None
+        return record, picture
+
+    # data parallel under torchrun / accelerate launch: each process its share of the images, all get every result
+    done = [r for r in map_ordered(one, len(dataset), desc="lost", progress=progress) if r is not None]
+    records = [record for record, _ in done]
+    pictures = {record["name"]: picture for record, picture in done if picture is not None}
     if not records:
         raise SinklessError(f"no image of {dataset.name} has a box, so LOST cannot be scored", fix="use data with object boxes")
     corloc = 100.0 * sum(r["hit"] for r in records) / len(records)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from sinkless.distributed import map_ordered
 from sinkless.errors import SinklessError
 from sinkless.tasks._features import check_vision, extract, prepare
 from sinkless.tasks.data import IGNORE
@@ -115,25 +115,30 @@ def evaluate(loaded, dataset, protocol: ProbeProtocol = ProbeProtocol(), *, prog
         raise SinklessError(f"unknown probe labels {protocol.labels!r}", fix=f"choose one of {', '.join(LABELS)}")
     patch = loaded.adapter.patch_size(loaded.model)
     n_classes = 2 if protocol.labels == "foreground" else len(dataset.classes)
-    train_x, train_y, test, cls_tokens, image_labels = [], [], [], [], []
-    for i, sample in enumerate(tqdm(dataset, total=len(dataset), desc="probe", disable=not progress, leave=False)):
+
+    def one(i: int):  # CLS token and label, then (train patches, labels) for even images or the test entry for odd ones
+        sample = dataset[i]
         prepared = prepare(sample.image, loaded, protocol.max_side)
         out = extract(loaded, prepared, tokens=True)
-        if sample.label is not None:
-            cls_tokens.append(out.cls_token)
-            image_labels.append(sample.label)
+        cls = (out.cls_token, sample.label) if sample.label is not None else None
         if sample.mask is None:
-            continue
+            return cls, None, None
         mask = resize_mask(sample.mask, prepared.image_hw)
         if protocol.labels == "foreground":
             mask = np.where(mask == IGNORE, IGNORE, mask > 0).astype(np.uint8)
         if i % 2 == 0:
             labels = patch_labels(mask, out.layout.grid, patch)
             keep = labels != IGNORE
-            train_x.append(out.patch_tokens[torch.from_numpy(keep)])
-            train_y.append(torch.from_numpy(labels[keep].astype(np.int64)))
-        else:
-            test.append((sample.name, out.patch_tokens, out.layout.grid, prepared, mask))
+            return cls, (out.patch_tokens[torch.from_numpy(keep)], torch.from_numpy(labels[keep].astype(np.int64))), None
+        return cls, None, (sample.name, out.patch_tokens, out.layout.grid, prepared, mask)
+
+    # data parallel under torchrun / accelerate launch: each process extracts its share, all get every image's features
+    done = map_ordered(one, len(dataset), desc="probe", progress=progress)
+    cls_tokens = [cls[0] for cls, _, _ in done if cls is not None]
+    image_labels = [cls[1] for cls, _, _ in done if cls is not None]
+    train_x = [train[0] for _, train, _ in done if train is not None]
+    train_y = [train[1] for _, train, _ in done if train is not None]
+    test = [entry for _, _, entry in done if entry is not None]
     if not train_x or not test:
         raise SinklessError(
             f"the dense probe needs masks on at least two images of {dataset.name} (one to train, one to test)",

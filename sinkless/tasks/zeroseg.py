@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from sinkless.distributed import map_ordered
 from sinkless.errors import SinklessError
 from sinkless.tasks._features import check_vision, extract, prepare
 from sinkless.tasks.data import IGNORE
@@ -91,11 +91,11 @@ def evaluate(loaded, dataset, protocol: ZeroSegProtocol = ZeroSegProtocol(), *, 
     if not 0 < protocol.mass <= 1:
         raise SinklessError(f"--mass must be in (0, 1], got {protocol.mass}", fix="DINO keeps 0.6 of the attention")
     patch = loaded.adapter.patch_size(loaded.model)
-    total = np.zeros((2, 2), dtype=np.int64)
-    records, pictures = [], {}
-    for sample in tqdm(dataset, total=len(dataset), desc="zeroseg", disable=not progress, leave=False):
+
+    def one(index: int):  # the confusion matrix, record and picture of one image (None: no mask)
+        sample = dataset[index]
         if sample.mask is None:
-            continue
+            return None
         prepared = prepare(sample.image, loaded, protocol.max_side)
         out = extract(loaded, prepared, cls_attention=True)
         grid_mask = mass_mask(out.cls_attention, out.layout.grid, protocol.mass).numpy()  # (h, w)
@@ -104,10 +104,16 @@ def evaluate(loaded, dataset, protocol: ZeroSegProtocol = ZeroSegProtocol(), *, 
         truth = resize_mask(sample.mask, (height, width))
         truth = np.where(truth == IGNORE, IGNORE, truth > 0).astype(np.uint8)
         matrix = confusion(pred, truth, 2)
+        record = {"name": sample.name, **{k: v for k, v in scores_from_confusion(matrix).items() if k != "iou"}}
+        return matrix, record, _draw(sample.image, pred) if visuals else None
+
+    # data parallel under torchrun / accelerate launch: each process its share of the images, all get every result
+    done = [r for r in map_ordered(one, len(dataset), desc="zeroseg", progress=progress) if r is not None]
+    total = np.zeros((2, 2), dtype=np.int64)
+    for matrix, _, _ in done:
         total += matrix
-        records.append({"name": sample.name, **{k: v for k, v in scores_from_confusion(matrix).items() if k != "iou"}})
-        if visuals:
-            pictures[sample.name] = _draw(sample.image, pred)
+    records = [record for _, record, _ in done]
+    pictures = {record["name"]: picture for _, record, picture in done if picture is not None}
     if not records:
         raise SinklessError(f"no image of {dataset.name} has a mask, so zero-shot segmentation cannot be scored", fix="use data with segmentation masks")
     scores = scores_from_confusion(total)
