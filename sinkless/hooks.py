@@ -5,7 +5,11 @@ A *site* names a tensor flowing through a module, written ``"<module path>:<port
 - ``"encoder.layer.3.mlp.fc2:input"``  the first input of the module (a forward pre-hook),
 - ``"encoder.layer.3:output"``         its output, or the output's first element when it is a tuple,
 - ``"encoder.layer.3.attention:output[1]"``  element 1 of a tuple output (attention probabilities),
-- ``"model:input[attention_mask]"``  a keyword input of the module (skipped when not passed).
+- ``"model:input[attention_mask]"``  a keyword input of the module (skipped when not passed),
+- ``"model:input[*]"`` / ``"model:output[*]"``  the whole call: an edit receives every input as a
+  dict of keyword arguments (positional ones under their parameter names) and returns the new dict,
+  or the whole output object and returns its replacement (edits only, for inputs that must change
+  together, e.g. a cache's positions and mask).
 
 ``Hooks`` attaches capture and edit hooks at once. Used with ``with`` it removes every handle on
 exit, exception or not; kept as a persistent edit it is removed by ``.remove()``. Everything else in
@@ -16,6 +20,7 @@ sinkless (scans, test-time registers, probes) is built on it (TransformerLens ``
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,7 +37,8 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """A function applied to a captured tensor before it is stored (e.g. token norms), to save memory."""
 
-_SITE = re.compile(r"^(?P<module>[\w.]*):(?P<port>input|output)(?:\[(?:(?P<index>\d+)|(?P<key>[A-Za-z_]\w*))\])?$")
+_SITE = re.compile(r"^(?P<module>[\w.]*):(?P<port>input|output)(?:\[(?:(?P<index>\d+)|(?P<key>[A-Za-z_]\w*|\*))\])?$")
+_WHOLE = "*"
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class Site:
                 "'<module path>:output[i]' or '<module path>:input[keyword]', e.g. 'encoder.layer.3.mlp.fc2:input'"
             )
         index, key = match["index"], match["key"]
-        if key is not None and match["port"] != "input":
+        if key is not None and key != _WHOLE and match["port"] != "input":
             raise ValueError(f"bad hook site {spec!r}: named entries are keyword inputs, e.g. 'model:input[attention_mask]'")
         if index is not None and match["port"] != "output":
             raise ValueError(f"bad hook site {spec!r}: indices are only for outputs")
@@ -161,6 +167,11 @@ class Hooks(Mapping[str, torch.Tensor]):
     ) -> None:
         module = _resolve(model, site.module)
         key = str(site)
+        if site.key == _WHOLE:
+            if edit is None:
+                raise ValueError(f"site {key}: the whole call can be edited, not captured")
+            self._attach_whole(module, site.port, edit)
+            return
 
         def handle(tensor: torch.Tensor) -> torch.Tensor | None:
             if edit is not None:
@@ -199,6 +210,21 @@ class Hooks(Mapping[str, torch.Tensor]):
                 return None if new is None else _put(output, site.index, new)
 
             self._handles.append(module.register_forward_hook(post_hook))
+
+    def _attach_whole(self, module: nn.Module, port: str, edit: Callable[[Any], Any]) -> None:
+        if port == "input":
+            names = [
+                p.name for p in inspect.signature(module.forward).parameters.values()
+                if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            ]
+
+            def pre_hook(_module, args, kwargs):
+                new = edit({**dict(zip(names, args)), **kwargs})
+                return None if new is None else ((), new)
+
+            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        else:
+            self._handles.append(module.register_forward_hook(lambda _module, _args, output: edit(output)))
 
     # -- reading -----------------------------------------------------------------------------
     def __getitem__(self, site: str) -> torch.Tensor:

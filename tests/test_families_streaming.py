@@ -15,12 +15,12 @@ from sinkless.cli import main
 STREAMED = {
     "llama": (2, 6), "qwen3": (2, 6), "mistral": (2, 6), "qwen2": (2, 6), "gemma": (2, 6), "phi3": (2, 6),
     "falcon": (2, 6), "gemma2": (1, 3), "gpt_oss": (1, 3),
+    "gemma3": (1, 3),  # sliding layers rotate with base 1e4, full layers with 1e6: the cache rotates each layer with its own
 }
 # why the sink cache refuses a rotary family
 REFUSED = {
-    "gemma3": "different rotary frequencies",  # sliding layers rotate with base 1e4, full layers with 1e6
     "gpt_neox": "partial rotary",  # rotates a quarter of each head
-    "qwen3_next": "partial rotary",  # and linear-attention layers
+    "qwen3_next": "layer types",  # linear-attention layers (and partial rotary)
 }
 PROMPT = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w1 w2"
 

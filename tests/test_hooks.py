@@ -197,6 +197,37 @@ def test_keyword_input_site():
         Site.parse("model:input[0]")
 
 
+def test_whole_call_sites():
+    """``:input[*]`` edits every input of a call at once (positional ones by name); ``:output[*]`` the whole
+    output. Identity edits are a no-op; the model is left as it was."""
+    model = tiny_model("llama")
+    ids = tiny_inputs(model)["input_ids"]
+    plain = model(ids).logits
+    seen = {}
+
+    def inputs(kwargs):
+        seen.update(kwargs)
+        return {**kwargs, "input_ids": kwargs["input_ids"].flip(1)}
+
+    def output(out):
+        out.logits = out.logits * 0
+        return out
+
+    with hooks(model, edit={":input[*]": lambda kwargs: None, ":output[*]": lambda out: None}):
+        same = model(ids).logits
+    print(f"identity whole-call edits: max |diff| = {(same - plain).abs().max().item():.3g}")
+    assert torch.equal(same, plain)
+    with hooks(model, edit={":input[*]": inputs}):
+        flipped = model(ids, use_cache=False).logits
+    assert torch.equal(seen["input_ids"], ids) and seen["use_cache"] is False
+    assert torch.allclose(flipped, model(ids.flip(1)).logits)
+    with hooks(model, edit={":output[*]": output}):
+        assert not model(ids).logits.any()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with pytest.raises(ValueError, match="edited, not captured"):
+        hooks(model, capture=[":input[*]"])
+
+
 class _Outputs(nn.Module):
     """A module returning a tensor, a tuple, a list or a dict-like output of three tensors."""
 

@@ -30,5 +30,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own README
     printed = capsys.readouterr().out
     print(printed)
-    assert printed.split("\n")[:4] == ["True 6", "0.88", "torch.Size([4, 258, 384]) True", "63"], printed
+    assert printed.split("\n")[:4] == ["True 6", "0.88", "torch.Size([4, 258, 384]) True", "[128] [64]"], printed
     assert (tmp_path / "neurons.json").exists()

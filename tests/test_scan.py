@@ -575,8 +575,9 @@ def test_summary_lines_in_detail():
     text.layers = layers[:3]
     text.massive_activations = []
     text.summary.update(secondary_outliers=[], sink_share=None, first_token_attention_max=None, sink_epsilon=None)
-    assert summary_lines(text)[1:] == ["  first-token attention: mean 0 %, max 0 %; >= 30 % in layers 1-2; Sink_eps=0.3: 0 % of heads"]
+    assert summary_lines(text)[1:] == ["  first-token attention: not measured"]  # None is unknown, never 0 %
     text.layers = layers[:1]
+    text.summary.update(sink_share=0.1, first_token_attention_max=0.1, sink_epsilon=0.0)
     assert ">= 30 % in layers none;" in summary_lines(text)[1]
 
 

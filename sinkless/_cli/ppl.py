@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sinkless._cli import _args
+from sinkless.devices import add_device_args
 from sinkless.errors import SinklessError
 
 
@@ -18,8 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="zoo name (see `sinkless models`), hub id or local folder")
     parser.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the bundled Hamlet)")
     parser.add_argument("--mode", default="full", choices=["full", "window", "sink", "recompute"], help="attention mode (default: full)")
-    parser.add_argument("--sinks", type=int, default=None, help="attention sinks kept (sink: 4; recompute: 0; window: 0)")
-    parser.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
+    parser.add_argument("--sinks", type=int, default=None, help="attention sinks kept: the stream's first S tokens (sink: 4; recompute: 0; window: 0)")
+    parser.add_argument(
+        "--window", type=int, default=1020,
+        help="recent tokens each token sees besides the sinks and itself (default 1020): --sinks 4 --window 1020 keeps "
+        "1024 tokens between steps and attends to 1025, the paper's setting",
+    )
     parser.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score the first N tokens (default: all)")
     parser.add_argument("--batch-size", type=int, default=1, help="cut the text into this many streams run side by side")
     parser.add_argument(
@@ -33,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--registers", metavar="FILE", help="full mode: apply test-time registers from a `sinkless fix` neurons file")
     parser.add_argument("--zero-neurons", metavar="FILE", help="full mode: zero the neurons of a `sinkless fix` file instead (the ablation)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -59,20 +65,24 @@ def _check(args: argparse.Namespace) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from sinkless import zoo
     from sinkless._io import atomic_write_json
-    from sinkless.streaming import ppl, text
+    from sinkless.devices import resolve_device, resolve_dtype
+    from sinkless.streaming import check_streamable, ppl, text
 
     overlays = _check(args)
     config = ppl.PplConfig(
         mode=ppl.Mode(args.mode), sinks=args.sinks, window=args.window, batch_size=args.batch_size,
         chunk_size=args.chunk_size, every=args.every, max_tokens=args.max_tokens,
     ).resolved()  # user mistakes surface before the model loads
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     body = text.read_text(args.text)
     neurons_file = args.registers or args.zero_neurons
     if args.registers and args.zero_neurons:
         raise SinklessError("--registers and --zero-neurons exclude each other", fix="pass one of them")
     if neurons_file and config.mode is not ppl.Mode.FULL:
         raise SinklessError(f"--registers/--zero-neurons work with --mode full, not {config.mode.value}", fix="add --mode full")
-    loaded = zoo.load(args.model)
+    loaded = zoo.load(args.model, dtype=dtype, device=device)
+    if config.mode in (ppl.Mode.SINK, ppl.Mode.WINDOW):
+        check_streamable(loaded.model, config.sinks, config.window)  # before the text is tokenized
     tokens = text.tokenize(loaded.tokenizer, body)
     intervention, applied = None, None
     if neurons_file:

@@ -113,7 +113,10 @@ def _check_memory(loaded, items, settings: ScanSettings) -> None:
     if not width:
         return
     n_layers = len(settings.layers) if settings.layers is not None else loaded.num_layers
-    mlp = loaded.adapter.mlp_width(loaded.model)
+    try:
+        mlp = loaded.adapter.mlp_width(loaded.model)
+    except SinklessError:  # a mixture of experts has no single MLP width; scan does not capture it
+        mlp = 0
     batch = min(settings.batch_size, len(items))
     if loaded.modality is Modality.VISION:
         side = (settings.image_size or loaded.image_spec.size) // loaded.image_spec.patch_size

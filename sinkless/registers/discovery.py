@@ -11,7 +11,6 @@ Shapes: B batch, N tokens, W MLP width, L layers.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -26,8 +25,9 @@ from sinkless.errors import SinklessError
 from sinkless.hooks import hooks
 from sinkless.registers.ttr import RegisterNeurons, TestTimeRegisters, _extreme
 from sinkless.scan import ScanSettings
+from sinkless.scan import measure as measure_inputs
 from sinkless.scan.inputs import ImageInput, TextInput
-from sinkless.scan.measure import InputRecord, _outlier_masks, body_tokens, model_inputs, to_model
+from sinkless.scan.measure import body_tokens, model_inputs, to_model
 from sinkless.scan.norms import OutlierRule, thresholds
 from sinkless.scan.report import MIN_FRACTION, build_report
 from sinkless.zoo import Loaded
@@ -150,42 +150,9 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
     return tally
 
 
-@torch.no_grad()
-def _norm_records(loaded: Loaded, inputs, settings: DiscoverySettings, intervention=None) -> list[InputRecord]:
-    """Per-input norms and outliers at every layer: the part of a scan that outlier counts need (one
-    capture of the token norms per layer, no attention, no massive-activation search), with the same
-    layouts, thresholds and medians as ``sinkless.scan.measure``."""
-    adapter, model = loaded.adapter, loaded.model
-    n_layers = adapter.num_layers(model)
-    layers = list(range(n_layers))
-    vision = loaded.modality is Modality.VISION
-    scan_settings = settings.scan_settings()
-    capture = {adapter.residual_site(l): _norm for l in layers}
-    layout_of = getattr(intervention, "layout", None)
-    records = []
-    for start in range(0, len(inputs), settings.batch_size):
-        batch = inputs[start : start + settings.batch_size]
-        kwargs, lengths, image_hw, _ = model_inputs(loaded, batch, scan_settings)
-        edit = intervention() if intervention is not None else contextlib.nullcontext()
-        with edit, hooks(model, capture=capture) as rec:
-            model(**to_model(kwargs, model))
-        norms = torch.stack([rec[adapter.residual_site(l)] for l in layers], 1).cpu()  # (B, L, N)
-        hws = image_hw if isinstance(image_hw, list) else [image_hw] * len(batch)  # one size per input, or one for the batch
-        for i, item in enumerate(batch):
-            n = norms.shape[-1] if vision else lengths[i] + norms.shape[-1] - kwargs["input_ids"].shape[1]
-            hw = tuple(hws[i]) if vision else None
-            if layout_of is not None:
-                layout = layout_of(n, hw)
-            else:
-                layout = adapter.layout(model, n, hw) if vision else TokenLayout(n, adapter.n_cls)
-            body = body_tokens(layout, text=not vision)
-            tau, outliers, medians = _outlier_masks(norms[i, :, :n], body, settings.rule)
-            records.append(InputRecord(item.name, layout, layers, body, norms[i, :, :n], tau, outliers, medians, image_hw=hw))
-    return records
-
-
 def _outlier_count(loaded: Loaded, inputs, settings: DiscoverySettings, intervention=None) -> dict:
-    records = _norm_records(loaded, inputs, settings, intervention)
+    # the scan's own measurement (attention off): per-model inputs such as SigLIP2's patch mask included
+    records = measure_inputs(loaded, inputs, settings.scan_settings(), intervention=intervention, progress=False)
     report = build_report(loaded.name, loaded.modality.value, records, settings.scan_settings())
     per_layer = {row["layer"]: int(sum(int(r.outliers[i].sum()) for r in records)) for i, row in enumerate(report.layers)}
     return {

@@ -1,152 +1,145 @@
-"""Endless generation and multi-turn chat through a sink + window cache (Xiao et al. 2024, "Efficient
-Streaming Language Models with Attention Sinks").
+"""Endless generation and multi-turn chat through ``model.generate()`` with a sink + window cache (Xiao et al.
+2024, "Efficient Streaming Language Models with Attention Sinks").
 
-The prompt is prefilled in chunks through ``SinkCache`` (so a prompt longer than the window is windowed
-from its first token), then tokens are decoded one at a time; memory stays at ``sinks + window`` tokens
-of KV however long the stream runs. ``Chat`` keeps one cache across turns: each turn feeds only the new
-part of the chat template, the model's earlier replies stay in the cache as it generated them.
+Nothing here decodes or samples by hand: ``SinkCache`` goes into Hugging Face's own ``generate`` (every
+generation option works), text comes out through its ``TextStreamer`` / ``TextIteratorStreamer``. ``Chat``
+keeps one cache across turns the way transformers continues a conversation: each turn passes the whole
+conversation's token ids and ``generate`` feeds only what the cache has not seen (the model's earlier
+replies stay in the cache as it generated them), so a chat can run forever in ``sinks + window`` tokens of
+KV memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+import os
+import time
 
 import torch
 from torch import nn
 
 from sinkless.errors import SinklessError
-from sinkless.streaming.cache import SinkCache, streaming_forward
+from sinkless.streaming.cache import SinkCache
 
-__all__ = ["Sampling", "generate_tokens", "Detokenizer", "Chat", "eos_ids"]
+__all__ = ["Completion", "complete", "Chat"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen: greedy when ``temperature`` is 0, else sampled with a seeded generator."""
+@dataclasses.dataclass
+class Completion:
+    """One ``generate`` call through a ``SinkCache``."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    seed: int = 0
-    chunk_size: int = 512  # prefill tokens per forward
+    text: str
+    tokens: int  # generated tokens
+    seconds: float
+    cache: SinkCache
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0 or self.temperature < 0 or self.chunk_size < 1:
-            raise SinklessError(
-                "bad generation settings",
-                fix="use --max-new-tokens >= 0, --temperature >= 0 and --chunk-size >= 1",
-            )
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
 
 
-def eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    """Token ids that end a reply: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
+def _check_settings(generate_kwargs: dict) -> None:
+    for name in ("max_new_tokens", "top_k"):
+        value = generate_kwargs.get(name)
+        if value is not None and value < 0:
+            raise SinklessError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    for name in ("temperature", "repetition_penalty"):
+        value = generate_kwargs.get(name)
+        if value is not None and not value >= 0:  # also NaN
+            raise SinklessError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    top_p = generate_kwargs.get("top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SinklessError(f"--top-p must be in (0, 1], got {top_p}")
 
 
-def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """The next token from last-position logits ``(V,)``."""
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+def sampling_kwargs(*, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    repetition_penalty: float | None = None) -> dict:
+    """``generate`` keyword arguments for the CLI's sampling flags: greedy when ``temperature`` is 0."""
+    kwargs = {"do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+        kwargs.update({k: v for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None})
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = repetition_penalty
+    _check_settings(kwargs)
+    return kwargs
 
 
-@torch.no_grad()
-def generate_tokens(
+def _generate(model: nn.Module, ids: torch.Tensor, cache: SinkCache, streamer, seed: int | None, generate_kwargs: dict) -> torch.Tensor:
+    _check_settings(generate_kwargs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    mask = torch.ones_like(ids)
+    return model.generate(ids, attention_mask=mask, past_key_values=cache, streamer=streamer, **generate_kwargs)
+
+
+def complete(
     model: nn.Module,
-    cache: SinkCache,
-    prompt_ids: torch.Tensor,
-    sampling: Sampling = Sampling(),
+    tokenizer,
+    prompt: str,
     *,
-    stop: set[int] | frozenset[int] = frozenset(),
-) -> Iterator[int]:
-    """Feed ``prompt_ids`` ``(N,)`` through ``cache`` in chunks, then yield generated token ids.
+    sinks: int = 4,
+    window: int = 1020,
+    chunk_size: int = 512,
+    streamer=None,
+    seed: int | None = 0,
+    **generate_kwargs,
+) -> Completion:
+    """Continue ``prompt`` with ``model.generate`` through a fresh ``SinkCache``; ``generate_kwargs`` go to ``generate``."""
+    from sinkless.streaming.text import tokenize
 
-    Stops after ``sampling.max_new_tokens`` tokens or a token in ``stop`` (yielded). The last yielded token
-    is *not* fed to the cache: a caller that continues the stream feeds it first (``Chat`` does).
-    """
-    ids = prompt_ids.reshape(1, -1).to(next(model.parameters()).device)  # (1, N)
+    ids = tokenize(tokenizer, prompt)[None]  # (1, N)
     if ids.shape[1] == 0:
         raise SinklessError("the prompt is empty", fix="pass --prompt TEXT or pipe a file on standard input")
-    generator = torch.Generator().manual_seed(sampling.seed)
-    logits = None
-    for i in range(0, ids.shape[1], sampling.chunk_size):
-        logits = streaming_forward(model, cache, ids[:, i : i + sampling.chunk_size], logits_to_keep=1).logits[0, -1]
-    for step in range(sampling.max_new_tokens):
-        token = _pick(logits, sampling, generator)
-        yield token
-        if token in stop or step == sampling.max_new_tokens - 1:
-            return
-        logits = streaming_forward(model, cache, torch.tensor([[token]], device=ids.device), logits_to_keep=1).logits[0, -1]
-
-
-class Detokenizer:
-    """Turns a stream of token ids into text pieces as soon as they decode to whole characters."""
-
-    def __init__(self, tokenizer, *, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._printed = 0
-
-    def push(self, token: int) -> str:
-        self._ids.append(token)
-        text = self.tokenizer.decode(self._ids, skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return ""
-        piece = text[self._printed :]
-        if text.endswith("\n"):  # decode from scratch after each line, so the cost stays per line
-            self._ids, self._printed = [], 0
-        else:
-            self._printed = len(text)
-        return piece
+    cache = SinkCache(model, sinks=sinks, window=window, chunk_size=chunk_size)
+    start = time.perf_counter()
+    out = _generate(model, ids, cache, streamer, seed, generate_kwargs)  # (1, N + new)
+    new = out[0, ids.shape[1] :]
+    return Completion(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), time.perf_counter() - start, cache)
 
 
 class Chat:
     """A multi-turn chat with an instruct model whose history lives in one ``SinkCache``.
 
-    ``send(text)`` yields the reply as text pieces; the conversation can run forever in constant memory.
+    ``send(text, streamer=...)`` returns the reply (and streams it); ``generate_kwargs`` go to ``generate``.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, sinks: int = 4, window: int = 1020, system: str | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer, *, sinks: int = 4, window: int = 1020, chunk_size: int = 512,
+                 system: str | None = None) -> None:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise SinklessError("this model's tokenizer has no chat template", fix="use an instruct model for --chat, or drop --chat")
         self.model, self.tokenizer = model, tokenizer
-        self.cache = SinkCache(model, sinks=sinks, window=window)
+        self.cache = SinkCache(model, sinks=sinks, window=window, chunk_size=chunk_size)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self._fed = ""  # the rendered conversation the cache (plus _pending) has seen
-        self._pending: list[int] = []  # generated but not yet fed to the cache
-        self.stop = eos_ids(model, tokenizer)
+        self._fed = ""  # the rendered conversation that self.ids holds
+        self.ids = torch.zeros(1, 0, dtype=torch.long)  # (1, L) every token so far (the last reply token not yet fed)
 
     def _render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def send(self, text: str, sampling: Sampling = Sampling()) -> Iterator[str]:
+    def send(self, text: str, *, streamer=None, seed: int | None = None, **generate_kwargs) -> Completion:
         self.messages.append({"role": "user", "content": text})
         rendered = self._render(self.messages)
-        if rendered.startswith(self._fed):
-            new = rendered[len(self._fed) :]
-        else:  # a template that rewrites earlier turns: feed this turn alone
-            log.warning("the chat template changed earlier turns; feeding the new turn only")
-            new = self._render(self.messages[-1:])
-        ids = self._pending + self.tokenizer(new, add_special_tokens=False).input_ids
-        reply: list[int] = []
-        detok = Detokenizer(self.tokenizer)
-        for token in generate_tokens(self.model, self.cache, torch.tensor(ids), sampling, stop=self.stop):
-            reply.append(token)
-            piece = detok.push(token)
-            if piece:
-                yield piece
-        self._pending = reply[-1:]
+        same = len(os.path.commonprefix([rendered, self._fed]))
+        if same < len(self._fed):  # a template that rewrites earlier turns (e.g. strips a reply): feed what differs
+            log.debug("the chat template re-renders earlier turns differently from %d characters on", same)
+        new = rendered[same:]
+        new_ids = torch.tensor([self.tokenizer(new, add_special_tokens=False).input_ids], dtype=torch.long)
+        ids = torch.cat([self.ids, new_ids], 1)  # (1, L + n): generate feeds only what the cache has not seen
+        start = time.perf_counter()
+        try:
+            out = _generate(self.model, ids, self.cache, streamer, seed, generate_kwargs)
+        except BaseException:  # interrupted (Ctrl-C) or failed: forget the unanswered turn, re-feed the rest next time
+            self.messages.pop()
+            self.cache.reset()
+            self.ids, self._fed = self.ids[:, :0], ""
+            raise
+        reply = out[0, ids.shape[1] :]
+        self.ids = out
         content = self.tokenizer.decode(reply, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": content})
         self._fed = rendered + self.tokenizer.decode(reply, skip_special_tokens=False)
+        return Completion(content, int(reply.numel()), time.perf_counter() - start, self.cache)
