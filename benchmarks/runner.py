@@ -5,6 +5,7 @@ runs interleaved (baseline, candidate, baseline, ...) so drift hits both alike.
 
     python -m benchmarks.runner                 # every benchmarks/bench_*.py
     python -m benchmarks.runner scan_overhead   # one of them
+    python -m benchmarks.runner distill         # PH-Reg's 10-view teacher vs one plain forward (bench_distill.py)
 
 Each ``bench_<name>.py`` defines ``run() -> dict`` (usually built with ``compare``); the result is
 written to ``benchmarks/results/<name>.json`` with the machine, versions and date.

@@ -273,6 +273,7 @@ ADAPTERS: dict[str, Adapter] = {
         Adapter(
             "vit", ("ViTModel",), _V, "layers", "attention", "mlp.fc2", "layernorm", n_cls=1,
             patch_embed="embeddings.patch_embeddings",
+            registers_attr="num_register_tokens",  # set by sinkless.registers.add_registers
             qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
         ),
         Adapter(
@@ -285,6 +286,7 @@ ADAPTERS: dict[str, Adapter] = {
             "post_layernorm",
             n_cls=1,
             patch_embed="embeddings.patch_embedding",
+            registers_attr="num_register_tokens",  # set by sinkless.registers.add_registers
             prefixes=("", "vision_model."),
             qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ),
@@ -297,6 +299,7 @@ ADAPTERS: dict[str, Adapter] = {
             "mlp.fc2",
             "post_layernorm",
             patch_embed="embeddings.patch_embedding",
+            registers_attr="num_register_tokens",  # set by sinkless.registers.add_registers
             prefixes=("", "vision_model."),
             qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ),

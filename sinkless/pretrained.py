@@ -168,6 +168,9 @@ def load_pretrained(name: str, dtype: torch.dtype, device: torch.device | None =
                 f"cannot load the weights of {name} ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
                 fix="check that the folder was written by save_pretrained and is complete",
             ) from None
+    from sinkless.registers.add import restore_registers  # ViT/CLIP/SigLIP registers saved by sinkless (docs/REGISTERS.md)
+
+    restore_registers(model, source)
     run = backbone(model)
     adapter = adapter_for(run)
     tokenizer = processor if adapter.modality is Modality.TEXT else None

@@ -8,6 +8,7 @@ import json
 from sinkless import distributed
 from sinkless._cli import _args
 from sinkless._io import atomic_write_json, to_jsonable
+from sinkless.errors import SinklessError
 from sinkless.devices import add_device_args
 from sinkless.tasks.compare import TASKS, compare, write_pictures
 from sinkless.tasks.fixes import fix_names
@@ -18,6 +19,7 @@ or a folder with annotations.json / annotations.csv. Protocols and formats: docs
 
 example:
   sinkless compare --model planted-vit --fix none --fix ttr --task lost --data synthetic --json lost.json
+  sinkless compare --model planted-vit --fix none --fix ttr --fix distilled --distilled planted-vit-reg --task zeroseg --data mini
 """
 
 
@@ -34,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N images only")
     parser.add_argument("--registers", metavar="FILE", help="ttr: the neurons file from `sinkless fix` (default: found on the bundled photos)")
+    parser.add_argument("--registers-model", metavar="PATH",
+                        help="registers: a model with trained registers (a `sinkless distill` folder, a DINOv2-with-registers checkpoint)")
+    parser.add_argument("--distilled", metavar="DIR",
+                        help="distilled: a finished `sinkless distill` folder (default: distil --model here on bundled photos that are not evaluation images; cached)")
     parser.add_argument("--split", help="Pascal VOC: the ImageSets/Main list to use (e.g. trainval)")
     parser.add_argument("--images", metavar="DIR", help="COCO: the image folder (default: found beside the JSON)")
     parser.add_argument("--out-dir", metavar="DIR", help="write qualitative pictures (boxes, masks) per fix and image")
@@ -70,6 +76,23 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _fix_options(args: argparse.Namespace) -> dict:
+    """Each fix's own flags, checked against the fixes asked for (a flag for a fix not compared is a mistake)."""
+    fixes = args.fix or ["none"]
+    flags = {"ttr": ("registers", "--registers"), "registers": ("registers_model", "--registers-model"), "distilled": ("distilled", "--distilled")}
+    options = {}
+    for fix, (key, flag) in flags.items():
+        value = getattr(args, key)
+        if value and fix not in fixes:
+            raise SinklessError(f"{flag} applies to --fix {fix}, which is not among the fixes compared", fix=f"add --fix {fix}, or drop {flag}")
+        if value:
+            options[fix] = {key: value}
+    if "registers" in fixes and not args.registers_model:
+        raise SinklessError("--fix registers compares a model trained with registers: none given",
+                            fix="pass --registers-model PATH (a `sinkless distill` folder, or a DINOv2-with-registers checkpoint)")
+    return options
+
+
 def _check(args: argparse.Namespace) -> None:
     """Every flag, before the model loads and the task runs."""
     _args.positive_int(args.limit, "--limit")
@@ -94,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
         data.name = args.data
     comparison, pictures = compare(
         args.model, args.task, data, args.fix or ["none"], overrides=_overrides(args), limit=args.limit,
-        progress=not args.quiet, visuals=bool(args.out_dir),
-        fix_options={"ttr": {"registers": args.registers}} if args.registers else None, device=device, dtype=dtype,
+        progress=not args.quiet, visuals=bool(args.out_dir), fix_options=_fix_options(args), device=device, dtype=dtype,
     )
     if not distributed.is_main():  # every process holds the merged results; the main one writes them
         return 0

@@ -14,14 +14,19 @@ A new fix is one ``register_fix`` call (or one entry in ``FIXES``); the task cod
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 from PIL import Image
 
 from sinkless.errors import SinklessError
 
 __all__ = ["FixFactory", "FIXES", "register_fix", "fix_names", "make_fix"]
+
+log = logging.getLogger(__name__)
 
 FixFactory = Callable[[object, Sequence[Image.Image]], AbstractContextManager]
 
@@ -58,6 +63,86 @@ def _ttr(loaded, images, registers: str | None = None) -> AbstractContextManager
     return _Applied(TestTimeRegisters(loaded, neurons)(), info)
 
 
+class _Swap(contextlib.AbstractContextManager):
+    """Evaluate another model (e.g. one trained with registers): ``__enter__`` returns its ``Loaded``."""
+
+    def __init__(self, loaded) -> None:
+        self.loaded = loaded
+
+    def __enter__(self):
+        return self.loaded
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _with_registers(path: str, flag: str):
+    """A model folder / hub id that carries trained registers, loaded through the zoo (which restores them)."""
+    from sinkless import zoo
+
+    other = zoo.load(path)
+    if other.adapter.modality.value != "vision" or other.adapter.n_registers(other.model) == 0:
+        raise SinklessError(
+            f"{flag} {path}: this {type(other.model).__name__} has no register tokens",
+            fix="pass the folder written by `sinkless distill`, an add_registers model, or a DINOv2-with-registers checkpoint",
+        )
+    other.name = path
+    return other
+
+
+def _registers(loaded, images, registers_model: str | None = None) -> AbstractContextManager:
+    """Trained registers (Darcet et al. 2024): evaluate a model that has them (`--registers-model PATH`)."""
+    if not registers_model:
+        raise SinklessError(
+            "--fix registers compares a model trained with registers: none given",
+            fix="pass --registers-model PATH (a `sinkless distill` folder, or e.g. facebook/dinov2-with-registers-small)",
+        )
+    other = _with_registers(registers_model, "--registers-model")
+    info = {"registers_model": registers_model, "architecture": type(other.model).__name__,
+            "n_registers": other.adapter.n_registers(other.model)}
+    return _Applied(_Swap(other), info)
+
+
+def _distilled(loaded, images, distilled: str | None = None) -> AbstractContextManager:
+    """Self-distilled registers, PH-Reg (Chen et al. 2025): a finished `sinkless distill` folder (`--distilled DIR`),
+    or distilled here (cached) on bundled photos that are not among the evaluation images."""
+    if distilled:
+        other, source = _with_registers(distilled, "--distilled"), distilled
+    else:
+        other, source = _distill_cached(loaded, images)
+    info = {"distilled": source, "architecture": type(other.model).__name__, "n_registers": other.adapter.n_registers(other.model)}
+    log_file = Path(other.source) / "distill_log.json" if other.source else None
+    if log_file is not None and log_file.exists():
+        record = json.loads(log_file.read_text())
+        info.update(teacher=record.get("model"), steps=record.get("steps_done"), training_images=record.get("data", {}).get("images"))
+    return _Applied(_Swap(other), info)
+
+
+def _distill_cached(loaded, images):
+    """``loaded`` distilled with ``PHOTO_SETTINGS`` on ``training_photos`` minus the evaluation images; cached by weights + data."""
+    import hashlib
+
+    from sinkless import zoo
+    from sinkless.planted import fingerprint
+    from sinkless.registers.distill import PHOTO_SETTINGS, distill, training_photos
+
+    photos = training_photos(exclude=list(images))
+    if not photos:
+        raise SinklessError("every bundled training photo is among the evaluation images", fix="distill on other photos and pass --distilled DIR")
+    settings = PHOTO_SETTINGS
+    text = json.dumps({"weights": fingerprint(loaded.model), "photos": [n for n, _ in photos], "settings": settings.to_dict()}, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    name = "distilled-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.name)[-60:] + "-" + key[:8]
+    log.info("distilling %s on %d bundled photos (not among the evaluation images); cached for later runs", loaded.name, len(photos))
+    device = next(loaded.model.parameters()).device
+    # into a subfolder: the cache holds its build folder locked, and distill's own staged write locks its output folder
+    entry = zoo.cached(name, key, lambda tmp: distill(loaded, [im for _, im in photos], tmp / "model", settings, device=device, progress=True))
+    folder = entry / "model"
+    other = zoo.load(str(folder))
+    other.name = f"{loaded.name}+distilled"
+    return other, str(folder)
+
+
 def _not_built(what: str, fix: str) -> FixFactory:
     def factory(loaded, images) -> AbstractContextManager:
         raise SinklessError(what, fix=fix)
@@ -70,14 +155,8 @@ def _not_built(what: str, fix: str) -> FixFactory:
 FIXES: dict[str, FixFactory] = {
     "none": _none,
     "ttr": _ttr,
-    "registers": _not_built(
-        "trained registers (`registers`) need a model trained with registers: not built yet",
-        "compare a model that ships registers (e.g. facebook/dinov2-with-registers-small) with --fix none",
-    ),
-    "distilled": _not_built(
-        "self-distilled registers, PH-Reg (`distilled`), are not built yet",
-        "compare the other fixes for now (see `sinkless compare --help`)",
-    ),
+    "registers": _registers,
+    "distilled": _distilled,
     "dvt": _not_built(
         "denoising ViTs (`dvt`) are not built yet",
         "compare the other fixes for now (see `sinkless compare --help`)",

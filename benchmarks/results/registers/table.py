@@ -1,0 +1,19 @@
+"""One table: none / ttr / distilled rows of planted-vit, with planted-vit-clean's none row, per task and data."""
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+runs = [("mini", "zeroseg", "zeroseg (miou)"), ("mini", "lost", "LOST keys, l2, median gram bias (corloc)"),
+        ("mini", "probe", "probe foreground (miou)"), ("syn", "zeroseg", "zeroseg (miou)"),
+        ("syn", "lost", "LOST keys, l2, median gram bias (corloc)"), ("syn", "lostv", "LOST values (corloc)"),
+        ("syn", "probe", "probe classes (miou)")]
+print("| data | task (metric) | none | ttr | distilled | clean twin |")
+print("|---|---|---|---|---|---|")
+for data, task, label in runs:
+    def rows(prefix):
+        path = os.path.join(here, f"{prefix}_{data}_{task}.json")
+        if not os.path.exists(path):
+            return {}
+        d = json.load(open(path))
+        return {r["fix"]: r[d["metric"]] for r in d["results"]}
+    base, dist, clean = rows("base"), rows("dist"), rows("clean")
+    f = lambda v: "–" if v is None else f"{v:.1f}"
+    print(f"| {'mini' if data == 'mini' else 'synthetic'} | {label} | {f(base.get('none'))} | {f(base.get('ttr'))} | {f(dist.get('distilled'))} | {f(clean.get('none'))} |")

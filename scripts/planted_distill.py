@@ -1,0 +1,177 @@
+"""Measurements behind docs/RESULTS.md, "Registers by training" (planted-vit, whose artifacts are known).
+
+    python scripts/planted_distill.py init --json init.json          # add_registers(planted-vit, 4) at init
+    python scripts/planted_distill.py eval STUDENT_DIR --json eval.json   # a `sinkless distill` result
+
+Held-out images: the 8 photos of the mini set (`--data mini`) at 224 px, and 48 crops (seed 777) of the
+bundled photos that are in no training set (astronaut, coffee, chelsea, rocket, camera, coins,
+motorcycle_left). The yardstick is the clean twin's teacher-denoised features (10 views, shifts
+within ±3 patches, flips, white fill): what an artifact-free model's averaged features look like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from sinkless import zoo
+from sinkless.adapters import adapter_for
+from sinkless.hooks import hooks
+from sinkless.images import natural_crops, to_pixels
+from sinkless.planted import planted_tokens
+from sinkless.registers import ViewSettings, add_registers, denoise_views
+from sinkless.registers.multiview import final_patch_features
+from sinkless.tasks.data import open_dataset
+
+HELD_OUT_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "motorcycle_left")
+VIEWS = ViewSettings(views=10, max_shift=3, fill="white")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a, b, dim=-1).mean())
+
+
+def _outputs(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixels).last_hidden_state
+
+
+def init(args) -> dict:
+    """add_registers(planted-vit, 4): weights kept, output change at init, save -> plain transformers load."""
+    from transformers import Dinov2WithRegistersModel
+
+    from sinkless.registers.add import _to_dinov2_with_registers
+
+    planted = zoo.load("planted-vit")
+    images = list(open_dataset("mini").images())
+    result = {"model": "planted-vit", "n_registers": 4, "images": "the 8 mini photos"}
+    student = add_registers(planted.model, 4).eval()
+    state = student.state_dict()
+    result["pretrained_weights_unchanged"] = all(torch.equal(state[k], v) for k, v in planted.model.state_dict().items())
+    switch_only = _to_dinov2_with_registers(planted.model, planted.adapter, 0, 0.0, 0, next(planted.model.parameters())).eval()
+    for size in (224, 518):  # 518: dinov2-s-focus's native size (37 x 37 position embeddings, no interpolation)
+        pixels = to_pixels(images, planted.image_spec, size=size)
+        plain, with_reg, switched = _outputs(planted.model, pixels), _outputs(student, pixels), _outputs(switch_only, pixels)
+        reg_out = torch.cat([with_reg[:, :1], with_reg[:, 5:]], 1)  # registers dropped: CLS + patches
+
+        def change(a, b):
+            cos = F.cosine_similarity(a, b, dim=-1)
+            return {"cls_cosine": float(cos[:, 0].mean()), "patch_cosine_mean": float(cos[:, 1:].mean()),
+                    "patch_cosine_min": float(cos[:, 1:].min()), "cls_max_abs_diff": float((a[:, 0] - b[:, 0]).abs().max()),
+                    "patch_max_abs_diff": float((a[:, 1:] - b[:, 1:]).abs().max())}
+
+        result[f"{size}px"] = {
+            "with_4_registers_vs_plain": change(reg_out, plain),
+            "class_switch_only_vs_plain": change(switched, plain),  # antialiased position interpolation, no register
+            "with_4_registers_vs_class_switch": change(reg_out, switched),  # the registers' own effect
+        }
+    with tempfile.TemporaryDirectory() as folder:
+        student.save_pretrained(folder)
+        plain_load = Dinov2WithRegistersModel.from_pretrained(folder).eval()
+        pixels = to_pixels(images, planted.image_spec)
+        result["plain_transformers_reload_max_abs_diff"] = float((_outputs(plain_load, pixels) - _outputs(student, pixels)).abs().max())
+    return result
+
+
+def _held_out() -> dict[str, list]:
+    return {"mini": list(open_dataset("mini").images()), "crops": natural_crops(48, seed=777, names=HELD_OUT_PHOTOS)}
+
+
+def _key_gap(model, pixels: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Last-layer keys: mean cosine planted->other patches minus other->other (< 0: planted keys stand apart)."""
+    adapter = adapter_for(model)
+    site = adapter.key_site(adapter.num_layers(model) - 1)
+    with hooks(model, capture=[site]) as rec, torch.no_grad():
+        model(pixels)
+    keys = rec[site]
+    layout = adapter.layout(model, keys.shape[1], tuple(pixels.shape[-2:]))
+    unit = F.normalize(keys[:, layout.body].float(), dim=-1)  # (B, P, D)
+    planted, other = mask.float(), 1 - mask.float()  # (B, P)
+    similar = unit @ unit.transpose(1, 2)
+    if planted.sum() == 0:
+        return None
+    to_others = (similar * planted[:, :, None] * other[:, None, :]).sum() / (planted.sum(1) * other.sum(1)).sum()
+    among = (similar * other[:, :, None] * other[:, None, :]).sum() / (other.sum(1) ** 2).sum()
+    return float(to_others - among)
+
+
+def _norm_profile(model, pixels: torch.Tensor) -> list[dict]:
+    """Per layer: median over images of max/median patch norm, outlier share (3 x median), register / patch norm ratio."""
+    adapter = adapter_for(model)
+    sites = [adapter.residual_site(i) for i in range(adapter.num_layers(model))]
+    with hooks(model, capture=sites) as rec, torch.no_grad():
+        model(pixels)
+    rows = []
+    for i, site in enumerate(sites):
+        norms = rec[site].norm(dim=-1)  # (B, N)
+        layout = adapter.layout(model, norms.shape[1], tuple(pixels.shape[-2:]))
+        patches = norms[:, layout.body]
+        median = patches.median(1, keepdim=True).values
+        row = {"layer": i, "max_ratio": float((patches.max(1).values / median[:, 0]).median()),
+               "outlier_share": float((patches > 3 * median).float().mean())}
+        if layout.n_registers:
+            row["registers_norm_ratio"] = float((norms[:, layout.registers].median(1).values / median[:, 0]).median())
+            row["registers_max_ratio"] = float((norms[:, layout.registers].max(1).values / median[:, 0]).median())
+        rows.append(row)
+    return rows
+
+
+def evaluate(args) -> dict:
+    planted, clean = zoo.load("planted-vit"), zoo.load("planted-vit-clean")
+    student = zoo.load(args.student)
+    result = {"student": args.student, "views": VIEWS.__dict__, "sets": {}}
+    for name, images in _held_out().items():
+        pixels = to_pixels(images, planted.image_spec)  # (B, 3, 224, 224)
+        generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731  same views for every model
+        with torch.no_grad():
+            raw = {k: final_patch_features(m.model, pixels) for k, m in (("planted", planted), ("clean", clean), ("student", student))}
+        reference = denoise_views(clean, pixels, VIEWS, generator=generator())
+        teacher = denoise_views(planted, pixels, VIEWS, generator=generator())
+        mask = planted_tokens(planted.model, pixels)[:, 1:]  # (B, P): where planted-vit's plant fires
+        student_mask = planted_tokens(student.model, pixels)
+        student_mask = student_mask[:, 1 + student.adapter.n_registers(student.model):]
+        entry = {
+            "n_images": len(images),
+            "cosine_to_clean_denoised": {
+                "clean_raw": _cos(raw["clean"], reference), "planted_raw": _cos(raw["planted"], reference),
+                "planted_teacher_denoised": _cos(teacher, reference), "student_raw": _cos(raw["student"], reference),
+            },
+            "cosine_to_planted_teacher_target": {"planted_raw": _cos(raw["planted"], teacher), "student_raw": _cos(raw["student"], teacher)},
+            "cosine_to_clean_raw": {"planted_raw": _cos(raw["planted"], raw["clean"]), "student_raw": _cos(raw["student"], raw["clean"])},
+            "planted_patch_share": {"planted_vit": float(mask.float().mean()), "student": float(student_mask.float().mean())},
+            "last_layer_key_gap_at_planted_positions": {
+                "planted_vit": _key_gap(planted.model, pixels, mask), "student": _key_gap(student.model, pixels, mask),
+                "clean": _key_gap(clean.model, pixels, mask),
+            },
+            "norms": {"planted_vit": _norm_profile(planted.model, pixels), "student": _norm_profile(student.model, pixels),
+                      "clean": _norm_profile(clean.model, pixels)},
+        }
+        ceiling, floor = entry["cosine_to_clean_denoised"]["planted_teacher_denoised"], entry["cosine_to_clean_denoised"]["planted_raw"]
+        entry["gap_closed"] = (entry["cosine_to_clean_denoised"]["student_raw"] - floor) / (ceiling - floor)
+        result["sets"][name] = entry
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("init").add_argument("--json", required=True)
+    ev = sub.add_parser("eval")
+    ev.add_argument("student")
+    ev.add_argument("--json", required=True)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    result = init(args) if args.what == "init" else evaluate(args)
+    with open(args.json, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(json.dumps(result if args.what == "init" else {k: {kk: vv for kk, vv in v.items() if kk != "norms"} for k, v in result["sets"].items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``sinkless distill``: give a ViT register tokens and self-distil them (PH-Reg, Chen et al. 2025), no labels.
+
+The frozen model is the teacher: its patch features averaged over shifted and flipped views are the
+target. The student (the model + registers) trains its registers, position embeddings, patch embedding
+and last block (PH-Reg's choice; --train picks other parts). OUT becomes a model folder (`--model OUT` anywhere in sinkless; DINOv2 students also load
+with plain transformers as Dinov2WithRegistersModel) with distill_log.json (loss curve, settings, data,
+seconds). Interrupted runs continue with --resume and end with the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sinkless.devices import add_device_args
+from sinkless.errors import SinklessError
+
+EPILOG = """\
+example:
+  sinkless distill --model planted-vit --images photos/ --out planted-vit-reg --steps 300
+  sinkless compare --model planted-vit --fix none --fix distilled --distilled planted-vit-reg --task zeroseg --data mini
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("distill", help="train register tokens into a ViT by self-distillation (PH-Reg)", description=__doc__,
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="zoo name, HF hub id or local folder of a DINOv2 / ViT / CLIP / SigLIP vision model")
+    parser.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_GLOB",
+                        help="training images: folders, files or globs (natural photos; keep your evaluation images out)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) folder for the distilled model and distill_log.json")
+    parser.add_argument("--registers", type=int, default=16, metavar="N", help="register tokens to add (default 16, PH-Reg)")
+    parser.add_argument("--steps", type=int, default=300, metavar="N", help="training steps (default 300)")
+    parser.add_argument("--views", type=int, default=10, metavar="K", help="teacher views per image (default 10)")
+    parser.add_argument("--max-shift", type=int, metavar="PATCHES", help="teacher shifts within ±PATCHES (default: 0.15 of the grid side)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="crops per step (default 8)")
+    parser.add_argument("--pool", type=int, default=256, metavar="N",
+                        help="training crops whose teacher targets are computed once (default 256; 0: new crops and targets every step, as PH-Reg)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate, decayed exponentially to 5e-6 (default 1e-4)")
+    parser.add_argument("--train-blocks", type=int, default=1, metavar="K", help="train the last K blocks (default 1)")
+    parser.add_argument("--train", metavar="PARTS", default="registers,positions,patch_embed,blocks",
+                        help="comma-separated parts to train, from registers, positions, patch_embed, blocks (the last --train-blocks), "
+                             "final_norm, all (default: PH-Reg's registers,positions,patch_embed,blocks)")
+    parser.add_argument("--train-all", action="store_true", help="train every weight (same as --train all)")
+    parser.add_argument("--image-size", type=int, metavar="PX", help="side of the square training crops (default: the model's input size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    add_device_args(parser, dtype=False)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sinkless.registers.distill import DistillSettings, distill
+
+    for flag in ("registers", "steps", "views", "batch_size", "train_blocks", "checkpoint_every"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise SinklessError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    settings = DistillSettings(
+        registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
+        pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
+    )
+    result = distill(args.model, args.images, args.out, settings, resume=args.resume, device=args.device, progress=not args.quiet)
+    curve = result.log.get("loss_curve") or []
+    last = curve[-1] if curve else {}
+    seconds = result.log.get("seconds") or {}
+    print(f"{result.log.get('model')}: {result.log.get('steps_done')} steps on {result.log.get('data', {}).get('n_images')} images"
+          + (f", final loss {last['loss']:.4f} (patch cosine {last.get('cosine', float('nan')):.4f})" if last else ""))
+    if isinstance(seconds, dict) and seconds:
+        print(", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in seconds.items()))
+    print(f"wrote {args.out} (model folder + distill_log.json)")
+    return 0

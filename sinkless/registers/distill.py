@@ -1,0 +1,454 @@
+"""Self-distilled registers, PH-Reg (Chen et al. 2025, "Vision Transformers with Self-Distilled Registers"):
+give a pretrained ViT register tokens and train a few of its parts, without labels, to reproduce its own
+artifact-free features.
+
+Teacher: the frozen original model; its target for an image is its final-norm patch features averaged
+over shifted and flipped views (``sinkless.registers.multiview``), where position-tied artifacts wash
+out. Student: a copy with ``registers`` register tokens (``add_registers``, init N(0, 1/D) as in PH-Reg)
+whose registers, position embeddings, patch embedding and last block train (``train`` / ``train_blocks``
+give more), with loss (1 − cosine) + MSE on the patch features, AdamW, lr 1e-4 → 5e-6 exponentially,
+weight decay 0.01, batch 8 (PH-Reg's settings), through ``sinkless.training.train`` (seeded,
+checkpoints, exact ``resume``, bf16 autocast on CUDA).
+
+Unlike PH-Reg, which recomputes the 10-view teacher target for every training crop, the default here
+computes targets once for a pool of ``pool`` random crops and trains over it for several epochs: on a
+CPU the teacher's views would otherwise cost 10x the student's forward at every step. ``pool=0`` gives
+the paper's on-the-fly targets.
+
+Output (``out``): a model folder that loads with ``sinkless.zoo.load(out)`` / ``--model out`` (and, for
+DINOv2, with plain transformers as a ``Dinov2WithRegistersModel``), its ``preprocessor_config.json``, and
+``distill_log.json`` (loss curve, settings, data, seconds). While training, checkpoints live in
+``out/.training``; they are removed once the model is written.
+
+Shapes: B batch, P patches, D width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from sinkless._io import atomic_write_json, staged_dir, to_jsonable
+from sinkless._version import __version__
+from sinkless.adapters import Adapter, adapter_for
+from sinkless.devices import autocast, resolve_device
+from sinkless.errors import SinklessError
+from sinkless.images import IMAGE_SUFFIXES, ImageSpec, expand_paths, load_image, to_pixels
+from sinkless.registers.add import add_registers, register_parameter_name
+from sinkless.registers.multiview import ViewSettings, denoise_views, final_patch_features
+from sinkless.training import TrainSettings, train
+
+__all__ = [
+    "DistillSettings", "DistillResult", "distill", "trainable_parameters", "training_photos", "TRAINING_PHOTOS", "PHOTO_SETTINGS",
+    "PARTS", "LOG_NAME", "load_images",
+]
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "distill_log.json"
+STATE_DIR = ".training"
+PARTS = ("registers", "positions", "patch_embed", "blocks", "final_norm", "all")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """PH-Reg's settings (REFERENCE_NOTES §2) unless noted; ``pool`` and the crop sizes are ours."""
+
+    registers: int = 16
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    final_lr: float = 5e-6
+    schedule: str = "exponential"
+    weight_decay: float = 0.01
+    grad_clip: float | None = None  # PH-Reg clips nothing
+    views: int = 10
+    max_shift: int | None = None  # teacher shifts in patches; None: round(0.15 × grid side)
+    fill: str = "white"
+    image_size: int | None = None  # side of the square training crops; None: the model's input size
+    pool: int = 256  # crops with precomputed teacher targets; 0: a new crop and target every step (PH-Reg)
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # crop side / shorter image side
+    train: tuple[str, ...] = ("registers", "positions", "patch_embed", "blocks")
+    train_blocks: int = 1  # how many of the last blocks train when "blocks" is in ``train``
+    register_std: float | None = None  # init of the new registers; None: 1/sqrt(D) (PH-Reg)
+    mse_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        def whole(name: str, value, low: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SinklessError(f"{name} must be a whole number >= {low}, got {value!r}")
+
+        whole("registers", self.registers, 1)
+        whole("batch_size", self.batch_size, 1)
+        whole("pool", self.pool, 0)
+        whole("train_blocks", self.train_blocks, 1)
+        if self.image_size is not None:
+            whole("image_size", self.image_size, 1)
+        for name in ("lr", "final_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise SinklessError(f"{name} must be a positive number, got {value!r}")
+        if not (math.isfinite(self.mse_weight) and self.mse_weight >= 0):
+            raise SinklessError(f"mse_weight must be >= 0, got {self.mse_weight!r}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise SinklessError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        unknown = sorted(set(self.train) - set(PARTS))
+        if unknown or not self.train:
+            raise SinklessError(f"unknown trainable parts {unknown or '(none given)'}", fix=f"choose from {', '.join(PARTS)}")
+        self.view_settings()  # views, max_shift, fill
+        self.train_settings()  # steps, schedule, checkpoint_every...
+
+    def view_settings(self) -> ViewSettings:
+        return ViewSettings(views=self.views, max_shift=self.max_shift, fill=self.fill)
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(
+            steps=self.steps, lr=self.lr, final_lr=self.final_lr, schedule=self.schedule, weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip, seed=self.seed, checkpoint_every=self.checkpoint_every, log_every=self.log_every,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# What `compare --fix distilled` distils with when given no folder: the 12 bundled photos are far fewer than
+# PH-Reg's Flickr30k, and on them training the patch embedding and position embeddings fits the training
+# crops while held-out features drift away (docs/RESULTS.md, "Registers by training"); registers + last block generalise.
+PHOTO_SETTINGS = DistillSettings(train=("registers", "blocks"), max_shift=3, pool=64, steps=80, image_size=224)
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    log: dict
+    student: nn.Module | None = None
+
+
+# -- data ------------------------------------------------------------------------------------------
+def load_images(images: str | os.PathLike | Sequence) -> tuple[list[Image.Image], list[str]]:
+    """Training images and their names from paths / folders / globs, or PIL images; a clear error for none."""
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    images = list(images or [])
+    if images and all(isinstance(item, Image.Image) for item in images):
+        return [im.convert("RGB") for im in images], [f"image{i}" for i in range(len(images))]
+    if not images:
+        raise SinklessError("no training images given", fix="pass --images DIR_OR_GLOB with natural photographs (not your evaluation images)")
+    paths = expand_paths([str(item) for item in images], IMAGE_SUFFIXES)
+    paths = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not paths:
+        raise SinklessError(f"no image files in {[str(i) for i in images]}", fix=f"pass files ending in {', '.join(IMAGE_SUFFIXES)}")
+    return [load_image(p) for p in paths], [str(p) for p in paths]
+
+
+# Natural photographs installed with sinkless's dependencies that are in none of the evaluation sets
+# (docs/MINI_SET.md uses astronaut, camera, chelsea, coffee, coins, motorcycle_left, quokka, rocket;
+# motorcycle_right, the other half of that stereo pair, is left out as a near-duplicate).
+TRAINING_PHOTOS = ("brick", "grass", "gravel", "moon", "clock", "page", "text", "cell", "hubble_deep_field", "retina",
+                   "immunohistochemistry", "grace_hopper")
+
+
+def training_photos(exclude: Sequence[Image.Image] = ()) -> list[tuple[str, Image.Image]]:
+    """``TRAINING_PHOTOS`` (scikit-image's and matplotlib's sample photos), minus any that look like an image
+    of ``exclude`` (same 32×32 thumbnail up to small differences): distillation data that never overlaps
+    the evaluation images."""
+    import numpy as np
+
+    photos = []
+    for name in TRAINING_PHOTOS:
+        try:
+            if name == "grace_hopper":
+                import matplotlib.cbook
+
+                with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+                    array = np.asarray(Image.open(handle).convert("RGB"))
+            else:
+                from skimage import data
+
+                array = getattr(data, name)()
+        except Exception as error:  # a sample file this installation lacks (some are downloaded on demand)
+            log.debug("training photo %s unavailable (%s)", name, error)
+            continue
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        photos.append((name, Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8))))
+    excluded = [_thumb(image) for image in exclude]
+    kept = [(name, image) for name, image in photos if not any(_same(_thumb(image), other) for other in excluded)]
+    if len(kept) < len(photos):
+        log.info("left out %d training photos that are among the evaluation images", len(photos) - len(kept))
+    return kept
+
+
+def _thumb(image: Image.Image):
+    import numpy as np
+
+    thumb = np.asarray(image.convert("L").resize((32, 32), Image.BILINEAR), dtype=np.float32).ravel()
+    return (thumb - thumb.mean()) / (thumb.std() + 1e-6)
+
+
+def _same(a, b) -> bool:
+    return float((a * b).mean()) > 0.95  # correlation of the normalised thumbnails
+
+
+def _identity(images: Sequence[Image.Image]) -> str:
+    """A short digest of the training images' pixels: a checkpoint resumes only on the same data."""
+    digest = hashlib.sha256()
+    for image in images:
+        thumb = image.resize((32, 32), Image.BILINEAR)
+        digest.update(f"{image.size}".encode())
+        digest.update(thumb.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _crop(image: Image.Image, scale: tuple[float, float], generator: torch.Generator) -> Image.Image:
+    """A random square crop (side = scale × the shorter side) of ``image``, flipped left-right half the time."""
+    width, height = image.size
+    u = torch.rand(4, generator=generator).tolist()
+    side = max(1, int(min(width, height) * (scale[0] + (scale[1] - scale[0]) * u[0])))
+    left, top = int(u[1] * (width - side + 1)), int(u[2] * (height - side + 1))
+    crop = image.crop((left, top, left + side, top + side))
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if u[3] < 0.5 else crop
+
+
+def _crops(images: Sequence[Image.Image], n: int, settings: DistillSettings, spec: ImageSpec, size: int,
+           generator: torch.Generator) -> torch.Tensor:
+    picks = torch.randint(len(images), (n,), generator=generator).tolist()
+    crops = [_crop(images[i], settings.crop_scale, generator) for i in picks]
+    return to_pixels(crops, spec, size=size)  # (n, 3, S, S)
+
+
+# -- the student -----------------------------------------------------------------------------------
+def trainable_parameters(student: nn.Module, adapter: Adapter, parts: Sequence[str], train_blocks: int = 1) -> dict[str, nn.Parameter]:
+    """Freeze ``student`` except ``parts`` (see ``PARTS``); the trainable parameters by name."""
+    embeddings = adapter.patch_embed.rpartition(".")[0]
+    n_layers = adapter.num_layers(student)
+    if train_blocks > n_layers:
+        raise SinklessError(f"train_blocks={train_blocks} but the model has {n_layers} blocks")
+    blocks = tuple(adapter.block(i) + "." for i in range(n_layers - train_blocks, n_layers))
+    register = register_parameter_name(student)
+
+    def wanted(name: str) -> bool:
+        return (
+            "all" in parts
+            or ("registers" in parts and name == register)
+            or ("positions" in parts and name.startswith(embeddings + ".") and "position_embedding" in name)
+            or ("patch_embed" in parts and name.startswith(adapter.patch_embed + "."))
+            or ("blocks" in parts and name.startswith(blocks))
+            or ("final_norm" in parts and adapter.final_norm is not None and name.startswith(adapter.final_norm + "."))
+        )
+
+    student.requires_grad_(False)
+    chosen = {name: p for name, p in student.named_parameters() if wanted(name)}
+    for p in chosen.values():
+        p.requires_grad_(True)
+    assert register in chosen or "registers" not in parts, register
+    return chosen
+
+
+def _feature_loss(student_features: torch.Tensor, target: torch.Tensor, mse_weight: float) -> dict[str, torch.Tensor]:
+    features = student_features.float()  # (B, P, D)
+    cosine = F.cosine_similarity(features, target, dim=-1, eps=1e-8).mean()
+    mse = F.mse_loss(features, target)
+    return {"loss": (1 - cosine) + mse_weight * mse, "cosine": cosine.detach(), "mse": mse.detach()}
+
+
+# -- output folder ---------------------------------------------------------------------------------
+def _check_out(out: Path, resume: bool) -> bool:
+    """Validate ``out`` before any work; returns whether it holds a finished result (resume: nothing to do)."""
+    if out.exists() and not out.is_dir():
+        raise SinklessError(f"--out {out} exists and is not a folder", fix="choose a folder path for the distilled model")
+    finished = (out / LOG_NAME).exists() and (out / "config.json").exists()
+    if finished and not resume:
+        raise SinklessError(f"{out} already holds a distilled model", fix="choose a new --out folder (or pass --resume to keep it)")
+    if out.is_dir() and not resume and (out / STATE_DIR).exists():
+        raise SinklessError(f"{out} holds an unfinished distillation", fix="pass --resume to continue it, or choose a new --out folder")
+    if out.is_dir() and not resume and any(out.iterdir()):
+        raise SinklessError(f"--out {out} is not empty", fix="choose a new or empty folder: the model files would mix with what is there")
+    probe = out if out.is_dir() else next((p for p in out.absolute().parents if p.exists()), None)
+    if probe is None or not os.access(probe, os.W_OK | os.X_OK) or (probe.is_file()):
+        raise SinklessError(f"cannot write to {out}", fix="choose a folder you can write to (check its permissions and the disk)")
+    return finished
+
+
+def _write_folder(student: nn.Module, out: Path, spec: ImageSpec, size: int, provenance: dict, log_data: dict) -> None:
+    """The model folder, all at once: config + weights + preprocessor config + the JSON log."""
+    student.config.sinkless_distill = provenance
+    from sinkless.zoo import _quiet_transformers
+
+    with staged_dir(out) as stage, _quiet_transformers():
+        student.save_pretrained(stage)
+        (stage / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "do_center_crop": True, "crop_size": {"height": size, "width": size}, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(spec.mean), "image_std": list(spec.std),
+            "do_convert_rgb": True,
+        }, indent=2) + "\n")
+        atomic_write_json(stage / LOG_NAME, log_data)
+
+
+# -- the job ---------------------------------------------------------------------------------------
+def distill(
+    model,
+    images,
+    out: str | os.PathLike,
+    settings: DistillSettings = DistillSettings(),
+    *,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    heldout=None,
+    heldout_every: int = 50,
+) -> DistillResult:
+    """Self-distil registers into ``model`` (zoo name, hub id, folder or ``Loaded``) on ``images`` into ``out``.
+
+    ``images``: paths / folders / globs or PIL images (natural photographs; not your evaluation images).
+    Everything is validated before the long work starts. With ``resume`` an interrupted run continues
+    from its last checkpoint and ends with the same weights as an uninterrupted run. ``heldout``: images
+    (never trained on) whose student-vs-teacher-target cosine is logged every ``heldout_every`` steps.
+    """
+    from sinkless import zoo
+
+    out = Path(out)
+    finished = _check_out(out, resume)
+    if finished:
+        log.info("%s already holds a finished distillation; nothing to do", out)
+        return DistillResult(out, json.loads((out / LOG_NAME).read_text()))
+    device = resolve_device(device)
+    pictures, names = load_images(images)
+    held = load_images(heldout)[0] if heldout is not None else []
+    loaded = zoo.load(model) if isinstance(model, str) else model
+    teacher, adapter, spec = loaded.model, loaded.adapter, loaded.image_spec
+    student = add_registers(teacher, settings.registers, std=_register_std(settings, teacher), seed=settings.seed)  # checks the family
+    size = settings.image_size or spec.size
+    patch = adapter.patch_size(teacher)
+    if size % patch:
+        raise SinklessError(f"image_size {size} is not a multiple of the patch size {patch}", fix=f"e.g. {size // patch * patch or patch}")
+    train_settings = settings.train_settings()
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    home, was_training = next(teacher.parameters()).device, teacher.training
+    teacher.to(device).eval()  # used under no_grad only; put back where it was at the end
+    student.to(device).train()
+    s_adapter = adapter_for(student)
+    params = trainable_parameters(student, s_adapter, settings.train, settings.train_blocks)
+    views = settings.view_settings()
+    data = {"n_images": len(pictures), "images": names, "digest": _identity(pictures), "image_size": size, "pool": settings.pool}
+    meta = {
+        "job": "distill", "model": loaded.name, "student": type(student).__name__, "data": data,
+        "distill_settings": settings.to_dict(), "trainable": {"parts": list(settings.train), "parameters": sum(p.numel() for p in params.values())},
+        # what a checkpoint must match to be resumed (the step budget and bookkeeping may change, as in training.py)
+        "job_key": {"model": loaded.name, "source": loaded.source, "data": data,
+                    "settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "log_every")}},
+    }
+
+    created = not out.exists()
+    try:
+        # teacher targets for the pool: deterministic from the seed, so a resumed run rebuilds the same ones
+        t0 = time.perf_counter()
+        pool_pixels = pool_targets = None
+        if settings.pool:
+            generator = torch.Generator().manual_seed(settings.seed * 7_919 + 1)
+            pool_pixels = _crops(pictures, settings.pool, settings, spec, size, generator)  # (M, 3, S, S)
+            pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress)  # (M, P, D) on CPU
+        held_pixels = to_pixels(held, spec, size=size) if held else None  # (H, 3, S, S)
+        held_targets = None
+        if held_pixels is not None:
+            held_targets = _teacher_targets(loaded, held_pixels, views, torch.Generator().manual_seed(12_345), device, False)
+        teacher_seconds = time.perf_counter() - t0
+
+        def evaluate(t: int, row: dict) -> dict | None:
+            if held_pixels is None or (t % heldout_every and t != train_settings.steps):
+                return None
+            with torch.no_grad():
+                student.eval()
+                features = final_patch_features(student, held_pixels.to(device), s_adapter).float().cpu()
+                student.train()
+            return {"heldout_cosine": float(F.cosine_similarity(features, held_targets, dim=-1).mean())}
+
+        def batch(t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            if pool_pixels is None:  # PH-Reg: fresh crops, fresh views, teacher every step
+                pixels = _crops(pictures, settings.batch_size, settings, spec, size, generator)
+                with torch.no_grad():
+                    target = denoise_views(loaded, pixels.to(device), views, generator=generator, image_spec=spec)
+                return pixels, target
+            index = _epoch_indices(t, settings)
+            return pool_pixels[index], pool_targets[index]
+
+        def step(t: int, generator: torch.Generator) -> dict:
+            pixels, target = batch(t, generator)
+            features = final_patch_features(student, pixels.to(device), s_adapter)  # (B, P, D)
+            return _feature_loss(features, target.to(device).float(), settings.mse_weight)
+
+        result = train(params, step, train_settings, out / STATE_DIR, meta=meta, resume=resume, progress=progress,
+                       desc=f"distill {loaded.name}", on_log=evaluate)
+    except BaseException:
+        if not (out / STATE_DIR / "checkpoint.pt").exists():  # nothing worth keeping: leave no trace
+            shutil.rmtree(out if created else out / STATE_DIR, ignore_errors=True)
+        raise
+    finally:
+        teacher.to(home).train(was_training)
+
+    student.eval().requires_grad_(False).to("cpu")
+    log_data = {
+        **result.to_dict(),
+        "job": "distill",
+        "out": str(out),
+        "seconds": {"teacher_targets": round(teacher_seconds, 3), "training": round(result.seconds, 3),
+                    "total_this_run": round(time.perf_counter() - started, 3)},
+        "cpu_seconds_this_run": round(time.process_time() - cpu_started, 3),
+        "views": dataclasses.asdict(views),
+    }
+    provenance = {"teacher": loaded.name, "registers": settings.registers, "steps": settings.steps, "sinkless_version": __version__}
+    _write_folder(student, out, spec, size, provenance, to_jsonable(log_data))
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    log.info("wrote the distilled model to %s (%.0f s)", out, time.perf_counter() - started)
+    return DistillResult(out, log_data, student)
+
+
+def _register_std(settings: DistillSettings, model: nn.Module) -> float:
+    return settings.register_std if settings.register_std is not None else float(model.config.hidden_size) ** -0.5
+
+
+def _epoch_indices(t: int, settings: DistillSettings) -> torch.Tensor:
+    """Pool indices of step ``t``: a fresh seeded permutation of the pool each epoch (no state to resume)."""
+    m, b = settings.pool, settings.batch_size
+    samples = range(t * b, (t + 1) * b)
+    perms: dict[int, torch.Tensor] = {}
+    index = []
+    for s in samples:
+        epoch = s // m
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(m, generator=torch.Generator().manual_seed(settings.seed * 104_729 + epoch))
+        index.append(int(perms[epoch][s % m]))
+    return torch.tensor(index)
+
+
+@torch.no_grad()
+def _teacher_targets(loaded, pixels: torch.Tensor, views: ViewSettings, generator: torch.Generator,
+                     device: torch.device, progress: bool) -> torch.Tensor:
+    """Multi-view denoised teacher features of every pool crop, one crop's views per forward: (M, P, D) on CPU."""
+    out = []
+    for i in tqdm(range(pixels.shape[0]), desc="teacher targets", disable=not progress, dynamic_ncols=True):
+        with autocast(device):
+            target = denoise_views(loaded, pixels[i : i + 1].to(device), views, generator=generator, image_spec=loaded.image_spec)
+        out.append(target.float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,316 @@
+"""PH-Reg self-distillation: the teacher's multi-view denoiser, the training job, exact resume, bad input, CLI, compare."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import load_file
+
+from sinkless import cli, zoo
+from sinkless.errors import SinklessError
+from sinkless.images import natural_crops
+from sinkless.registers import DistillSettings, ViewSettings, denoise_views, distill
+from sinkless.registers.multiview import Views, final_patch_features, merge_views, render_views, sample_views
+
+FAST = dict(registers=4, steps=6, pool=8, batch_size=2, views=3, checkpoint_every=2, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return zoo.load("planted-vit-tiny")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for i, image in enumerate(natural_crops(4, seed=11)):
+        image.resize((96, 96)).save(folder / f"p{i}.png")
+    return folder
+
+
+# -- the multi-view denoiser ---------------------------------------------------------------------
+def test_views_identity_first_spread_and_within_range():
+    views = sample_views(ViewSettings(views=10, max_shift=3), (16, 16), torch.Generator().manual_seed(0))
+    assert views.offsets[0].tolist() == [0, 0] and not views.flips[0]
+    assert views.offsets.abs().max() <= 3 and len({tuple(o) for o in views.offsets.tolist()}) == 10  # farthest points are distinct
+    assert ViewSettings().shift_for((16, 16)) == 2 and ViewSettings().shift_for((37, 37)) == 6  # PH-Reg: round(0.15 x grid)
+
+
+def test_views_map_back_onto_the_image_grid():
+    """Shift + flip, then merge: a 'feature' that is the image content of each patch comes back exactly."""
+    torch.manual_seed(0)
+    p, h, w = 4, 5, 6
+    pixels = torch.randn(2, 3, h * p, w * p)
+    views = [sample_views(ViewSettings(views=6, max_shift=2), (h, w), torch.Generator().manual_seed(s)) for s in (1, 2)]
+    assert any(v.flips.any() for v in views)
+    fill = torch.full((3,), 1e3)  # far from any pixel: a filled patch would show
+    rendered = render_views(pixels, views, p, fill)  # (2·6, 3, H, W)
+
+    def patch_means(x):  # (n, 3, H, W) -> (n, h, w, 3), each patch's mean colour
+        return x.unfold(2, p, p).unfold(3, p, p).mean((-1, -2)).permute(0, 2, 3, 1)
+
+    # a patch-level feature that flips with the image: the patch's mean colour (flip-invariant inside a patch)
+    per_view = patch_means(rendered).view(2, 6, h, w, 3)
+    merged = merge_views(per_view, views)
+    diff = (merged - patch_means(pixels)).abs().max().item()
+    assert diff < 1e-5, f"max diff {diff:.3g}"
+
+
+def test_one_view_is_the_plain_forward(tiny):
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    one = denoise_views(tiny, pixels, ViewSettings(views=1))
+    with torch.no_grad():
+        plain = tiny.model(pixels).last_hidden_state[:, 1:]  # final-norm patch tokens
+    diff = (one - plain).abs().max().item()
+    assert diff < 1e-5, f"max diff {diff:.3g}"
+
+
+def test_denoise_views_shapes_determinism_and_untouched_model(tiny):
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    settings = ViewSettings(views=4, max_shift=2)
+    a = denoise_views(tiny, pixels, settings, generator=torch.Generator().manual_seed(5))
+    b = denoise_views(tiny, pixels, settings, generator=torch.Generator().manual_seed(5), batch_size=3)
+    assert a.shape == (3, 64, 64) and torch.allclose(a, b, atol=1e-5)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())
+    c = denoise_views(tiny.model, list(natural_crops(2, seed=1)), settings)  # PIL images and a bare HF model work too
+    assert c.shape == (2, 64, 64)
+    with pytest.raises(SinklessError, match="multiples of the patch size"):
+        denoise_views(tiny, torch.randn(1, 3, 60, 64), settings)
+
+
+def test_bad_view_settings():
+    for kwargs, message in (({"views": 0}, "views"), ({"max_shift": -1}, "max_shift"), ({"fill": "pink"}, "unknown fill")):
+        with pytest.raises(SinklessError, match=message):
+            ViewSettings(**kwargs)
+
+
+# -- the training job ----------------------------------------------------------------------------
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_distill_writes_a_loadable_folder_and_log(tmp_path, tiny, photos):
+    out = tmp_path / "student"
+    result = distill(tiny, photos, out, DistillSettings(**FAST), progress=False, heldout=natural_crops(2, seed=99), heldout_every=3)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["config.json", "distill_log.json", "model.safetensors", "preprocessor_config.json"]
+    log = json.loads((out / "distill_log.json").read_text())
+    assert log["model"] == "planted-vit-tiny" and log["finished"] and log["steps_done"] == 6
+    assert {"loss_curve", "settings", "distill_settings", "data", "seconds", "sinkless_version", "device"} <= set(log)
+    assert log["data"]["n_images"] == 4 and len(log["loss_curve"]) == 6
+    assert {"loss", "cosine", "mse", "lr"} <= set(log["loss_curve"][0])
+    assert [r["step"] for r in log["loss_curve"] if "heldout_cosine" in r] == [3, 6]
+    assert log["trainable"]["parts"] == ["registers", "positions", "patch_embed", "blocks"]
+    # trained parts moved, frozen parts did not (PH-Reg: registers, positions, patch embedding, last block)
+    reloaded = zoo.load(str(out))
+    student, teacher = reloaded.model.state_dict(), tiny.model.state_dict()
+    last = tiny.adapter.num_layers(tiny.model) - 1
+    for name, tensor in teacher.items():
+        changed = not torch.equal(student[name], tensor)
+        trains = "position_embeddings" in name or "patch_embeddings" in name or name.startswith(f"encoder.layer.{last}.")
+        assert changed == trains or (trains and "bias" in name), name
+    assert type(reloaded.model).__name__ == "Dinov2WithRegistersModel" and reloaded.adapter.n_registers(reloaded.model) == 4
+    assert reloaded.image_spec.size == 64
+    plain = transformers.Dinov2WithRegistersModel.from_pretrained(out).eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(plain(pixels).last_hidden_state, reloaded.model(pixels).last_hidden_state)
+        assert torch.equal(plain(pixels).last_hidden_state, result.student(pixels).last_hidden_state)
+
+
+def test_interrupt_and_resume_give_the_same_weights(tmp_path, tiny, photos, monkeypatch):
+    distill_module = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
+
+    settings = DistillSettings(**{**FAST, "steps": 8, "checkpoint_every": 3})
+    straight = tmp_path / "straight"
+    distill(tiny, photos, straight, settings, progress=False)
+
+    calls = {"n": 0}
+    real = distill_module._feature_loss
+
+    def interrupt_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(distill_module, "_feature_loss", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny, photos, resumed, settings, progress=False)
+    monkeypatch.setattr(distill_module, "_feature_loss", real)
+    assert (resumed / ".training" / "checkpoint.pt").exists() and not (resumed / "model.safetensors").exists()
+    with pytest.raises(SinklessError, match="unfinished distillation"):
+        distill(tiny, photos, resumed, settings, progress=False)
+    distill(tiny, photos, resumed, settings, progress=False, resume=True)
+    log = json.loads((resumed / "distill_log.json").read_text())
+    assert log["resumed_from"] == [3] and log["steps_done"] == 8
+    a, b = _weights(straight), _weights(resumed)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0, f"max diff {diff:.3g} between resumed and uninterrupted weights"
+    assert not (resumed / ".training").exists()
+    # resuming a finished run does nothing; starting over on it is refused
+    assert distill(tiny, photos, resumed, settings, progress=False, resume=True).log["steps_done"] == 8
+    with pytest.raises(SinklessError, match="already holds a distilled model"):
+        distill(tiny, photos, resumed, settings, progress=False)
+
+
+def test_trainable_parts_are_a_setting(tmp_path, tiny, photos):
+    out = tmp_path / "all"
+    result = distill(tiny, photos, out, DistillSettings(**{**FAST, "steps": 2, "train": ("registers",)}), progress=False)
+    assert result.log["trainable"]["parameters"] == 4 * 64
+    student, teacher = zoo.load(str(out)).model.state_dict(), tiny.model.state_dict()
+    assert all(torch.equal(student[k], v) for k, v in teacher.items())  # only the registers moved
+    with pytest.raises(SinklessError, match="unknown trainable parts"):
+        DistillSettings(train=("everything",))
+
+
+# -- bad input: one clear error, nothing written ---------------------------------------------------
+def _cli(capsys, *argv):
+    code = cli.main(["distill", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "setup, argv, message",
+    [
+        ("empty_dir", ["--model", "planted-vit-tiny"], "holds no input files"),
+        ("text_file", ["--model", "planted-vit-tiny"], "cannot read"),
+        ("photos", ["--model", "minilm-tiny"], "text model"),
+        ("photos", ["--model", "bert-folder"], "text model"),
+        ("photos", ["--model", "planted-vit-tiny", "--steps", "0"], "--steps must be >= 1"),
+        ("photos", ["--model", "planted-vit-tiny", "--lr", "nan"], "lr must be a positive number"),
+        ("photos", ["--model", "planted-vit-tiny", "--image-size", "60"], "not a multiple of the patch size"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, photos, setup, argv, message):
+    images = {"photos": photos, "empty_dir": tmp_path / "empty", "text_file": tmp_path / "notes.png"}[setup]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.png").write_text("not an image")
+    if "minilm-tiny" in argv or "bert-folder" in argv:
+        from conftest import tiny_model
+
+        tiny_model("bert").save_pretrained(tmp_path / "bert")
+        argv = [a if a not in ("minilm-tiny", "bert-folder") else str(tmp_path / "bert") for a in argv]
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, *argv, "--images", str(images), "--out", str(out), "--pool", "4")
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_unwritable_or_unsupported_out(tmp_path, capsys, photos):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(blocker / "sub"))
+    assert code == 2 and "cannot write" in err
+    code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(blocker))
+    assert code == 2 and "not a folder" in err
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine.txt").write_text("keep")
+    code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(full))
+    assert code == 2 and "not empty" in err and os.listdir(full) == ["mine.txt"]
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        if not os.access(readonly, os.W_OK):  # root can write anywhere: skip that half there
+            code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(readonly / "out"))
+            assert code == 2 and "cannot write" in err
+    finally:
+        readonly.chmod(0o700)
+
+
+def test_unsupported_family_exits_2(tmp_path, capsys, photos):
+    """A vision model sinkless has no adapter for (here a Swin): one error naming the supported ones."""
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=2)
+    transformers.SwinModel(config).save_pretrained(tmp_path / "swin")
+    code, _, err = _cli(capsys, "--model", str(tmp_path / "swin"), "--images", str(photos), "--out", str(tmp_path / "o"))
+    assert code == 2 and ("unsupported architecture" in err or "not supported" in err) and "Dinov2Model" in err
+    assert not (tmp_path / "o").exists()
+
+
+# -- the CLI and compare -------------------------------------------------------------------------
+def test_cli_end_to_end_and_compare(tmp_path, capsys, photos):
+    out = tmp_path / "student"
+    code, stdout, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(out), "--registers", "4",
+                             "--steps", "3", "--views", "3", "--pool", "4", "--batch-size", "2", "--device", "cpu")
+    assert code == 0, err
+    assert "wrote" in stdout and (out / "distill_log.json").exists()
+    result = tmp_path / "cmp.json"
+    code = cli.main(["compare", "--model", "planted-vit-tiny", "--data", "synthetic", "--limit", "2", "--task", "lost",
+                     "--fix", "none", "--fix", "distilled", "--distilled", str(out),
+                     "--fix", "registers", "--registers-model", str(out), "--json", str(result)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    rows = {r["fix"]: r for r in json.loads(result.read_text())["results"]}
+    assert rows["distilled"]["fix_settings"]["n_registers"] == 4 and rows["distilled"]["fix_settings"]["teacher"] == "planted-vit-tiny"
+    assert rows["registers"]["corloc"] == rows["distilled"]["corloc"]  # the same model under two names
+    assert rows["registers"]["fix_settings"]["architecture"] == "Dinov2WithRegistersModel"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--fix", "registers"], "--registers-model PATH"),
+        (["--fix", "none", "--distilled", "x"], "--distilled applies to --fix distilled"),
+        (["--fix", "registers", "--registers-model", "planted-vit-tiny"], "has no register tokens"),
+    ],
+)
+def test_compare_register_flags(tmp_path, capsys, argv, message):
+    out = tmp_path / "o.json"
+    code = cli.main(["compare", "--model", "planted-vit-tiny", "--data", "synthetic", "--limit", "1", "--task", "lost", *argv, "--json", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and not out.exists()
+
+
+def test_compare_distils_when_no_folder_is_given(tmp_path, monkeypatch, tiny):
+    """`--fix distilled` alone: distilled here on bundled photos that are not evaluation images, then cached."""
+    distill_module = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
+    from sinkless.tasks import fixes
+    from sinkless.tasks.compare import compare
+
+    monkeypatch.setenv("SINKLESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(distill_module, "PHOTO_SETTINGS", DistillSettings(**FAST))
+    seen = {}
+    real = distill_module.training_photos
+
+    def spy(exclude=()):
+        seen["excluded"] = len(exclude)
+        return real(exclude)[:2]
+
+    monkeypatch.setattr(distill_module, "training_photos", spy)
+    runs = []
+    real_distill = distill_module.distill
+    monkeypatch.setattr(distill_module, "distill", lambda *a, **k: runs.append(1) or real_distill(*a, **k))
+    comparison, _ = compare(tiny, "zeroseg", "synthetic", ["none", "distilled"], limit=2, progress=False)
+    row = comparison.results[1]
+    assert seen["excluded"] == 2 and row.settings["n_registers"] == 4 and "distilled-planted-vit-tiny" in row.settings["distilled"]
+    assert fixes.FIXES["distilled"] is fixes._distilled and runs == [1]
+    again, _ = compare(tiny, "zeroseg", "synthetic", ["distilled"], limit=2, progress=False)  # from the cache, same model
+    assert again.results[0].per_image == row.per_image and runs == [1]
+
+
+def test_device_flag_resolves(tmp_path, capsys, photos):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the error path is for machines without one")
+    code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(tmp_path / "o"), "--device", "cuda")
+    assert code == 2 and "no CUDA GPU" in err and not (tmp_path / "o").exists()
+
+
+def test_photo_pool_never_holds_evaluation_images():
+    from sinkless.registers import training_photos
+    from sinkless.tasks.data import open_dataset
+
+    mini = list(open_dataset("mini").images())
+    names = [n for n, _ in training_photos(exclude=mini)]
+    assert names and not {"astronaut", "camera", "chelsea", "coffee", "coins", "motorcycle_left", "rocket"} & set(names)
+    photo = Image.new("RGB", (50, 40), (10, 20, 30))
+    photo.putpixel((3, 3), (255, 255, 255))
+    assert len(training_photos(exclude=[photo])) == len(training_photos())
