@@ -19,7 +19,7 @@ from sinkless.errors import SinklessError
 
 __all__ = ["main", "VERBS"]
 
-VERBS = ("models", "scan", "fix", "ppl", "stream", "compare")
+VERBS = ("models", "scan", "fix", "ppl", "stream", "compare", "denoise")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N images only")
     parser.add_argument("--registers", metavar="FILE", help="ttr: the neurons file from `sinkless fix` (default: found on the bundled photos)")
+    parser.add_argument("--denoiser", metavar="DIR", help="dvt: a `sinkless denoise --train-denoiser` folder (default: Stage 1 on every image, seconds each)")
     parser.add_argument("--split", help="Pascal VOC: the ImageSets/Main list to use (e.g. trainval)")
     parser.add_argument("--images", metavar="DIR", help="COCO: the image folder (default: found beside the JSON)")
     parser.add_argument("--out-dir", metavar="DIR", help="write qualitative pictures (boxes, masks) per fix and image")
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     comparison, pictures = compare(
         args.model, args.task, data, args.fix or ["none"], overrides=_overrides(args), limit=args.limit,
         progress=not args.quiet, visuals=bool(args.out_dir),
-        fix_options={"ttr": {"registers": args.registers}} if args.registers else None,
+        fix_options={k: v for k, v in (("ttr", {"registers": args.registers}), ("dvt", {"denoiser": args.denoiser})) if next(iter(v.values()))} or None,
     )
     result = comparison.to_json()
     json.dumps(to_jsonable(result))  # fail here, before writing anything, if something is not serialisable

@@ -58,6 +58,21 @@ def _ttr(loaded, images, registers: str | None = None) -> AbstractContextManager
     return _Applied(TestTimeRegisters(loaded, neurons)(), info)
 
 
+def _dvt(loaded, images, denoiser: str | None = None) -> AbstractContextManager:
+    """Denoising ViTs (Yang et al. 2024) on the final features: the Stage-2 denoiser of a `sinkless denoise
+    --train-denoiser` folder, or without one Stage 1 on every image (seconds per image: small sets)."""
+    from sinkless.denoise import Stage1Settings, apply_denoiser, load_denoiser
+    from sinkless.denoise.hook import FeatureTransform, stage1_transform
+
+    if denoiser:
+        model = load_denoiser(denoiser)
+        info = {"mode": "stage 2", "denoiser": str(denoiser), "trained_for": model.config.model, "features": model.config.features}
+        return _Applied(apply_denoiser(loaded, model)(), info)
+    settings = Stage1Settings()
+    info = {"mode": "stage 1 per image", "stage1_settings": settings.to_dict()}
+    return _Applied(FeatureTransform(loaded, stage1_transform(loaded, settings))(), info)
+
+
 def _not_built(what: str, fix: str) -> FixFactory:
     def factory(loaded, images) -> AbstractContextManager:
         raise SinklessError(what, fix=fix)
@@ -78,10 +93,7 @@ FIXES: dict[str, FixFactory] = {
         "self-distilled registers, PH-Reg (`distilled`), are not built yet",
         "compare the other fixes for now (see `sinkless compare --help`)",
     ),
-    "dvt": _not_built(
-        "denoising ViTs (`dvt`) are not built yet",
-        "compare the other fixes for now (see `sinkless compare --help`)",
-    ),
+    "dvt": _dvt,
 }
 
 
