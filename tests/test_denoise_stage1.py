@@ -37,9 +37,15 @@ def _corr(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def test_decomposition_recovers_a_position_tied_pattern():
+@pytest.fixture(scope="module")
+def synthetic_fit():
     views, signal, pattern = _synthetic()
     model, curve = fit(views, Stage1Settings(steps=300, batch=1024, rank=0, seed=0))
+    return views, signal, pattern, model, curve
+
+
+def test_decomposition_recovers_a_position_tied_pattern(synthetic_fit):
+    views, signal, pattern, model, curve = synthetic_fit
     recovered = model.artifact_map()
     corr = _corr(recovered, pattern)
     clean = model.clean(views.coords[-1])
@@ -52,11 +58,10 @@ def test_decomposition_recovers_a_position_tied_pattern():
     assert curve[-1]["loss"] < curve[0]["loss"]
 
 
-def test_no_pattern_gives_a_small_artifact():
-    views, _, pattern = _synthetic()
+def test_no_pattern_gives_a_small_artifact(synthetic_fit):
+    views, _, pattern, with_pattern, _ = synthetic_fit
     clean_views = Views(views.features - pattern, views.coords, views.boxes, views.flips)
     model, _ = fit(clean_views, Stage1Settings(steps=300, batch=1024, rank=0))
-    with_pattern, _ = fit(views, Stage1Settings(steps=300, batch=1024, rank=0))
     small, large = model.artifact_map().norm(dim=-1).mean(), with_pattern.artifact_map().norm(dim=-1).mean()
     print(f"|G| without pattern {small:.3f}, with {large:.3f} (pattern {pattern.norm(dim=-1).mean():.3f})")
     assert small < 0.35 * large

@@ -27,7 +27,8 @@ def apply_denoiser(loaded, denoiser) -> FeatureTransform:
     from sinkless.devices import model_device
 
     if not isinstance(denoiser, Denoiser):
-        denoiser = load_denoiser(denoiser, device=model_device(loaded.model))
+        denoiser = load_denoiser(denoiser)
+    denoiser = denoiser.to(model_device(loaded.model))  # where the features are (CPU or CUDA)
     _check_compatible(loaded, denoiser)
     return FeatureTransform(loaded, denoiser_transform(denoiser), features=denoiser.config.features, layer=denoiser.config.layer)
 

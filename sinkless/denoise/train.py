@@ -112,6 +112,16 @@ def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, prog
     from safetensors.torch import load_file, save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "settings.json"
+    wanted = {"model": loaded.name, "stage1_settings": settings.to_dict()}
+    if manifest.exists():
+        import json
+
+        if json.loads(manifest.read_text()) != json.loads(json.dumps(wanted)):
+            raise SinklessError(f"the Stage-1 targets in {folder} were made with another model or other Stage-1 settings",
+                                fix="resume with the same command line as the first run, or use a new --out folder")
+    else:
+        atomic_write_json(manifest, wanted)
     raws, cleans, seconds = [], [], []
     for i, (name, image) in enumerate(tqdm(images, desc="stage 1 targets", disable=not progress)):
         path = _target_path(folder, i, name)
