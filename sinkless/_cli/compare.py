@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N images only")
     parser.add_argument("--registers", metavar="FILE", help="ttr: the neurons file from `sinkless fix` (default: found on the bundled photos)")
-    parser.add_argument("--denoiser", metavar="DIR", help="dvt: a `sinkless denoise --train-denoiser` folder (default: Stage 1 on every image, seconds each)")
+    parser.add_argument("--denoiser", action="append", metavar="DIR",
+                        help="dvt: a `sinkless denoise --train-denoiser` folder, repeatable (default: Stage 1 on every image, seconds each)")
     parser.add_argument("--split", help="Pascal VOC: the ImageSets/Main list to use (e.g. trainval)")
     parser.add_argument("--images", metavar="DIR", help="COCO: the image folder (default: found beside the JSON)")
     parser.add_argument("--out-dir", metavar="DIR", help="write qualitative pictures (boxes, masks) per fix and image")

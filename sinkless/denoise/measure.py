@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure_planted(images, settings)
     else:
         result = measure_stage2(args.denoiser, args.model, args.twin, images, settings)
-    text = json.dumps(result if args.json else {k: v for k, v in result.items() if k != "per_image"}, indent=2)
-    print(text if not args.json else json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=2))
     if args.json:
         from sinkless._io import atomic_write_json
 

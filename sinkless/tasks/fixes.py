@@ -58,16 +58,29 @@ def _ttr(loaded, images, registers: str | None = None) -> AbstractContextManager
     return _Applied(TestTimeRegisters(loaded, neurons)(), info)
 
 
-def _dvt(loaded, images, denoiser: str | None = None) -> AbstractContextManager:
-    """Denoising ViTs (Yang et al. 2024) on the final features: the Stage-2 denoiser of a `sinkless denoise
-    --train-denoiser` folder, or without one Stage 1 on every image (seconds per image: small sets)."""
+def _dvt(loaded, images, denoiser: str | list[str] | None = None) -> AbstractContextManager:
+    """Denoising ViTs (Yang et al. 2024): the Stage-2 denoiser(s) of `sinkless denoise --train-denoiser` folders
+    (each on the features it was trained on: the final output by default, or the last layer's keys), or
+    without one Stage 1 on every image's final features (seconds per image: small sets)."""
     from sinkless.denoise import Stage1Settings, apply_denoiser, load_denoiser
     from sinkless.denoise.hook import FeatureTransform, stage1_transform
 
-    if denoiser:
-        model = load_denoiser(denoiser)
-        info = {"mode": "stage 2", "denoiser": str(denoiser), "trained_for": model.config.model, "features": model.config.features}
-        return _Applied(apply_denoiser(loaded, model)(), info)
+    folders = [denoiser] if isinstance(denoiser, str) else list(denoiser or [])
+    if folders:
+        models = [load_denoiser(folder) for folder in folders]
+        contexts = [apply_denoiser(loaded, model)() for model in models]
+        info = {"mode": "stage 2", "denoisers": [{"folder": str(f), "trained_for": m.config.model, "features": m.config.features}
+                                                 for f, m in zip(folders, models)]}
+        stack = contextlib.ExitStack()
+
+        @contextlib.contextmanager
+        def all_of():
+            with stack:
+                for context in contexts:
+                    stack.enter_context(context)
+                yield None
+
+        return _Applied(all_of(), info)
     settings = Stage1Settings()
     info = {"mode": "stage 1 per image", "stage1_settings": settings.to_dict()}
     return _Applied(FeatureTransform(loaded, stage1_transform(loaded, settings))(), info)
