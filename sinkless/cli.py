@@ -19,7 +19,7 @@ from sinkless.errors import SinklessError
 
 __all__ = ["main", "VERBS"]
 
-VERBS = ("models", "scan", "fix", "ppl", "stream", "compare", "denoise")
+VERBS = ("models", "scan", "fix", "ppl", "stream", "compare", "train-attn", "compare-attn", "denoise")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,10 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
     for verb in VERBS:
+        name = f"sinkless._cli.{verb.replace('-', '_')}"  # train-attn lives in _cli/train_attn.py
         try:
-            module = importlib.import_module(f"sinkless._cli.{verb}")
+            module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            if error.name != f"sinkless._cli.{verb}":
+            if error.name != name:
                 raise
             continue  # verb not built yet
         module.add_parser(sub)

@@ -145,7 +145,7 @@ class Hooks(Mapping[str, torch.Tensor]):
             for spec, reducer in reducers.items():
                 site = Site.parse(spec)
                 self._store[str(site)] = []
-                self._attach(model, site, reducer=reducer, record=True)
+                self._attach(model, site, reducer=reducer)
         except BaseException:
             self.remove()
             raise
@@ -158,7 +158,6 @@ class Hooks(Mapping[str, torch.Tensor]):
         *,
         edit: Edit | None = None,
         reducer: Reduce | None = None,
-        record: bool = False,
     ) -> None:
         module = _resolve(model, site.module)
         key = str(site)

@@ -145,10 +145,13 @@ class TrainResult:
         }
 
 
-def _fingerprint(settings: TrainSettings, names: list[str], meta: dict) -> str:
+def _fingerprint(settings: TrainSettings, names: list[str], meta: dict, scales: dict[str, float]) -> str:
     """What must match for a checkpoint to be resumed: everything but the step budget and bookkeeping."""
     keep = {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "log_every")}
-    text = json.dumps({"settings": keep, "params": names, "job": meta.get("job_key", meta)}, sort_keys=True, default=str)
+    job = {"settings": keep, "params": names, "job": meta.get("job_key", meta)}
+    if scales:  # absent when unused, so checkpoints written before lr_scale existed still resume
+        job["lr_scale"] = scales
+    text = json.dumps(job, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -193,12 +196,15 @@ def train(
     progress: bool = True,
     on_log: Callable[[int, dict], dict | None] | None = None,
     desc: str = "training",
+    lr_scale: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Optimise ``params`` with ``step`` for ``settings.steps`` steps; checkpoints and the log go to ``out_dir``.
 
     ``meta`` is written into the log (model id, data, job settings); its ``"job_key"`` entry, when given,
     is what a checkpoint must match to be resumed (default: all of ``meta``). ``extra_state`` are other
-    objects with ``state_dict``/``load_state_dict`` to checkpoint. ``on_log(step, row)`` may add entries
+    objects with ``state_dict``/``load_state_dict`` to checkpoint. ``lr_scale`` multiplies the schedule's
+    learning rate for the named parameters (e.g. a new per-head sink logit that must move faster than
+    the pretrained weights around it). ``on_log(step, row)`` may add entries
     (e.g. an evaluation) to a log row. With ``resume`` a checkpoint in ``out_dir`` is continued; without it
     an existing checkpoint is an error (never overwritten silently).
     """
@@ -210,10 +216,19 @@ def train(
         raise SinklessError("nothing to train: no trainable parameters were given")
     first = params[names[0]]
     device = first.device
-    key = _fingerprint(settings, names, meta)
     checkpoint = out / CHECKPOINT
+    scales = dict(lr_scale or {})
+    unknown = sorted(set(scales) - set(names))
+    if unknown:
+        raise ValueError(f"lr_scale names parameters that are not trained: {unknown}")
+    key = _fingerprint(settings, names, meta, scales)
+    # one group per distinct learning-rate multiplier (a single group when none is given)
+    by_scale: dict[float, list[str]] = {}
+    for name in names:
+        by_scale.setdefault(float(scales.get(name, 1.0)), []).append(name)
     optimizer = torch.optim.AdamW(
-        [params[n] for n in names], lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
+        [{"params": [params[n] for n in group], "scale": scale} for scale, group in by_scale.items()],
+        lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay,
     )
     result = TrainResult(settings.to_dict(), {k: v for k, v in meta.items() if k != "job_key"}, 0, device=str(device))
     if checkpoint.exists():
@@ -249,14 +264,14 @@ def train(
             in_step = True
             lr = learning_rate(settings, t)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["scale"]
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + t)
             with autocast(device, settings.amp):
                 losses = step(t, generator)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise SinklessError(
-                    f"the loss became {float(loss)} at step {t}",
+                    f"the loss became {float(loss.detach())} at step {t}",
                     fix="lower the learning rate (the last good checkpoint is kept; --resume continues from it)",
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -272,7 +287,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{smoothed:.4g}", lr=f"{lr:.2e}")
             if (t + 1) % settings.log_every == 0 or t + 1 == settings.steps or t == start_step:
-                row = {"step": t + 1, "lr": lr, **{k: float(v) for k, v in losses.items()}}
+                row = {"step": t + 1, "lr": lr, **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()}}
                 if on_log is not None:
                     row.update(on_log(t + 1, row) or {})
                 result.curve.append(row)

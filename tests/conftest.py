@@ -108,3 +108,39 @@ def minilm():
     from sinkless import zoo
 
     return zoo.load("minilm-l6")
+
+
+# -- mutation testing (scripts/mutation.sh) ------------------------------------------------------
+MUTATION_TESTS = {
+    # module -> the test files that judge its mutants (tests mirror modules)
+    "sinkless.scan.norms": ("test_norms.py",),
+    "sinkless.scan.report": ("test_report.py",),
+    "sinkless.scan.measure": ("test_scan.py",),
+    "sinkless.scan.inputs": ("test_scan.py",),
+    "sinkless.scan": ("test_scan.py", "test_report.py"),
+    "sinkless.scan.plots": ("test_scan.py",),
+    "sinkless.scan.html": ("test_scan.py",),
+    "sinkless.registers.discovery": ("test_discovery.py", "test_registers.py"),
+    "sinkless.registers.ttr": ("test_registers.py",),
+    "sinkless.registers.inputs": ("test_registers.py",),
+    "sinkless.streaming.cache": ("test_streaming.py",),
+    "sinkless.tasks.lost": ("test_tasks_lost.py",),
+    "sinkless.hooks": ("test_hooks.py",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut, a mutant of module M runs only the tests mirroring M (MUTATION_TESTS), so a run over
+    the core fits a small machine. Outside mutmut (no MUTANT_UNDER_TEST) nothing changes."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if ".x" not in mutant:  # "", "stats", "fail", ...: every test runs
+        return
+    module = mutant.split(".x", 1)[0]
+    files = MUTATION_TESTS.get(module)
+    if files is None:
+        return
+    kept = [item for item in items if item.path.name in files]
+    deselected = [item for item in items if item.path.name not in files]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import FAMILIES, tiny_inputs, tiny_model
 from sinkless import planted, zoo
-from sinkless.adapters import Modality, adapter_for
+from sinkless.adapters import Modality, TokenLayout, adapter_for
 from sinkless.cli import main
 from sinkless.errors import SinklessError
 from sinkless.images import natural_crops, to_pixels
@@ -240,3 +241,166 @@ def test_text_register_with_kv_cache_prepended_once():
     assert diff < 1e-4, f"chunked vs whole: max diff {diff}"
     assert cache.get_seq_length() == 13  # 12 tokens + 1 register
     assert _handles(model) == 0
+
+
+# -- discovery inputs ------------------------------------------------------------------------------
+def test_text_passages_are_consecutive_slices_of_hamlet():
+    from sinkless.registers.inputs import text_passages
+    from sinkless.streaming.text import read_text
+
+    words = read_text().split()
+    passages = text_passages(3, start=2, words=5)
+    assert [p.name for p in passages] == ["hamlet[10:15]", "hamlet[15:20]", "hamlet[20:25]"]
+    assert [p.text for p in passages] == [" ".join(words[10:15]), " ".join(words[15:20]), " ".join(words[20:25])]
+    assert text_passages(1)[0].text == " ".join(words[:80])
+    with pytest.raises(SinklessError, match="fewer than"):
+        text_passages(2, start=len(words) // 80 + 1)
+
+
+def test_discovery_inputs_hold_out_every_fourth_user_input(tmp_path):
+    from sinkless.registers.inputs import discovery_inputs
+    from sinkless.scan import TextInput  # noqa: F401
+
+    text = zoo.Loaded("t", tiny_model("llama"), adapter_for(tiny_model("llama")))
+    chosen, heldout = discovery_inputs(text, [], [f"text {i}" for i in range(9)], 0, 0)
+    assert [t.text for t in heldout] == ["text 3", "text 7"]
+    assert [t.text for t in chosen] == [f"text {i}" for i in (0, 1, 2, 4, 5, 6, 8)]
+    chosen, heldout = discovery_inputs(text, [], ["a", "b"], 0, 0)
+    assert [t.text for t in chosen] == ["a"] and [t.text for t in heldout] == ["b"]  # fewer than 4: the last
+    with pytest.raises(SinklessError, match="at least 2 inputs"):
+        discovery_inputs(text, [], ["only"], 0, 0)
+    chosen, heldout = discovery_inputs(text, [], [], 3, 2)  # bundled passages: disjoint
+    assert [p.name for p in chosen] == ["hamlet[0:80]", "hamlet[80:160]", "hamlet[160:240]"]
+    assert [p.name for p in heldout] == ["hamlet[240:320]", "hamlet[320:400]"]
+    vision = _loaded("vit")
+    chosen, heldout = discovery_inputs(vision, [], [], 3, 2)
+    assert [i.name for i in chosen] == ["crop0", "crop1", "crop2"] and [i.name for i in heldout] == ["heldout0", "heldout1"]
+    assert chosen[0].image.tobytes() == natural_crops(1, seed=0)[0].tobytes()
+    assert heldout[0].image.tobytes() == natural_crops(1, seed=1)[0].tobytes()
+
+
+# -- the intervention on hand-made MLP activations ---------------------------------------------------
+def _edited_hidden(loaded, ttr, layer, planted, inputs):
+    """The MLP hidden activations of ``layer`` after the intervention's edit, given planted ones."""
+    from handmade import Plant
+    from sinkless.hooks import hooks
+
+    site = loaded.adapter.mlp_hidden_site(layer)
+    with torch.no_grad(), Plant(loaded, hidden={layer: planted})(), ttr(), hooks(loaded.model, capture=[site]) as rec:
+        loaded.model(**inputs)
+    return rec[site]
+
+
+def _ramp(n, width):
+    """Neuron 5 fires 0.5 x token index, neuron 9 fires -token index (a negative firing neuron)."""
+    h = torch.zeros(n, width)
+    h[:, 5] = 0.5 * torch.arange(n)
+    h[:, 9] = -torch.arange(n, dtype=torch.float32)
+    return h
+
+
+def test_vision_register_takes_each_neurons_signed_extreme():
+    from handmade import tiny_vit
+
+    loaded = tiny_vit()
+    pixels = to_pixels([Image.new("RGB", (56, 56))], loaded.image_spec, 56)
+    ttr = TestTimeRegisters(loaded, [(1, 5), (1, 9)])
+    h = _edited_hidden(loaded, ttr, 1, _ramp, {"pixel_values": pixels})[0]  # (18, W): CLS, 16 patches, register
+    assert h.shape[0] == 18
+    assert h[17, 5] == 8.0 and h[17, 9] == -16.0  # the extremes over CLS and patches (the register's own 8.5 / -17 excluded)
+    assert torch.count_nonzero(h[1:17, [5, 9]]) == 0  # zeroed on every patch
+    assert h[0, 5] == 0.0 and h[0, 9] == 0.0 and h[3, 4] == 0.0  # CLS untouched (planted 0), other neurons too
+    layer_mode = TestTimeRegisters(loaded, [(1, 5), (1, 9)], mode="layer")
+    h = _edited_hidden(loaded, layer_mode, 1, _ramp, {"pixel_values": pixels})[0]
+    assert h[17, 5] == h[17, 9] == -16.0  # one extreme per layer
+    firing = TestTimeRegisters(loaded, [(1, 5)], only_firing=0.5)
+    h = _edited_hidden(loaded, firing, 1, _ramp, {"pixel_values": pixels})[0]
+    # zeroed only where |a| >= 0.5 x 8 = 4: tokens 8..16; tokens 1..7 keep 0.5 x index
+    assert h[1:8, 5].tolist() == [0.5 * t for t in range(1, 8)] and torch.count_nonzero(h[8:17, 5]) == 0
+    assert torch.count_nonzero(h[1:17, 9]) == 16  # neuron 9 is not a register neuron here
+    with pytest.raises(ValueError, match="n_registers must be >= 1"):
+        TestTimeRegisters(loaded, [(1, 5)], n_registers=0)
+    two = TestTimeRegisters(loaded, [(1, 5)], n_registers=2)
+    h = _edited_hidden(loaded, two, 1, _ramp, {"pixel_values": pixels})[0]
+    assert h.shape[0] == 19 and h[17, 5] == h[18, 5] == 8.0
+    with pytest.raises(SinklessError, match="register neurons outside 0..63"):
+        TestTimeRegisters(loaded, [(1, 64)])
+    with pytest.raises(SinklessError, match=r"layers \[3\]"):
+        TestTimeRegisters(loaded, [(3, 1)])
+
+
+def _ones(n, width):
+    return torch.ones(n, width)
+
+
+@pytest.mark.parametrize(
+    "after_first, keep_first, register, untouched",
+    [(True, True, 1, [0]), (False, True, 0, [1]), (False, False, 0, [])],
+)
+def test_text_register_position_and_the_tokens_it_leaves_alone(after_first, keep_first, register, untouched):
+    from handmade import tiny_lm
+
+    loaded = tiny_lm()
+    neurons = RegisterNeurons("hand-lm", [{"layer": 0, "neuron": 3, "score": 1.0, "peak": 2.5}], top_k=1)
+    ttr = TestTimeRegisters(loaded, neurons, after_first=after_first, keep_first=keep_first)
+    h = _edited_hidden(loaded, ttr, 0, _ones, {"input_ids": torch.arange(1, 7)[None]})[0]  # (7, W): 6 tokens + register
+    assert h[register, 3] == 2.5  # the stored typical peak, not this call's maximum
+    kept = [t for t in range(7) if t != register and h[t, 3] == 1.0]
+    assert kept == untouched
+    assert all(h[t, 3] == 0 for t in range(7) if t != register and t not in untouched)
+    assert ttr.layout(7) == TokenLayout(7, 1 if after_first else 0, 1)
+
+
+
+# -- the neurons file --------------------------------------------------------------------------------
+def _entries():
+    return [
+        {"layer": 2, "neuron": 9, "score": 5.0, "peak": 3.0},
+        {"layer": 0, "neuron": 4, "score": 4.0, "peak": -2.0},
+        {"layer": 2, "neuron": 1, "score": 3.0, "peak": None},
+        {"layer": 1, "neuron": 7, "score": 2.0, "peak": 1.0},
+    ]
+
+
+def test_register_neurons_top_k_layers_and_peaks():
+    neurons = RegisterNeurons("m", _entries(), top_k=3)
+    assert neurons.by_layer() == {0: [4], 2: [1, 9]}  # the first 3, sorted per layer, layers in order
+    assert neurons.peaks() == {(2, 9): 3.0, (0, 4): -2.0}  # no stored peak: left out
+    assert RegisterNeurons("m", _entries(), top_k=0).by_layer() == {0: [4], 1: [7], 2: [1, 9]}  # 0: all of them
+    two = neurons.with_top_k(2)
+    assert two.top_k == 2 and neurons.top_k == 3 and two.neurons == neurons.neurons and two.model == "m"
+    assert neurons.with_top_k(10).top_k == 4
+
+
+def test_register_neurons_from_dict_and_its_errors():
+    data = {"model": "m", "neurons": [{"layer": "2", "neuron": 9.0}], "top_k": 1, "unknown": "ignored", "detection_layer": 3}
+    neurons = RegisterNeurons.from_dict(data)
+    assert neurons.neurons == [{"layer": 2, "neuron": 9, "score": 0.0, "peak": None}]
+    assert neurons.top_k == 1 and neurons.detection_layer == 3 and neurons.model == "m"
+    assert RegisterNeurons.from_dict({"model": "m", "neurons": _entries()}).top_k == 4  # default: all
+    for bad in ([], {"model": "m"}, {"neurons": []}):
+        with pytest.raises(SinklessError, match="src is not a register-neurons file"):
+            RegisterNeurons.from_dict(bad, "src")
+    for neuron in ({"layer": 1}, {"layer": "x", "neuron": 1}, {"layer": None, "neuron": 1}):
+        with pytest.raises(SinklessError, match="src: every neuron needs integer 'layer' and 'neuron'") as error:
+            RegisterNeurons.from_dict({"model": "m", "neurons": [neuron]}, "src")
+        assert "sinkless fix --out" in error.value.fix
+
+
+def test_zero_neurons_zero_everywhere_and_come_off():
+    from handmade import tiny_vit
+    from sinkless.hooks import hooks
+    from sinkless.registers import ZeroNeurons
+
+    loaded = tiny_vit()
+    pixels = to_pixels([Image.new("RGB", (56, 56))], loaded.image_spec, 56)
+    site = loaded.adapter.mlp_hidden_site(1)
+    with torch.no_grad(), hooks(loaded.model, capture=[site]) as plain:
+        loaded.model(pixel_values=pixels)
+    with torch.no_grad(), ZeroNeurons(loaded, [(1, 5), (1, 9)])(), hooks(loaded.model, capture=[site]) as rec:
+        loaded.model(pixel_values=pixels)
+    h = rec[site]
+    assert h.shape == plain[site].shape  # no token added
+    assert torch.count_nonzero(h[..., [5, 9]]) == 0
+    assert torch.equal(h[..., :5], plain[site][..., :5]) and torch.equal(h[..., 10:], plain[site][..., 10:])
+    assert _handles(loaded.model) == 0

@@ -283,3 +283,89 @@ def test_cli_user_mistakes_exit_2(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# -- the cache's bookkeeping, by hand -----------------------------------------------------------------
+def test_kept_and_in_cache_positions():
+    cache = SinkCache(tiny_lm("llama"), sinks=2, window=4)
+    assert cache.kept_positions(0) == [0] and cache.kept_positions(1) == [0, 1]
+    assert cache.kept_positions(3) == [0, 1, 2, 3]
+    assert cache.kept_positions(5) == [0, 1, 2, 3, 4, 5]
+    assert cache.kept_positions(6) == [0, 1, 3, 4, 5, 6]  # the last 4 (3..6) after the 2 sinks
+    assert cache.kept_positions(9) == [0, 1, 6, 7, 8, 9]
+    assert cache.in_cache_position(torch.tensor([0, 4, 5, 6, 50])).tolist() == [0, 4, 5, 5, 5]
+    no_sinks = SinkCache(tiny_lm("llama"), sinks=0, window=3)
+    assert no_sinks.kept_positions(7) == [5, 6, 7] and no_sinks.kept_positions(1) == [0, 1]
+
+
+def test_cache_between_steps_holds_sinks_and_window_minus_one():
+    model = tiny_lm("llama")
+    _, cache = stream_logits(model, ids_for(11), sinks=2, window=4)
+    assert cache.seen == 11 and cache.get_seq_length() == 2 + 4 - 1
+    assert cache.window_start == 11 - 4 + 1
+    assert repr(cache) == "SinkCache(sinks=2, window=4, seen=11, kept=5)"
+    assert cache.layers[0].get_max_length() == 6 and cache.layers[0].get_mask_sizes(3) == (8, 0)
+    cache.reset()
+    assert (cache.seen, cache.get_seq_length(), cache.frame, cache.rebases, cache.window_start) == (0, 0, 0, 0, 2)
+    with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+        cache.crop(1)
+
+
+def test_step_inputs_positions_and_mask_before_eviction():
+    cache = SinkCache(tiny_lm("llama"), sinks=2, window=4)
+    inputs = cache.step_inputs(3, batch_size=2)
+    assert inputs["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert inputs["attention_mask"].shape == (1, 1, 3, 3) and inputs["attention_mask"].dtype == torch.bool
+    assert inputs["attention_mask"][0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    with pytest.raises(RuntimeError, match="was not followed by a forward"):
+        cache.step_inputs(1)
+    fresh = SinkCache(tiny_lm("llama"), sinks=2, window=4)
+    with pytest.raises(ValueError, match="n_new must be >= 1"):
+        fresh.step_inputs(0)
+
+
+def test_eager_mask_is_additive():
+    cache = SinkCache(tiny_lm("llama", attn="eager"), sinks=1, window=2)
+    mask = cache.step_inputs(2)["attention_mask"][0, 0]
+    assert mask.dtype == torch.float32 and mask[0, 0] == 0 and mask[1, 0] == 0 and mask[1, 1] == 0
+    assert mask[0, 1] == torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize(
+    "sinks, window, message",
+    [
+        (-1, 8, "bad cache size: sinks=-1, window=8\n  fix: use --sinks >= 0 and --window >= 1"),
+        (0, 0, "bad cache size: sinks=0, window=0\n  fix: use --sinks >= 0 and --window >= 1"),
+        (4, 4, "window (4) must be larger than the number of sinks (4)\n  fix: the window holds the recent tokens; the paper uses --sinks 4 --window 1020"),
+    ],
+)
+def test_bad_sizes_messages(sinks, window, message):
+    with pytest.raises(SinklessError) as error:
+        SinkCache(tiny_lm("llama"), sinks=sinks, window=window)
+    assert str(error.value) == message
+
+
+def test_models_that_cannot_stream_are_named():
+    from sinkless.streaming import check_streamable
+    from sinkless.streaming.cache import rotary_inv_freq
+
+    with pytest.raises(SinklessError, match="BertModel is not a causal language model"):
+        check_streamable(tiny_model("bert"), 2, 4)
+    with pytest.raises(SinklessError, match="GPT2LMHeadModel has no rotary position embeddings"):
+        rotary_inv_freq(tiny_model("gpt2"))
+    model = tiny_lm("llama")
+    model.config.rope_parameters = {**(model.config.rope_parameters or {}), "rope_type": "dynamic"}
+    with pytest.raises(SinklessError, match="uses 'dynamic' rotary scaling") as error:
+        rotary_inv_freq(model)
+    assert "default, linear, llama3, yarn" in error.value.fix
+    sliding = tiny_lm("mistral")
+    sliding.config.sliding_window = 5
+    with pytest.raises(SinklessError, match="sliding window of 5 tokens, smaller than sinks \\+ window \\(6\\)"):
+        check_streamable(sliding, 2, 4)
+    assert check_streamable(sliding, 1, 4) is not None  # 5 <= 5: fine
+    flash = tiny_lm("llama")
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(SinklessError, match="needs sdpa or eager attention, and the model uses 'flash_attention_2'"):
+        check_streamable(flash, 2, 4)
+    inv = rotary_inv_freq(tiny_lm("llama"))
+    assert inv.shape == (8,) and inv.dtype == torch.float32 and float(inv[0]) == 1.0

@@ -90,3 +90,16 @@ def test_bad_settings_and_diverging_loss(tmp_path):
     model, _ = _problem()
     with pytest.raises(SinklessError, match="loss became"):
         train(_params(model), lambda t, g: {"loss": torch.tensor(float("nan"), requires_grad=True)}, TrainSettings(steps=2), tmp_path, progress=False)
+
+
+def test_lr_scale_moves_only_the_named_parameters_faster(tmp_path):
+    model, step = _problem()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(steps=1, lr=1e-3, schedule="constant", grad_clip=None, weight_decay=0.0)
+    train(_params(model), step, settings, tmp_path / "a", lr_scale={"2.bias": 100.0}, progress=False)
+    moved = {k: float((model.state_dict()[k] - before[k]).abs().max()) for k in before}
+    # Adam's first step moves each weight by ~lr; the scaled bias by ~100 lr
+    assert moved["2.bias"] == pytest.approx(0.1, rel=1e-3)
+    assert moved["0.weight"] == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="not trained"):
+        train(_params(model), step, settings, tmp_path / "b", lr_scale={"nope": 2.0}, progress=False)

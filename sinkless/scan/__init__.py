@@ -15,12 +15,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sinkless._io import atomic_write_json, staged_dir
-from sinkless.adapters import Modality
 from sinkless.scan.html import render
 from sinkless.scan.inputs import ImageInput, TextInput, resolve_inputs, sample_text
 from sinkless.scan.measure import InputRecord, ScanSettings, measure_batch, parse_layers
 from sinkless.scan.norms import OutlierRule, Rule
-from sinkless.scan.plots import text_figures, vision_figures
+from sinkless.scan.plots import draw_figures
 from sinkless.scan.report import Report, build_report
 from sinkless.zoo import Loaded
 
@@ -93,16 +92,12 @@ def write_reports(
             prefix = "" if k == 0 else report.model.replace("/", "_")
             folder = stage / prefix if prefix else stage
             folder.mkdir(parents=True, exist_ok=True)
-            data = report.to_dict()
-            if report.modality == Modality.VISION.value:
-                report.figures = vision_figures(records, list(inputs), data, folder)
-            else:
-                report.figures = text_figures(records, data, folder)
+            draw_figures(report, records, inputs, folder)  # sets report.figures and their captions
             data = report.to_dict()
             atomic_write_json(folder / "report.json", data)
             pages.append((data, prefix))
             written.append(Path(out_dir) / prefix / "report.json" if prefix else Path(out_dir) / "report.json")
-        (stage / "report.html").write_text(render(pages), encoding="utf-8")
+        (stage / "report.html").write_text(render(pages, root=stage), encoding="utf-8")
     return written
 
 

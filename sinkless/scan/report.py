@@ -40,6 +40,7 @@ class Report:
     massive_activations: list[dict]
     summary: dict
     figures: list[str] = field(default_factory=list)
+    figure_captions: dict[str, str] = field(default_factory=dict)  # PNG name -> what it shows
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -54,6 +55,7 @@ class Report:
             "massive_activations": self.massive_activations,
             "summary": self.summary,
             "figures": self.figures,
+            "figure_captions": self.figure_captions,
             **self.extra,
         }
 
@@ -145,6 +147,8 @@ def build_report(
         {"name": r.name, "tokens": r.layout.n_tokens, **({"image_size": list(r.image_hw)} if vision else {"text_tokens": r.tokens})}
         for r in records
     ]
+    if not vision:
+        _add_text_arrays(records, layers, inputs)
     return Report(
         model=model,
         modality=modality,
@@ -155,6 +159,27 @@ def build_report(
         massive_activations=massive,
         summary=summary,
     )
+
+
+def _rounded(values: torch.Tensor) -> list:
+    """Floats to 5 significant digits: per-token arrays stay readable and small in the JSON."""
+    return [float(f"{v:.5g}") if math.isfinite(v) else None for v in values.tolist()]
+
+
+def _add_text_arrays(records: list[InputRecord], layers: list[dict], inputs: list[dict]) -> None:
+    """Text: per-token norms per input and first-token attention per head per layer (new fields, README schema).
+
+    ``inputs[i]["token_norms"]``: (L, n) residual-stream norm of every token at every scanned layer
+    (token 0 included, unlike the body statistics); ``token_norm_medians``: (L,) its body median.
+    ``layers[l]["alpha0_per_head"]``: (H,) mean over inputs of alpha_0 (Gu et al.), the mean attention
+    every later query gives the first token, per head; null when attention was not measured.
+    """
+    for entry, r in zip(inputs, records):
+        entry["token_norms"] = [_rounded(row) for row in r.norms]  # L x (n,)
+        entry["token_norm_medians"] = _rounded(r.medians)  # (L,)
+    measured = [r.alpha0 for r in records if r.alpha0 is not None]
+    for li, row in enumerate(layers):
+        row["alpha0_per_head"] = _rounded(torch.stack([a[li] for a in measured]).mean(0)) if measured else None  # (H,)
 
 
 def _summary(records, layers, outliers, massive, vision: bool) -> dict:

@@ -166,5 +166,5 @@ def _draw(image: Image.Image, pred, truth, result: LostResult, cell: float, hit:
         draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(0, 220, 0), width=3)
     draw.rectangle([pred[0], pred[1], pred[2] - 1, pred[3] - 1], outline=(40, 90, 255) if hit else (255, 40, 40), width=3)
     r, c = divmod(result.seed, result.mask.shape[1])
-    draw.rectangle([c * cell, r * cell, (c + 1) * cell, (r + 1) * cell], fill=(255, 220, 0))
+    draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], fill=(255, 220, 0))  # inclusive corners
     return canvas
