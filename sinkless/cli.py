@@ -19,7 +19,7 @@ from sinkless.errors import SinklessError
 
 __all__ = ["main", "VERBS"]
 
-VERBS = ("models", "scan", "fix", "ppl", "stream", "compare", "distill", "train-attn", "compare-attn")
+VERBS = ("models", "scan", "fix", "ppl", "stream", "compare", "distill", "train-attn", "compare-attn", "denoise")
 
 
 def _parser() -> argparse.ArgumentParser:

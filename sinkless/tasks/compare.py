@@ -137,9 +137,6 @@ def compare(
     unknown = [name for name in fixes if name not in FIXES]
     if unknown:
         raise SinklessError(f"unknown fix {unknown[0]!r}", fix=f"choose from {', '.join(FIXES)}")
-    for name in fixes:  # placeholders of unbuilt fixes raise their message without a model
-        if getattr(FIXES[name], "not_built", False):
-            FIXES[name](None, ())
     protocol = make_protocol(spec, overrides)
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
     dataset = dataset.limit(limit)

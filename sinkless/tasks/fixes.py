@@ -141,15 +141,32 @@ def _distill_cached(loaded, images):
     other = zoo.load(str(folder))
     other.name = f"{loaded.name}+distilled"
     return other, str(folder)
+def _dvt(loaded, images, denoiser: str | list[str] | None = None) -> AbstractContextManager:
+    """Denoising ViTs (Yang et al. 2024): the Stage-2 denoiser(s) of `sinkless denoise --train-denoiser` folders
+    (each on the features it was trained on: the final output by default, or the last layer's keys), or
+    without one Stage 1 on every image's final features (seconds per image: small sets)."""
+    from sinkless.denoise import Stage1Settings, apply_denoiser, load_denoiser
+    from sinkless.denoise.hook import FeatureTransform, stage1_transform
 
+    folders = [denoiser] if isinstance(denoiser, str) else list(denoiser or [])
+    if folders:
+        models = [load_denoiser(folder) for folder in folders]
+        contexts = [apply_denoiser(loaded, model)() for model in models]
+        info = {"mode": "stage 2", "denoisers": [{"folder": str(f), "trained_for": m.config.model, "features": m.config.features}
+                                                 for f, m in zip(folders, models)]}
+        stack = contextlib.ExitStack()
 
-def _not_built(what: str, fix: str) -> FixFactory:
-    def factory(loaded, images) -> AbstractContextManager:
-        raise SinklessError(what, fix=fix)
+        @contextlib.contextmanager
+        def all_of():
+            with stack:
+                for context in contexts:
+                    stack.enter_context(context)
+                yield None
 
-    factory.__doc__ = what
-    factory.not_built = True  # type: ignore[attr-defined]
-    return factory
+        return _Applied(all_of(), info)
+    settings = Stage1Settings()
+    info = {"mode": "stage 1 per image", "stage1_settings": settings.to_dict()}
+    return _Applied(FeatureTransform(loaded, stage1_transform(loaded, settings))(), info)
 
 
 FIXES: dict[str, FixFactory] = {
@@ -157,10 +174,7 @@ FIXES: dict[str, FixFactory] = {
     "ttr": _ttr,
     "registers": _registers,
     "distilled": _distilled,
-    "dvt": _not_built(
-        "denoising ViTs (`dvt`) are not built yet",
-        "compare the other fixes for now (see `sinkless compare --help`)",
-    ),
+    "dvt": _dvt,
 }
 
 

