@@ -55,12 +55,7 @@ def stage1_figure(image: Image.Image | None, result, path: str | os.PathLike, ti
         ax.imshow(picture, cmap=cmap, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    try:
-        _save(fig, path)
-    finally:
-        plt.close(fig)
+    _finish(fig, path, title)
 
 
 def artifact_figure(artifact: torch.Tensor, path: str | os.PathLike, title: str = "") -> None:
@@ -80,6 +75,13 @@ def artifact_figure(artifact: torch.Tensor, path: str | os.PathLike, title: str 
     fig.colorbar(shown, ax=axes[1], fraction=0.046)
     for ax in axes:
         ax.axis("off")
+    _finish(fig, path, title)
+
+
+def _finish(fig, path: str | os.PathLike, title: str) -> None:
+    """Title the figure, write it (atomically) and release it."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=9)
     try:
