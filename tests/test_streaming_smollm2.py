@@ -97,13 +97,23 @@ def test_text_iterator_streamer(smollm2):
 
     from sinkless.streaming import complete
 
-    streamer = TextIteratorStreamer(smollm2.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    # a timeout: a generation that raises in its thread must fail the test, not leave the streamer waiting forever
+    streamer = TextIteratorStreamer(smollm2.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
     result = {}
-    thread = threading.Thread(target=lambda: result.update(done=complete(
-        smollm2.model, smollm2.tokenizer, "The capital of France is", sinks=4, window=8, streamer=streamer, max_new_tokens=12)))
+
+    def generate():
+        try:
+            result["done"] = complete(smollm2.model, smollm2.tokenizer, "The capital of France is", sinks=4, window=8,
+                                      streamer=streamer, max_new_tokens=12)
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread below
+            result["error"] = error
+            streamer.end()
+
+    thread = threading.Thread(target=generate)
     thread.start()
     pieces = list(streamer)
     thread.join()
+    assert "error" not in result, f"generation failed in its thread: {result.get('error')!r}"
     assert "".join(pieces).strip() == result["done"].text.strip() and result["done"].tokens == 12
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from sinkless._io import atomic_write_json
+from sinkless._transformers import CACHE_NAMES
 from sinkless._version import __version__
 from sinkless.adapters import Modality, TokenLayout
 from sinkless.errors import SinklessError
@@ -333,7 +334,8 @@ class TestTimeRegisters:
             embed = _embedding_path(self.loaded)
             # order matters: a call starts with registers, unless its KV cache already holds them
             edits[":input"] = self._start_call
-            edits[":input[past_key_values]"] = self._check_cache
+            for name in CACHE_NAMES:  # past_key_values, or cache from transformers 5.25 on (only the one passed fires)
+                edits[f":input[{name}]"] = self._check_cache
             edits[f"{embed}:output"] = self._add_tokens
             edits[":input[attention_mask]"] = self._extend_mask
             edits[":output"] = self._drop_register_logits

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from sinkless._transformers import cache_kwarg
 from sinkless.errors import SinklessError
 
 __all__ = ["StreamSpec", "check_streamable", "MASK_KINDS", "STATIC_ROPE", "shift_keys", "rotation"]
@@ -131,7 +132,7 @@ def _probe(model: nn.Module, inv_freq: list[torch.Tensor], types: list[str] | No
     for start in (0, _PROBE_SHIFT):
         recorder = _KeyRecorder(model.config)
         inputs = dict(input_ids=ids, position_ids=torch.arange(start, start + 2, device=param.device)[None],
-                      past_key_values=recorder, use_cache=True)
+                      use_cache=True, **{cache_kwarg(model): recorder})
         if start and types:  # also learn whether {layer type: 4D mask} is understood
             causal = _causal(2, impl, param.dtype, param.device)
             try:
@@ -139,7 +140,7 @@ def _probe(model: nn.Module, inv_freq: list[torch.Tensor], types: list[str] | No
                 mask_dicts = True
             except Exception:  # noqa: BLE001 - any failure means "no dict masks"; the plain run below decides
                 recorder = _KeyRecorder(model.config)
-                inputs["past_key_values"] = recorder
+                inputs[cache_kwarg(model)] = recorder
         if not recorder.seen:
             try:
                 model(**inputs)

@@ -3,7 +3,8 @@
 
 A transformers Cache only sees keys and values; StreamingLLM also needs the positions and the mask of each
 step. So the first ``SinkCache`` built for a model attaches one edit of its whole call (``sinkless.hooks``,
-sites ``:input[*]`` and ``:output[*]``). On a call whose ``past_key_values`` is a ``SinkCache`` it
+sites ``:input[*]`` and ``:output[*]``). On a call whose cache (``past_key_values``, or ``cache`` from
+transformers 5.25 on) is a ``SinkCache`` it
 
 - reads which new tokens are real from the 2D ``attention_mask`` (padding left or right, or none), checks
   it against what the cache has seen, and refuses what it cannot honour (a 4D mask, ``position_ids`` with
@@ -27,6 +28,7 @@ import weakref
 import torch
 from torch import nn
 
+from sinkless._transformers import cache_in, cache_kwarg, cache_of
 from sinkless.errors import SinklessError
 from sinkless.hooks import Hooks
 
@@ -55,7 +57,7 @@ class _Attachment:
     def before(self, inputs: dict) -> dict | None:
         from sinkless.streaming.cache import SinkCache
 
-        cache = inputs.get("past_key_values")
+        cache = cache_in(inputs)  # past_key_values, or cache from transformers 5.25 on
         if not isinstance(cache, SinkCache):
             return None
         if getattr(cache, "_calls", None):  # left over from a forward that raised
@@ -84,7 +86,7 @@ class _Attachment:
             wanted = keep == 0 or keep > n - start - cache.chunk_size
             out = self.model()(
                 **{name: x[:, start : start + cache.chunk_size]}, attention_mask=valid[:, start : start + cache.chunk_size].long(),
-                past_key_values=cache, use_cache=True, logits_to_keep=0 if wanted else 1,
+                **{cache_kwarg(self.model()): cache}, use_cache=True, logits_to_keep=0 if wanted else 1,
             )
             if wanted:
                 prefix.append(out.logits)
@@ -113,7 +115,7 @@ class _Attachment:
     def after(self, output):
         from sinkless.streaming.cache import SinkCache
 
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_of(output)
         if not isinstance(cache, SinkCache) or not getattr(cache, "_calls", None):
             return None
         call = cache._calls.pop()

@@ -1,13 +1,14 @@
 """A sink + window KV cache that drops into ``model.generate()`` (Xiao et al. 2024, "Efficient Streaming
 Language Models with Attention Sinks").
 
-``SinkCache`` is a transformers ``Cache``: pass it as ``past_key_values`` to ``model.generate`` (any
+``SinkCache`` is a transformers ``Cache``: pass it as ``past_key_values`` (``cache`` from transformers 5.25
+on; the old name still works there) to ``model.generate`` (any
 decoding option: sampling, top-k/p, repetition penalty, stopping criteria, streamers, beam search) or
 to a plain forward. Why a Cache and not a ``custom_generate`` loop or a wrapper around ``generate``: it
 keeps users on Hugging Face's own API and loop, so every generation option keeps working, and the same
 object serves ``ppl`` and multi-turn chat. A Cache cannot set the positions and mask the model uses, so
 the first ``SinkCache`` of a model attaches one input/output edit to it (``sinkless.streaming.attach``,
-through ``sinkless.hooks``); it acts only on calls whose ``past_key_values`` is a ``SinkCache`` and is
+through ``sinkless.hooks``); it acts only on calls whose cache is a ``SinkCache`` and is
 removed when the model's last ``SinkCache`` is garbage collected.
 
 Counting (the paper's and transformers' former SinkCache): with ``sinks=S, window=W`` each new token

@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+from sinkless._transformers import cache_kwarg
 from sinkless.errors import SinklessError
 from sinkless.streaming.cache import SinkCache
 
@@ -73,7 +74,7 @@ def _generate(model: nn.Module, ids: torch.Tensor, cache: SinkCache, streamer, s
     if seed is not None:
         torch.manual_seed(seed)
     mask = torch.ones_like(ids)
-    return model.generate(ids, attention_mask=mask, past_key_values=cache, streamer=streamer, **generate_kwargs)
+    return model.generate(ids, attention_mask=mask, streamer=streamer, **{cache_kwarg(model): cache}, **generate_kwargs)
 
 
 def complete(

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from sinkless._io import atomic_path
+from sinkless._transformers import cache_kwarg
 from sinkless._version import __version__
 from sinkless.errors import SinklessError
 from sinkless.streaming.architecture import check_streamable
@@ -192,10 +193,10 @@ def _chunked(model: nn.Module, ids: torch.Tensor, chunk: int, forward: Callable,
 @torch.no_grad()
 def nll_full(model: nn.Module, ids: torch.Tensor, *, chunk_size: int = 256, progress: bool = False) -> torch.Tensor:
     """``full``: per-token NLL ``(B, L)`` with every earlier token in context (an ordinary growing cache)."""
-    cache = DynamicCache(config=model.config)
+    cache, name = DynamicCache(config=model.config), cache_kwarg(model)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=x, past_key_values=cache, use_cache=True).logits
+        return model(input_ids=x, use_cache=True, **{name: cache}).logits
 
     return _chunked(model, ids, chunk_size, forward, progress, "full")
 
@@ -205,10 +206,10 @@ def nll_streaming(
     model: nn.Module, ids: torch.Tensor, *, sinks: int, window: int, chunk_size: int = 64, progress: bool = False
 ) -> torch.Tensor:
     """``sink`` (``sinks > 0``) and ``window`` (``sinks = 0``): per-token NLL ``(B, L)`` through a ``SinkCache``."""
-    cache = SinkCache(model, sinks=sinks, window=window, chunk_size=chunk_size)
+    cache, name = SinkCache(model, sinks=sinks, window=window, chunk_size=chunk_size), cache_kwarg(model)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=x, past_key_values=cache, use_cache=True).logits
+        return model(input_ids=x, use_cache=True, **{name: cache}).logits
 
     return _chunked(model, ids, chunk_size, forward, progress, "sink" if sinks else "window")
 
