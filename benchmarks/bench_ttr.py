@@ -50,7 +50,11 @@ def _full_fix(planted, images, held, repeats: int = 3) -> dict:
     finally:
         discovery_module._tally, discovery_module._outlier_count = originals
     total, spent, found = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
-    held_passes = 1 + len(found.sweep) + (0 if found.sweep and found.sweep[-1]["k"] == found.top_k else 1)
+    # held-out inputs measured: the "before" count, each k of the sweep (a rejected k stops once its verdict is
+    # settled), and a final count unless the sweep's last try is the kept k, counted in full
+    final = 0 if found.sweep and found.sweep[-1]["k"] == found.top_k and "inputs_measured" not in found.sweep[-1] else len(held)
+    held_inputs = [len(held)] + [row.get("inputs_measured", len(held)) for row in found.sweep] + ([final] if final else [])
+    held_passes = len(held_inputs)
 
     pixels_main = [to_pixels([i.image for i in images[s : s + 8]], planted.image_spec) for s in range(0, len(images), 8)]
     pixels_held = [to_pixels([i.image for i in held[s : s + 8]], planted.image_spec) for s in range(0, len(held), 8)]
@@ -59,8 +63,8 @@ def _full_fix(planted, images, held, repeats: int = 3) -> dict:
         with torch.no_grad():
             for batch in pixels_main:
                 planted.model(batch)
-            for _ in range(held_passes):
-                for batch in pixels_held:
+            for measured in held_inputs:
+                for batch in pixels_held[: -(-measured // 8)]:
                     planted.model(batch)
 
     floor_s = statistics.median(_seconds(floor) for _ in range(repeats))
@@ -73,11 +77,13 @@ def _full_fix(planted, images, held, repeats: int = 3) -> dict:
         "passed": total <= 10.0,
         "breakdown_s": {**spent, "other": total - sum(spent.values())},
         "held_out_passes": held_passes,
-        "sweep": [{"k": row["k"], "outlier_tokens": row["outlier_tokens"]} for row in found.sweep],
+        "held_out_inputs_per_pass": held_inputs,
+        "sweep": [{"k": row["k"], "outlier_tokens": row["outlier_tokens"], **({"inputs_measured": row["inputs_measured"]} if "inputs_measured" in row else {})}
+                  for row in found.sweep],
         "top_k": found.top_k,
         "neurons": [(n["layer"], n["neuron"]) for n in found.neurons[: found.top_k]],
         "forward_floor_s": floor_s,
-        "notes": f"floor: plain forwards (no hooks) of the {len(images)} + {held_passes} x {len(held)} images discovery runs; "
+        "notes": f"floor: plain forwards (no hooks) of the {len(images)} + {sum(held_inputs)} held-out images discovery runs; "
                  f"torch threads {torch.get_num_threads()}",
     }
 

@@ -105,6 +105,40 @@ def test_sweep_tries_every_k_then_keeps_the_largest():
     assert found.top_k == 4
 
 
+def test_a_rejected_k_stops_counting_once_its_verdict_is_settled():
+    # 5 held-out images in batches of 2, each with the same 3 unmovable outliers (layers 1 and 2) out of 16 patches:
+    # after the first batch 2 + 4 outliers over the 80 body tokens of all 5 are >= 0.2 % in two layers, whatever
+    # the other 3 images hold: a rejected k stops there; the kept k (the last) is counted in full
+    loaded = tiny_vit()
+    with _plant(loaded)():
+        found = discover(loaded, _images(2), _images(5, "held"), DiscoverySettings(max_k=3, batch_size=2), progress=False)
+    assert [step["k"] for step in found.sweep] == [1, 2, 3]
+    assert [step.get("inputs_measured") for step in found.sweep] == [2, 2, 2]
+    assert [step["outlier_tokens"] for step in found.sweep] == [6, 6, 6] and all(step["has_artifacts"] for step in found.sweep)
+    assert found.heldout["after"]["outlier_tokens"] == 15 and "complete" not in found.heldout["after"]  # the kept k: every image
+    assert found.heldout["before"]["outlier_tokens"] == 15 and found.heldout["before"]["body_tokens"] == 80
+
+
+def test_settled_follows_the_report_rule_with_the_whole_denominator():
+    from types import SimpleNamespace
+
+    from sinkless.registers.discovery import _settled
+
+    def record(counts):  # one input: outliers per layer
+        outliers = torch.zeros(len(counts), 16, dtype=torch.bool)
+        for layer, count in enumerate(counts):
+            outliers[layer, :count] = True
+        return SimpleNamespace(layers=list(range(len(counts))), outliers=outliers)
+
+    # 2 outliers in 1000 body tokens is exactly the 0.2 % floor: counts; 1 is not
+    assert _settled([record([2, 2, 0])], 1000, text=False) is True
+    assert _settled([record([2, 1, 0])], 1000, text=False) is False  # vision needs two layers
+    assert _settled([record([2, 1, 0])], 1000, text=True) is True  # text: one layer is an artifact
+    assert _settled([record([1, 1, 0]), record([1, 1, 0])], 1000, text=False) is True  # summed over inputs
+    assert _settled([record([3])], 1000, text=False) is True  # a one-layer scan: one layer is enough
+    assert _settled([record([2, 2])], 1001, text=False) is False  # the denominator is the whole set's
+
+
 def test_no_input_with_outliers_at_the_chosen_detection_layer_is_an_error():
     # a user's choice (`fix --detection-layer`): a SinklessError (exit 2 with a fix), no longer a bare ValueError
     with pytest.raises(SinklessError, match="detection layer 0"):

@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if found.sweep:
         print("top_k sweep (held-out outlier tokens):")
         for row in found.sweep:
-            print(f"  k={row['k']:<3d} outliers {row['outlier_tokens']:<6d} max/median {row['max_ratio']:.2f}{'  <- chosen' if row['k'] == found.top_k else ''}")
+            count = f"{row['outlier_tokens']:<6d}" if "inputs_measured" not in row else f">= {row['outlier_tokens']:<3d}"
+            stopped = f"  (stopped after {row['inputs_measured']} inputs: artifacts remain)" if "inputs_measured" in row else ""
+            print(f"  k={row['k']:<3d} outliers {count} max/median {row['max_ratio']:.2f}{'  <- chosen' if row['k'] == found.top_k else ''}{stopped}")
     print(f"register neurons (top_k={found.top_k}):")
     for entry in found.neurons[: found.top_k]:
         print(f"  layer {entry['layer']:>2d} neuron {entry['neuron']:>5d}  score {entry['score']:.3f}")

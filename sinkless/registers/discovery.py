@@ -23,7 +23,7 @@ from sinkless import distributed
 from sinkless.adapters import Modality, TokenLayout
 from sinkless.errors import SinklessError
 from sinkless.hooks import hooks
-from sinkless.registers.ttr import RegisterNeurons, TestTimeRegisters, _extreme
+from sinkless.registers.ttr import RegisterNeurons, TestTimeRegisters
 from sinkless.scan import ScanSettings
 from sinkless.scan import measure as measure_inputs
 from sinkless.scan.inputs import ImageInput, TextInput
@@ -109,6 +109,22 @@ def _norm(t: torch.Tensor) -> torch.Tensor:
     return t.float().norm(dim=-1)
 
 
+def _signed_extremes(hidden: torch.Tensor) -> torch.Tensor:
+    """(T, W) -> (W,): each neuron's signed value of largest magnitude over the T tokens, as ``_extreme`` gives,
+    from one max and one min instead of an |a| copy and an argmax (the discovery pass's hottest reduction).
+    A tie of +v and -v keeps +v."""
+    high, low = hidden.amax(0), hidden.amin(0)  # (W,)
+    return torch.where(high >= -low, high, low)
+
+
+def _as_slice(mask: torch.Tensor) -> slice | torch.Tensor:
+    """A (N,) bool mask as the slice it is when its True entries are contiguous, else the mask itself."""
+    where = mask.nonzero().flatten()
+    if len(where) and int(where[-1] - where[0]) + 1 == len(where):
+        return slice(int(where[0]), int(where[-1]) + 1)
+    return mask
+
+
 @torch.no_grad()
 def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) -> _Tally:
     adapter, model = loaded.adapter, loaded.model
@@ -125,34 +141,68 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
         with hooks(model, capture=capture) as rec:
             model(**to_model(kwargs, model))
         norms = torch.stack([rec[adapter.residual_site(l)] for l in range(n_layers)], 1).cpu()  # (B, L, N)
-        hidden = torch.stack([rec[site] for site in mlp_sites], 1).cpu()  # (B, L, N, W), signed
+        hidden = [rec[site].cpu() for site in mlp_sites]  # L x (B, N, W), signed; not stacked: no copy of all of it
         layouts = _layouts(loaded, norms.shape[-1], lengths, image_hw)
         for i, layout in enumerate(layouts):
             n = layout.n_tokens
             body = body_tokens(layout, text=loaded.modality is Modality.TEXT)
+            rows = _as_slice(body)  # the body tokens as a slice where they are contiguous (patches): no copy
             tau = thresholds(norms[i, :, :n], settings.rule, body.expand(n_layers, n))  # (L,)
             flagged = (norms[i, :, :n] > tau[:, None]) & body  # (L, N)
             tally.outliers += flagged.sum(-1)
             tally.n_body += int(body.sum())
-            signed = hidden[i, :, :n]  # (L, N, W)
-            if settings.sparsity:
-                tally.quiet += (signed.abs() < 0.5).sum(1)
-            tally.peak_sum += _extreme(signed[:, body], dim=1).double()  # (L, W); a selection: exact in float32
+            for l, layer_hidden in enumerate(hidden):
+                signed = layer_hidden[i, :n]  # (N, W)
+                if settings.sparsity:
+                    tally.quiet[l] += (signed.abs() < 0.5).sum(0)
+                tally.peak_sum[l] += _signed_extremes(signed[rows]).double()  # a selection: exact in float32
             tally.tokens += n
             tally.inputs += 1
             any_layer = flagged.any(0)  # (N,) outlier somewhere: the only positions a score reads
             if any_layer.any():
                 tally.images += flagged.any(-1)
-                tally.kept.append((flagged[:, any_layer], signed[:, any_layer].abs()))
+                kept = torch.stack([layer_hidden[i, :n][any_layer] for layer_hidden in hidden])  # (L, F, W)
+                tally.kept.append((flagged[:, any_layer], kept.abs()))
     counts = torch.tensor([tally.n_body, tally.tokens, tally.inputs], dtype=torch.long)
     distributed.all_sum(tally.images, tally.outliers, tally.quiet, tally.peak_sum, counts)  # the kept activations stay per process
     tally.n_body, tally.tokens, tally.inputs = (int(v) for v in counts)
     return tally
 
 
-def _outlier_count(loaded: Loaded, inputs, settings: DiscoverySettings, intervention=None) -> dict:
-    # the scan's own measurement (attention off): per-model inputs such as SigLIP2's patch mask included
-    records = measure_inputs(loaded, inputs, settings.scan_settings(), intervention=intervention, progress=False)
+def _outlier_count(loaded: Loaded, inputs, settings: DiscoverySettings, intervention=None, *, body_tokens: int | None = None) -> dict:
+    """Outlier tokens of ``inputs`` (with ``intervention``), by the scan's own measurement (attention off):
+    per-model inputs such as SigLIP2's patch mask included.
+
+    With ``body_tokens`` (the inputs' body-token total, which no intervention changes: the count without
+    one gives it), the inputs are measured one batch at a time and the count stops once the outliers found
+    so far settle the verdict: artifacts remain whatever the other batches hold. The top_k sweep's rejected
+    values then cost one batch instead of all; the batches are the ones a full count uses, so a count that
+    runs to the end is the full count, number for number. A stopped count says so (``complete``: false) and
+    its numbers are lower bounds.
+    """
+    scan_settings = settings.scan_settings()
+    step = scan_settings.batch_size
+    if body_tokens is None or distributed.world_size() > 1 or len(inputs) <= step:
+        return _count_of(loaded, measure_inputs(loaded, inputs, scan_settings, intervention=intervention, progress=False), settings)
+    records: list = []
+    for start in range(0, len(inputs), step):
+        records += measure_inputs(loaded, inputs[start : start + step], scan_settings, intervention=intervention, progress=False)
+        if start + step < len(inputs) and _settled(records, body_tokens, loaded.modality is Modality.TEXT):
+            return {**_count_of(loaded, records, settings), "complete": False, "inputs_measured": len(records),
+                    "has_artifacts": True}
+    return _count_of(loaded, records, settings)
+
+
+def _settled(records, body_tokens: int, text: bool) -> bool:
+    """Whether the outliers of ``records`` alone already make every count over ``body_tokens`` body tokens say
+    "artifacts" (``build_report``'s rule: outlier fraction >= MIN_FRACTION in >= 2 layers, any layer for text)."""
+    n_layers = len(records[0].layers)
+    per_layer = [sum(int(r.outliers[i].sum()) for r in records) for i in range(n_layers)]
+    layers = sum(count / body_tokens >= MIN_FRACTION for count in per_layer)
+    return layers >= (1 if text else min(2, n_layers))
+
+
+def _count_of(loaded: Loaded, records, settings: DiscoverySettings) -> dict:
     report = build_report(loaded.name, loaded.modality.value, records, settings.scan_settings())
     per_layer = {row["layer"]: int(sum(int(r.outliers[i].sum()) for r in records)) for i, row in enumerate(report.layers)}
     return {
@@ -161,6 +211,7 @@ def _outlier_count(loaded: Loaded, inputs, settings: DiscoverySettings, interven
         "max_ratio": report.summary["max_ratio"],
         "has_artifacts": report.summary["has_artifacts"] if loaded.modality is Modality.VISION else bool(report.summary["outlier_layers"]),
         "per_layer": per_layer,
+        "body_tokens": sum(int(r.body.sum()) for r in records),
     }
 
 
@@ -242,17 +293,19 @@ def discover(
         sweep, chosen = [], None
         for k in (k for k in SWEEP if k <= len(ranked)):
             ttr = TestTimeRegisters(loaded, found.with_top_k(k), n_registers=settings.n_registers)
-            after = _outlier_count(loaded, heldout, settings, intervention=ttr)
-            sweep.append({"k": k, "outlier_tokens": after["outlier_tokens"], "max_ratio": after["max_ratio"], "has_artifacts": after["has_artifacts"]})
-            log.info("top_k %d: %d outlier tokens on held-out inputs (before: %d)", k, after["outlier_tokens"], before["outlier_tokens"])
+            after = _outlier_count(loaded, heldout, settings, intervention=ttr, body_tokens=before["body_tokens"])
+            sweep.append({"k": k, "outlier_tokens": after["outlier_tokens"], "max_ratio": after["max_ratio"], "has_artifacts": after["has_artifacts"],
+                          **({"inputs_measured": after["inputs_measured"]} if not after.get("complete", True) else {})})
+            log.info("top_k %d: %s%d outlier tokens on held-out inputs (before: %d)", k, "at least " if not after.get("complete", True) else "",
+                     after["outlier_tokens"], before["outlier_tokens"])
             if not after["has_artifacts"]:
                 chosen = k
                 break
         if chosen is None:
             chosen = min(settings.max_k, len(ranked))
             log.warning("no top_k up to %d removes the outliers on held-out inputs; keeping %d", chosen, chosen)
-            if not sweep or sweep[-1]["k"] != chosen:
-                after = None  # the kept k was not among those tried
+            if not sweep or sweep[-1]["k"] != chosen or not after.get("complete", True):
+                after = None  # the kept k was not among those tried, or its count stopped early: count it in full
     found = found.with_top_k(chosen)
     found.sweep = sweep
     if after is None:  # the sweep's last try is the chosen k: its held-out counts are the answer already

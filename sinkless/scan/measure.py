@@ -138,6 +138,8 @@ def _outlier_masks(norms: torch.Tensor, body: torch.Tensor, rule: OutlierRule):
 def _massive(residual: torch.Tensor, layer: int, settings: ScanSettings) -> list[dict]:
     """Entries with |a| > massive_abs and > massive_rel x the layer's median |a|: (N, D) one input."""
     magnitude = residual.abs()
+    if magnitude.numel() == 0 or float(magnitude.max()) <= settings.massive_abs:  # nothing can pass the absolute floor: skip the median (exact)
+        return []
     floor = max(settings.massive_abs, settings.massive_rel * float(magnitude.median()))
     hits = (magnitude > floor).nonzero()
     if len(hits) == 0:
