@@ -3,7 +3,10 @@
 ``resolve_device("auto")`` picks CUDA, then Apple's MPS, then the CPU; an explicit choice that this
 machine cannot honour is a ``SinklessError`` naming what is missing. ``resolve_dtype`` maps the CLI's
 names to torch dtypes. ``autocast`` is the mixed-precision context training loops use (bf16 on CUDA,
-a no-op elsewhere).
+a no-op elsewhere unless asked for on the CPU too). ``resolve_amp`` turns an ``--amp auto|bf16|off`` choice
+into that switch: ``auto`` computes in bf16 where the hardware multiplies bf16 matrices natively (CUDA GPUs
+that support it; CPUs with AMX or AVX512-BF16, where a ViT forward runs ~3x faster than in float32) and in
+float32 elsewhere, where emulated bf16 would be slower.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import torch
 
 from sinkless.errors import SinklessError
 
-__all__ = ["DEVICES", "DTYPES", "resolve_device", "resolve_dtype", "add_device_args", "autocast", "model_device"]
+__all__ = ["DEVICES", "DTYPES", "AMP", "resolve_device", "resolve_dtype", "resolve_amp", "native_bf16", "add_device_args", "autocast", "model_device"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP = ("auto", "bf16", "off")
 
 
 def _mps_available() -> bool:
@@ -78,9 +82,38 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def autocast(device: torch.device | str, enabled: bool = True):
-    """Mixed precision for training steps: bfloat16 autocast on CUDA, nothing elsewhere."""
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bf16, or a CPU
+    with AMX tiles or AVX512-BF16 (emulated bf16 elsewhere is slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = (getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None))
+        return any(bool(check()) for check in checks if check is not None)
+    return False
+
+
+def resolve_amp(amp: str | bool | None, device: torch.device | str) -> bool:
+    """``auto`` (default) / ``bf16`` / ``off`` (also True / False) -> whether to compute in bf16 autocast on ``device``."""
+    if isinstance(amp, bool):
+        return amp
+    choice = (amp or "auto").strip().lower()
+    if choice not in AMP:
+        raise SinklessError(f"unknown --amp {amp!r}", fix=f"choose one of {', '.join(AMP)}")
+    device = torch.device(device)
+    if choice == "off" or device.type not in ("cpu", "cuda"):
+        return False
+    return choice == "bf16" or native_bf16(device)
+
+
+def autocast(device: torch.device | str, enabled: bool = True, *, cpu: bool = False):
+    """Mixed precision for forwards and training steps: bfloat16 autocast on CUDA (and on the CPU with
+    ``cpu=True``), nothing elsewhere."""
     device = torch.device(device)
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and cpu and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -68,6 +68,7 @@ class TrainSettings:
     checkpoint_every: int = 100
     log_every: int = 10
     amp: bool = True  # bf16 autocast when the device is CUDA
+    cpu_amp: bool = False  # ... and on the CPU too (see devices.resolve_amp)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -266,7 +267,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["scale"]
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + t)
-            with autocast(device, settings.amp):
+            with autocast(device, settings.amp, cpu=settings.cpu_amp):
                 losses = step(t, generator)
             loss = losses["loss"]
             if not torch.isfinite(loss):

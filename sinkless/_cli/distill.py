@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                        help="bf16 autocast for teacher and student (PH-Reg trains so): auto (default) where the hardware has "
+                             "native bf16 (CUDA; CPUs with AMX or AVX512-BF16, ~3x faster there), bf16 always, off (float32)")
     add_device_args(parser, dtype=False)
     parser.set_defaults(run=run)
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     settings = DistillSettings(
         registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
         pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
+        checkpoint_every=args.checkpoint_every, amp=args.amp, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
     )
     result = distill(args.model, args.images, args.out, settings, resume=args.resume, device=args.device, progress=not args.quiet)
     curve = result.log.get("loss_curve") or []

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from sinkless._io import atomic_write_json, staged_dir, to_jsonable
 from sinkless._version import __version__
 from sinkless.adapters import Adapter, adapter_for
-from sinkless.devices import autocast, resolve_device
+from sinkless.devices import autocast, resolve_amp, resolve_device
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES, ImageSpec, expand_paths, load_image, to_pixels
 from sinkless.registers.add import add_registers, register_parameter_name
@@ -90,6 +90,8 @@ class DistillSettings:
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
+    amp: str = "auto"  # bf16 autocast for teacher and student: auto (where the hardware has native bf16: CUDA,
+    # CPUs with AMX / AVX512-BF16; PH-Reg trains in bf16 autocast), bf16, off
 
     def __post_init__(self) -> None:
         def whole(name: str, value, low: int) -> None:
@@ -116,12 +118,14 @@ class DistillSettings:
             raise SinklessError(f"unknown trainable parts {unknown or '(none given)'}", fix=f"choose from {', '.join(PARTS)}")
         self.view_settings()  # views, max_shift, fill
         self.train_settings()  # steps, schedule, checkpoint_every...
+        resolve_amp(self.amp, "cpu")  # a known choice
 
     def view_settings(self) -> ViewSettings:
         return ViewSettings(views=self.views, max_shift=self.max_shift, fill=self.fill)
 
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(
+    def train_settings(self, amp: bool = False) -> TrainSettings:
+        """The training loop's settings; ``amp``: bf16 autocast on the device (``resolve_amp(self.amp, device)``)."""
+        return TrainSettings(amp=amp, cpu_amp=amp, 
             steps=self.steps, lr=self.lr, final_lr=self.final_lr, schedule=self.schedule, weight_decay=self.weight_decay,
             grad_clip=self.grad_clip, seed=self.seed, checkpoint_every=self.checkpoint_every, log_every=self.log_every,
         )
@@ -342,7 +346,8 @@ def distill(
     patch = adapter.patch_size(teacher)
     if size % patch:
         raise SinklessError(f"image_size {size} is not a multiple of the patch size {patch}", fix=f"e.g. {size // patch * patch or patch}")
-    train_settings = settings.train_settings()
+    use_amp = resolve_amp(settings.amp, device)
+    train_settings = settings.train_settings(use_amp)
     started, cpu_started = time.perf_counter(), time.process_time()
 
     home, was_training = next(teacher.parameters()).device, teacher.training
@@ -368,11 +373,11 @@ def distill(
         if settings.pool:
             generator = torch.Generator().manual_seed(settings.seed * 7_919 + 1)
             pool_pixels = _crops(pictures, settings.pool, settings, spec, size, generator)  # (M, 3, S, S)
-            pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress)  # (M, P, D) on CPU
+            pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp)  # (M, P, D) on CPU
         held_pixels = to_pixels(held, spec, size=size) if held else None  # (H, 3, S, S)
         held_targets = None
         if held_pixels is not None:
-            held_targets = _teacher_targets(loaded, held_pixels, views, torch.Generator().manual_seed(12_345), device, False)
+            held_targets = _teacher_targets(loaded, held_pixels, views, torch.Generator().manual_seed(12_345), device, False, use_amp)
         teacher_seconds = time.perf_counter() - t0
 
         def evaluate(t: int, row: dict) -> dict | None:
@@ -387,8 +392,8 @@ def distill(
         def batch(t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             if pool_pixels is None:  # PH-Reg: fresh crops, fresh views, teacher every step
                 pixels = _crops(pictures, settings.batch_size, settings, spec, size, generator)
-                with torch.no_grad():
-                    target = denoise_views(loaded, pixels.to(device), views, generator=generator, image_spec=spec)
+                with torch.no_grad(), autocast(device, use_amp, cpu=True):
+                    target = denoise_views(loaded, pixels.to(device), views, generator=generator, image_spec=spec).float()
                 return pixels, target
             index = _epoch_indices(t, settings)
             return pool_pixels[index], pool_targets[index]
@@ -416,6 +421,7 @@ def distill(
                     "total_this_run": round(time.perf_counter() - started, 3)},
         "cpu_seconds_this_run": round(time.process_time() - cpu_started, 3),
         "views": dataclasses.asdict(views),
+        "precision": "bf16 autocast" if use_amp else "float32",
     }
     provenance = {"teacher": loaded.name, "registers": settings.registers, "steps": settings.steps, "sinkless_version": __version__}
     _write_folder(student, out, spec, size, provenance, to_jsonable(log_data))
@@ -444,11 +450,11 @@ def _epoch_indices(t: int, settings: DistillSettings) -> torch.Tensor:
 
 @torch.no_grad()
 def _teacher_targets(loaded, pixels: torch.Tensor, views: ViewSettings, generator: torch.Generator,
-                     device: torch.device, progress: bool) -> torch.Tensor:
+                     device: torch.device, progress: bool, amp: bool = False) -> torch.Tensor:
     """Multi-view denoised teacher features of every pool crop, one crop's views per forward: (M, P, D) on CPU."""
     out = []
     for i in tqdm(range(pixels.shape[0]), desc="teacher targets", disable=not progress, dynamic_ncols=True):
-        with autocast(device):
+        with autocast(device, amp, cpu=True):
             target = denoise_views(loaded, pixels[i : i + 1].to(device), views, generator=generator, image_spec=loaded.image_spec)
         out.append(target.float().cpu())
     return torch.cat(out)

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import nn
 
 from sinkless.adapters import Adapter, adapter_for
+from sinkless.devices import autocast, resolve_amp
 from sinkless.errors import SinklessError
 from sinkless.hooks import hooks
 from sinkless.images import IMAGENET_MEAN, IMAGENET_STD, ImageSpec, to_pixels
@@ -170,6 +171,7 @@ def denoise_views(
     image_spec: ImageSpec | None = None,
     batch_size: int | None = None,
     views: Sequence[Views] | None = None,
+    amp: str | bool = "off",
 ) -> torch.Tensor:
     """Final-norm patch features of ``images`` averaged over ``settings.views`` shifted/flipped views: (B, P, D).
 
@@ -179,7 +181,9 @@ def denoise_views(
     explicitly, one ``Views`` per image. ``batch_size``: images run per forward (default: all views of
     one image at a time, the speed/memory sweet spot on a CPU). ``image_spec``: the model's
     normalisation and size, for the fill colour and PIL images (default: the Loaded's, else ImageNet
-    statistics at the model config's image size).
+    statistics at the model config's image size). ``amp``: ``off`` (default, float32), ``bf16``, or ``auto``
+    (bf16 autocast where the hardware has native bf16, ``sinkless.devices.resolve_amp``; on an AMX CPU the
+    10 views of a ViT-S/14 crop then cost ~3x less, with features within cosine 0.999 of float32's).
     """
     net, adapter, spec = _unwrap(model)
     if image_spec is None and spec is None:  # a bare HF model: its configured size, ImageNet statistics
@@ -204,13 +208,15 @@ def denoise_views(
     if len(views) != b:
         raise SinklessError(f"{len(views)} view sets given for {b} images")
     fill = _fill_values(settings.fill, spec)
+    use_amp = resolve_amp(amp, pixels.device)
     k = len(views[0].offsets)
     per_forward = max(1, (batch_size or 1))  # images per forward; all K views of an image go together
     merged = []
     for start in range(0, b, per_forward):
         chunk = slice(start, min(start + per_forward, b))
         rendered = render_views(pixels[chunk], views[chunk], patch, fill)  # (b'·K, C, H, W)
-        features = final_patch_features(net, rendered, adapter).float()  # (b'·K, P, D)
+        with autocast(pixels.device, use_amp, cpu=True):
+            features = final_patch_features(net, rendered, adapter).float()  # (b'·K, P, D)
         features = features.view(-1, k, grid[0], grid[1], features.shape[-1])  # (b', K, h, w, D)
         merged.append(merge_views(features, views[chunk]).flatten(1, 2))  # (b', P, D)
     return torch.cat(merged)  # (B, P, D)
