@@ -227,7 +227,7 @@ MUTATION_TESTS = {
     "sinkless.scan.html": ("test_scan.py", "test_scan_html.py"),
     "sinkless.scan.text_plots": ("test_scan_html.py", "test_scan.py"),
     "sinkless.registers.discovery": ("test_discovery.py", "test_registers.py"),
-    "sinkless.registers.ttr": ("test_registers.py",),
+    "sinkless.registers.ttr": ("test_registers.py", "test_robustness_files.py"),  # the latter: neurons files a user breaks
     "sinkless.registers.inputs": ("test_registers.py",),
     "sinkless.registers.add": ("test_registers_add.py",),
     "sinkless.registers.distill": ("test_distill.py",),

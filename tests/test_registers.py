@@ -279,6 +279,33 @@ def test_discovery_inputs_hold_out_every_fourth_user_input(tmp_path):
     assert heldout[0].image.tobytes() == natural_crops(1, seed=1)[0].tobytes()
 
 
+
+def test_discovery_inputs_from_files_and_their_errors(tmp_path):
+    from sinkless.registers.inputs import discovery_inputs, text_passages
+    from sinkless.streaming.text import read_text
+
+    too_far = len(read_text().split()) // 80 + 1
+    with pytest.raises(SinklessError, match=f"fewer than {too_far + 2} passages of 80 words"):
+        text_passages(2, start=too_far)
+    text = zoo.Loaded("t", tiny_model("llama"), adapter_for(tiny_model("llama")))
+    for i in range(3):
+        (tmp_path / f"t{i}.txt").write_text(f"file {i}", encoding="utf-8")
+    chosen, heldout = discovery_inputs(text, [str(tmp_path / f"t{i}.txt") for i in range(3)], [], 0, 0)
+    assert [t.text for t in chosen] == ["file 0", "file 1"] and [t.text for t in heldout] == ["file 2"]  # fewer than 4: the last
+    chosen, heldout = discovery_inputs(text, [str(tmp_path / "t0.txt")], ["inline"], 0, 0)  # files and --text together
+    assert sorted(t.text for t in chosen + heldout) == ["file 0", "inline"] and len(heldout) == 1
+    with pytest.raises(SinklessError) as error:
+        discovery_inputs(text, [], ["only"], 0, 0)
+    assert error.value.problem == "need at least 2 inputs (one is held out to check the fix)"
+    assert error.value.fix == "pass more files"
+    images = []
+    for i in range(2):
+        natural_crops(2, seed=3)[i].save(tmp_path / f"im{i}.png")
+        images.append(str(tmp_path / f"im{i}.png"))
+    chosen, heldout = discovery_inputs(_loaded("vit"), images, [], 0, 0)  # a vision model reads image files
+    assert isinstance(chosen[0], ImageInput) and chosen[0].image.size == natural_crops(1, seed=3)[0].size
+
+
 # -- the intervention on hand-made MLP activations ---------------------------------------------------
 def _edited_hidden(loaded, ttr, layer, planted, inputs):
     """The MLP hidden activations of ``layer`` after the intervention's edit, given planted ones."""

@@ -639,3 +639,132 @@ def test_padded_text_batches_equal_one_at_a_time_on_a_bidirectional_model():
     for a, b in zip(batched, single):
         torch.testing.assert_close(a.norms, b.norms, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a.first_token, b.first_token, rtol=1e-4, atol=1e-5, equal_nan=True)  # the short text: NaN, not measured
+
+
+# -- inputs: what reaches the model (scan.inputs.prepare_batch) -------------------------------------
+def _wide(width=90, height=45, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def test_resolve_inputs_errors_name_the_fix_and_folders_keep_their_own_kind(tmp_path):
+    from sinkless.adapters import Modality
+    from sinkless.errors import SinklessError
+    from sinkless.scan.inputs import resolve_inputs
+
+    def error(*args):
+        with pytest.raises(SinklessError) as caught:
+            resolve_inputs(*args)
+        return caught.value.problem, caught.value.fix
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "a.png")
+    (folder / "t.txt").write_text("words in a file", encoding="utf-8")
+    assert [i.name for i in resolve_inputs([str(folder)], [], Modality.VISION)] == [str(folder / "a.png")]  # the text file is not an image
+    assert [(t.name, t.text) for t in resolve_inputs([str(folder)], [], Modality.TEXT)] == [(str(folder / "t.txt"), "words in a file")]
+    assert [t.name for t in resolve_inputs([], ["one", "two"], Modality.TEXT)] == ["text1", "text2"]
+    assert error([], ["hello"], Modality.VISION) == ("--text was given but the model is a vision model", "pass image files, or use a language model")
+    assert error([str(folder / "t.txt")], [], Modality.VISION) == (
+        f"{folder / 't.txt'} is a text file but the model is a vision model", "pass images (png, jpg, ...) or choose a language model")
+    assert error([], [" "], Modality.TEXT) == ("--text is empty", "give some text after --text")
+    assert error([str(folder / "a.png")], [], Modality.TEXT) == (
+        f"{folder / 'a.png'} is an image but the model is a language model", "pass text files or --text, or choose a vision model")
+
+
+def test_text_batch_pads_right_with_a_mask_and_no_cache():
+    from conftest import tiny_char_tokenizer, tiny_model
+    from handmade import tiny_lm
+    from sinkless.adapters import adapter_for
+    from sinkless.scan.inputs import prepare_batch
+
+    texts = [TextInput("long", "w1 w2 w3 w4 w5"), TextInput("short", "w9 w10")]
+    batch = prepare_batch(tiny_lm(), texts, max_tokens=4)  # a tokenizer without a pad token pads with 0
+    assert batch.lengths == [4, 2] and batch.tokens == [["w1", "w2", "w3", "w4"], ["w9", "w10"]]
+    assert batch.kwargs["input_ids"].tolist() == [[1, 2, 3, 4], [9, 10, 0, 0]] and batch.kwargs["input_ids"].dtype == torch.long
+    assert batch.kwargs["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]] and batch.kwargs["attention_mask"].dtype == torch.long
+    assert batch.kwargs["use_cache"] is False and set(batch.kwargs) == {"input_ids", "attention_mask", "use_cache"}
+    assert batch.image_hw is None and batch.grids is None
+    model = tiny_model("llama")
+    chars = zoo.Loaded("c", model, adapter_for(model), tokenizer=tiny_char_tokenizer())  # its pad token is "w", id 0
+    chars.tokenizer.add_special_tokens({"pad_token": "1"})  # pad with another id than 0
+    batch = prepare_batch(chars, [TextInput("a", "w2w"), TextInput("b", "w")])
+    assert batch.kwargs["input_ids"].tolist() == [[0, 4, 0], [0, 3, 3]]  # "1" is id 3
+
+
+def test_padded_text_batch_reaches_a_bidirectional_model_masked():
+    """BERT attends both ways (its post-LN norms cannot show it): padding is harmless only through the mask."""
+    from conftest import tiny_model
+    from sinkless.adapters import adapter_for
+    from sinkless.scan.inputs import prepare_batch
+    from tests.test_zoo import _tiny_tokenizer
+
+    model = tiny_model("bert")
+    loaded = zoo.Loaded("tiny-bert", model, adapter_for(model), tokenizer=_tiny_tokenizer())
+    texts = [TextInput("long", "w1 w2 w3 w4 w5 w6 w7 w8"), TextInput("short", "w9 w10 w11")]
+    with torch.no_grad():
+        batched = model(**prepare_batch(loaded, texts).kwargs).last_hidden_state
+        alone = model(**prepare_batch(loaded, texts[1:]).kwargs).last_hidden_state
+    torch.testing.assert_close(batched[1, :3], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_image_batch_through_the_model_processor_at_any_size():
+    from conftest import any_tiny_model, tiny_image_processor
+    from sinkless.adapters import adapter_for
+    from sinkless.errors import SinklessError
+    from sinkless.scan.inputs import prepare_batch
+
+    items = [ImageInput("a", natural_crops(1, seed=4)[0]), ImageInput("w", _wide())]
+    images = [item.image for item in items]
+
+    def loaded(family, processor=None):
+        model = any_tiny_model(family)
+        return zoo.Loaded(family, model, adapter_for(model), processor=processor or tiny_image_processor(family))
+
+    vit = loaded("vit")
+    native = prepare_batch(vit, items)  # the processor's own size, the model's native one: nothing to interpolate
+    torch.testing.assert_close(native.kwargs["pixel_values"], vit.processor(images=images, return_tensors="pt")["pixel_values"])
+    assert set(native.kwargs) == {"pixel_values"} and native.image_hw == (28, 28) and native.grids == [(2, 2)] * 2
+    assert native.lengths == [None, None] and native.tokens is None
+    for size, side in ((14, 14), (60, 56)):  # rounded down to whole patches; other sizes interpolate
+        batch = prepare_batch(vit, items, image_size=size)
+        expected = vit.processor(images=images, return_tensors="pt", size={"height": side, "width": side})["pixel_values"]
+        torch.testing.assert_close(batch.kwargs["pixel_values"], expected)
+        assert batch.kwargs["interpolate_pos_encoding"] is True and batch.image_hw == (side, side) and batch.grids == [(side // 14,) * 2] * 2
+    with pytest.raises(SinklessError) as error:
+        prepare_batch(vit, items, image_size=13)
+    assert (error.value.problem, error.value.fix) == ("image size 13 is smaller than one 14-pixel patch", "use --image-size >= 14")
+
+    gray = prepare_batch(vit, [ImageInput("g", images[0].convert("L"))])  # any mode becomes RGB first
+    torch.testing.assert_close(gray.kwargs["pixel_values"], prepare_batch(vit, [ImageInput("g", images[0].convert("L").convert("RGB"))]).kwargs["pixel_values"])
+
+    from transformers import ViTImageProcessorPil
+    oblong = prepare_batch(loaded("vit", ViTImageProcessorPil(size={"height": 28, "width": 42})), items)  # a non-square processor
+    assert oblong.image_hw == (28, 42) and oblong.grids == [(2, 3)] * 2 and oblong.kwargs["interpolate_pos_encoding"] is True
+
+    clip = loaded("clip_vision")  # a centre-cropping processor: resize the short side, then crop
+    batch = prepare_batch(clip, items, image_size=42)
+    expected = clip.processor(images=images, return_tensors="pt", size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})
+    torch.testing.assert_close(batch.kwargs["pixel_values"], expected["pixel_values"])
+    assert batch.image_hw == (42, 42)
+
+    siglip2 = loaded("siglip2")  # patchified (NaFlex): a patch budget, each image keeps its aspect ratio
+    batch = prepare_batch(siglip2, items, image_size=42)
+    assert batch.grids == [(3, 3), (2, 4)] and batch.image_hw == [(42, 42), (28, 56)] and batch.lengths == [None, None]
+    assert set(batch.kwargs) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"} and batch.kwargs["pixel_values"].shape[1] == 9
+    same = prepare_batch(siglip2, [items[0], items[0]], image_size=42)
+    assert same.image_hw == (42, 42) and same.grids == [(3, 3), (3, 3)]  # one size for the batch: a single pair
+    assert prepare_batch(siglip2, items[:1], image_size=42).image_hw == (42, 42)
+
+
+def test_image_batch_by_hand_follows_the_image_spec():
+    from handmade import tiny_vit
+    from sinkless.images import ImageSpec
+    from sinkless.scan.inputs import prepare_batch
+
+    loaded = tiny_vit(size=62)  # no processor: a square of the spec's size in whole patches
+    items = [ImageInput("w", _wide())]
+    batch = prepare_batch(loaded, items)
+    torch.testing.assert_close(batch.kwargs["pixel_values"], to_pixels([items[0].image], loaded.image_spec, 56))
+    assert set(batch.kwargs) == {"pixel_values"} and batch.image_hw == (56, 56) and batch.grids == [(4, 4)]  # DINOv2 always interpolates
+    loaded.image_spec = ImageSpec(size=62, patch_size=7)  # the spec's patch size, not the config's, sets the multiple
+    assert prepare_batch(loaded, items, image_size=40).image_hw == (35, 35)
