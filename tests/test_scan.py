@@ -768,3 +768,39 @@ def test_image_batch_by_hand_follows_the_image_spec():
     assert set(batch.kwargs) == {"pixel_values"} and batch.image_hw == (56, 56) and batch.grids == [(4, 4)]  # DINOv2 always interpolates
     loaded.image_spec = ImageSpec(size=62, patch_size=7)  # the spec's patch size, not the config's, sets the multiple
     assert prepare_batch(loaded, items, image_size=40).image_hw == (35, 35)
+
+
+def test_image_batch_with_a_plain_processor_and_models_without_a_native_size():
+    from conftest import any_tiny_model
+    from sinkless.adapters import adapter_for
+    from sinkless.images import ImageSpec
+    from sinkless.scan.inputs import prepare_batch
+
+    class Plain:  # a processor of the user's own: no centre crop, no patch budget
+        def __call__(self, images, return_tensors, size=None):
+            self.size = size
+            side = (size or {"height": 28})["height"]
+            return {"pixel_values": torch.zeros(len(images), 3, side, side), "note": "not a tensor"}
+
+    model = any_tiny_model("vit")
+    loaded = zoo.Loaded("vit", model, adapter_for(model), processor=Plain())
+    batch = prepare_batch(loaded, [ImageInput("w", _wide())], image_size=42)
+    assert loaded.processor.size == {"height": 42, "width": 42} and set(batch.kwargs) == {"pixel_values", "interpolate_pos_encoding"}
+    import types
+
+    model.config = types.SimpleNamespace(patch_size=14)  # a config that names no native size: nothing to interpolate
+    assert set(prepare_batch(loaded, [ImageInput("w", _wide())], image_size=42).kwargs) == {"pixel_values"}
+
+    class NoConfig(torch.nn.Module):  # a bare module, sized by its image spec
+        def forward(self, pixel_values, interpolate_pos_encoding=False):
+            return pixel_values
+
+    bare = zoo.Loaded("bare", NoConfig(), adapter_for(any_tiny_model("dinov2")), ImageSpec(size=28, patch_size=14))
+    assert set(prepare_batch(bare, [ImageInput("w", _wide())]).kwargs) == {"pixel_values"}
+
+
+def test_text_batch_keeps_512_tokens_by_default():
+    from handmade import tiny_lm, words
+    from sinkless.scan.inputs import prepare_batch
+
+    assert prepare_batch(tiny_lm(), [TextInput("long", words(600))]).lengths == [512]
