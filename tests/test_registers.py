@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -415,6 +416,86 @@ def test_register_neurons_from_dict_and_its_errors():
         assert "sinkless fix --out" in error.value.fix
 
 
+FIX = "pass a file written by `sinkless fix --out` (or fix the field by hand)"
+ONE = [{"layer": 1, "neuron": 3}]
+NEURON_FILE_ERRORS = [  # (contents, problem, fix): every error names the file, the field and what to do
+    ({"model": "m"}, "src is not a register-neurons file (no 'model'/'neurons')", "pass a file written by `sinkless fix --out`"),
+    ({"model": "", "neurons": ONE}, "src: 'model' must be the model's name, got ''", FIX),
+    ({"model": "m", "neurons": "1:3"}, "src: 'neurons' must be a list of {\"layer\", \"neuron\"} entries, got str", FIX),
+    ({"model": "m", "neurons": [{"layer": 1, "neuron": -3}]}, "src: neurons[0].neuron must be at least 0 (a whole number), got -3", FIX),
+    ({"model": "m", "neurons": ONE * 2}, "src: neurons[1]: layer 1 neuron 3 is listed twice", "list each neuron once"),
+    ({"model": "m", "neurons": [{"layer": 1, "neuron": 3, "score": "high"}]}, "src: neurons[0].score must be a finite number, got 'high'", FIX),
+    ({"model": "m", "neurons": [{"layer": 1, "neuron": 3, "peak": float("inf")}]}, "src: neurons[0].peak must be a finite number, got inf", FIX),
+    ({"model": "m", "neurons": ONE, "top_k": 2}, "src: top_k must be a whole number from 1 to 1 (the neurons listed), got 2",
+     "set top_k to how many of the listed neurons to use (1..1)"),
+    ({"model": "m", "neurons": [], "top_k": 1}, "src: top_k must be a whole number from 0 to 0 (the neurons listed), got 1", FIX),
+    ({"model": "m", "neurons": ONE, "highest_layer": 1.5}, "src: highest_layer must be at least 0 (a whole number), got 1.5", FIX),
+    ({"model": "m", "neurons": ONE, "threshold": "x"}, "src: threshold must be a finite number, got 'x'", FIX),
+    ({"model": "m", "neurons": ONE, "threshold": 0}, "src: threshold must be positive, got 0.0", FIX),
+    ({"model": "m", "neurons": ONE, "rule": []}, "src: 'rule' must be a JSON object, got list", FIX),
+    ({"model": "m", "neurons": ONE, "sweep": {}}, "src: 'sweep' must be a list, got dict", FIX),
+    ({"model": "m", "neurons": ONE, "heldout": []}, "src: 'heldout' must be a JSON object, got list", FIX),
+    ({"model": "m", "neurons": ONE, "settings": 3}, "src: 'settings' must be a JSON object, got int", FIX),
+]
+
+
+@pytest.mark.parametrize("data, problem, fix", NEURON_FILE_ERRORS, ids=[p.split(" must")[0].split(": ")[-1][:24] for _, p, _ in NEURON_FILE_ERRORS])
+def test_every_neurons_file_error_names_the_field_and_the_fix(data, problem, fix):
+    with pytest.raises(SinklessError) as error:
+        RegisterNeurons.from_dict(data, "src")
+    assert (error.value.problem, error.value.fix) == (problem, fix)
+
+
+def test_neurons_file_values_are_normalised_and_defaults_filled():
+    data = {"model": "m", "neurons": [{"layer": 1, "neuron": 3, "score": None, "peak": 2}], "top_k": None,
+            "threshold": 0.5, "highest_layer": 2.0, "detection_layer": 1, "sweep": [], "heldout": {}, "settings": {}}
+    neurons = RegisterNeurons.from_dict(data)
+    assert neurons.neurons == [{"layer": 1, "neuron": 3, "score": 0.0, "peak": 2.0}] and neurons.top_k == 1  # top_k null: all
+    assert neurons.threshold == 0.5 and type(neurons.highest_layer) is int and neurons.highest_layer == 2
+    assert type(RegisterNeurons.from_dict({**data, "threshold": 3}).threshold) is float
+    with pytest.raises(SinklessError) as error:
+        RegisterNeurons.from_dict({"model": "m"})
+    assert error.value.problem == "the file is not a register-neurons file (no 'model'/'neurons')"
+    assert neurons.check_model("m") is True and neurons.check_model("other") is False
+
+
+def test_load_neurons_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def error(path):
+        with pytest.raises(SinklessError) as caught:
+            load_neurons(path)
+        return caught.value.problem, caught.value.fix
+
+    assert error(tmp_path / "none.json") == (f"register-neurons file not found: {tmp_path / 'none.json'}",
+                                             "create it with `sinkless fix --model NAME --out FILE`")
+    assert error(tmp_path) == (f"{tmp_path} is a folder, not a register-neurons file", "pass the JSON file written by `sinkless fix --out`")
+    (tmp_path / "bad.json").write_text("{", encoding="utf-8")
+    problem, fix = error(tmp_path / "bad.json")
+    assert problem.startswith(f"{tmp_path / 'bad.json'} is not valid JSON (") and fix == "pass a file written by `sinkless fix --out`"
+    (tmp_path / "n.json").write_text(json.dumps({"model": "m", "neurons": "x"}), encoding="utf-8")
+    assert error(tmp_path / "n.json")[0] == f"{tmp_path / 'n.json'}: 'neurons' must be a list of {{\"layer\", \"neuron\"}} entries, got str"
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert error(tmp_path / "n.json") == (f"cannot read {tmp_path / 'n.json'} (Permission denied)", "check its permissions")
+
+
+def test_a_utf8_neurons_file_reads_under_any_locale(tmp_path):
+    """The file is UTF-8 whatever the user's locale (here ASCII, as on a C locale without coercion; cp1252 on Windows)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "n.json"
+    path.write_text(json.dumps({"model": "modèle-ü", "neurons": []}, ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = "import sys; from sinkless.registers import load_neurons; print(ascii(load_neurons(sys.argv[1]).model))"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, check=False)
+    assert out.stdout.strip() == ascii("modèle-ü"), out.stderr[-2000:]
+
 def test_zero_neurons_zero_everywhere_and_come_off():
     from handmade import tiny_vit
     from sinkless.hooks import hooks
@@ -432,3 +513,170 @@ def test_zero_neurons_zero_everywhere_and_come_off():
     assert torch.count_nonzero(h[..., [5, 9]]) == 0
     assert torch.equal(h[..., :5], plain[site][..., :5]) and torch.equal(h[..., 10:], plain[site][..., 10:])
     assert _handles(loaded.model) == 0
+
+
+# -- the intervention: what mutation testing found unguarded --------------------------------------------
+def test_registers_on_a_model_object_the_user_holds():
+    """A bare HF model (no tokenizer, no processor) is edited exactly like its ``Loaded``; ``remove()`` takes it off."""
+    for family, neurons in (("llama", [(0, 3)]), ("vit", [(1, 3)])):
+        loaded = _loaded(family)
+        model = loaded.model
+        inputs = tiny_inputs(model, batch=2)
+        with torch.no_grad():
+            with TestTimeRegisters(loaded, neurons)():
+                expected = model(**inputs)[0]
+            ttr = TestTimeRegisters(model, neurons)  # the model object itself: nothing needed to feed it
+            assert ttr.loaded.model is model and ttr.loaded.processor is None and ttr.loaded.tokenizer is None
+            ttr.attach()
+            got = model(**inputs)[0]
+            ttr.remove()
+        assert torch.equal(got, expected) and _handles(model) == 0, family
+
+
+def test_unsupported_text_models_and_foreign_neurons_name_the_fix():
+    def error(loaded, neurons):
+        with pytest.raises(SinklessError) as caught:
+            TestTimeRegisters(loaded, neurons)
+        return caught.value.problem, caught.value.fix
+
+    assert error(_loaded("bert"), [(0, 1)]) == ("test-time registers for bert are not supported", "use a causal LM (Llama, Qwen3) or a vision model")
+    problem, fix = error(_loaded("gpt2"), [(0, 1)])
+    assert problem.startswith("test-time registers need a model whose positions follow the sequence length") and fix == "use a rotary causal LM (Llama, Qwen3)"
+    assert error(_loaded("vit"), [(3, 1), (5, 0)]) == (
+        "register neurons name layers [3, 5] but tiny-vit has 3 (0..2)", "use the neurons file made for this model")
+    assert error(_loaded("vit"), [(0, n) for n in range(64, 70)]) == (
+        "register neurons [64, 65, 66, 67, 68] are outside 0..63, the MLP width of tiny-vit", "use the neurons file made for this model")
+    assert TestTimeRegisters(_loaded("vit"), [(0, 0), (2, 63)]).layers == {0: [0], 2: [63]}  # the first and last neuron exist
+
+
+def test_a_register_before_the_first_token_keeps_that_token_by_default():
+    from handmade import tiny_lm
+
+    loaded = tiny_lm()
+    neurons = RegisterNeurons("hand-lm", [{"layer": 0, "neuron": 3, "score": 1.0, "peak": 2.5}], top_k=1)
+    h = _edited_hidden(loaded, TestTimeRegisters(loaded, neurons, after_first=False), 0, _ones, {"input_ids": torch.arange(1, 7)[None]})[0]
+    assert h[0, 3] == 2.5 and h[1, 3] == 1.0 and torch.count_nonzero(h[2:, 3]) == 0  # register, first token kept, the rest zeroed
+
+def test_a_text_model_without_stored_peaks_says_so(caplog):
+    import logging
+
+    peaks = RegisterNeurons("tiny-llama", [{"layer": 0, "neuron": 3, "score": 1.0, "peak": 2.5}], top_k=1)
+    for loaded, neurons, said in ((_loaded("llama"), [(0, 3)], True), (_loaded("llama"), peaks, False), (_loaded("vit"), [(0, 3)], False),
+                                  (_loaded("llama"), [], False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sinkless.registers.ttr"):
+            TestTimeRegisters(loaded, neurons)
+        assert ("no stored peak activations" in caplog.text) is said, (loaded.name, neurons)
+
+
+def test_vision_layout_and_split_with_trained_registers():
+    loaded = _loaded("dinov2_with_registers")  # CLS, 2 trained registers, 2x2 patches
+    ttr = TestTimeRegisters(loaded, [(1, 5)])
+    assert ttr.layout(1 + 2 + 8 + 1, (28, 56)) == TokenLayout(12, 1, 2, (2, 4), 1)  # a non-square image: its own grid
+    hidden = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2, 8, 3)
+    groups = ttr.split(hidden)
+    assert list(groups) == ["cls", "registers", "patches", "test_time_registers"]
+    assert [groups[k].shape[1] for k in groups] == [1, 2, 4, 1] and torch.equal(groups["registers"], hidden[:, 1:3])
+    pixels = tiny_inputs(loaded.model, batch=1)["pixel_values"]
+    h = _edited_hidden(loaded, ttr, 1, _ramp, {"pixel_values": pixels})[0]  # (8, W)
+    assert h[:3, 5].tolist() == [0.0, 0.5, 1.0]  # CLS and the trained registers are left alone
+    assert torch.count_nonzero(h[3:7, 5]) == 0 and h[7, 5] == 3.0  # patches zeroed; the register takes their extreme
+
+
+def test_only_firing_compares_each_neuron_with_its_own_peak():
+    from handmade import tiny_lm, tiny_vit
+
+    loaded = tiny_vit()
+    pixels = to_pixels([Image.new("RGB", (56, 56))] * 2, loaded.image_spec, 56)  # a batch of two
+    firing = TestTimeRegisters(loaded, [(1, 5), (1, 9)], only_firing=0.5)
+    for h in _edited_hidden(loaded, firing, 1, _ramp, {"pixel_values": pixels}):
+        # neuron 5 peaks at 8 -> zeroed where |a| >= 4 (tokens 8..16); neuron 9 peaks at -16 -> where |a| >= 8
+        assert h[1:8, 5].tolist() == [0.5 * t for t in range(1, 8)] and torch.count_nonzero(h[8:17, 5]) == 0
+        assert h[1:8, 9].tolist() == [-float(t) for t in range(1, 8)] and torch.count_nonzero(h[8:17, 9]) == 0
+    text = tiny_lm()
+    peaks = RegisterNeurons("hand-lm", [{"layer": 0, "neuron": 3, "score": 1.0, "peak": 2.5},
+                                        {"layer": 0, "neuron": 7, "score": 1.0, "peak": -0.5}], top_k=2)
+    ttr = TestTimeRegisters(text, peaks, only_firing=0.5)
+    h = _edited_hidden(text, ttr, 0, _ones, {"input_ids": torch.arange(1, 7)[None].repeat(2, 1)})  # (2, 7, W)
+    assert h[:, 1, 3].tolist() == [2.5, 2.5] and h[:, 1, 7].tolist() == [-0.5, -0.5]  # the stored peaks
+    assert (h[:, 2:, 3] == 1.0).all() and (h[:, 2:, 7] == 0.0).all()  # |1| < 0.5 x 2.5 is kept, |1| >= 0.5 x 0.5 is zeroed
+
+
+def test_text_registers_keep_every_tensor_on_the_model_device():
+    """The stored peaks and masks follow the activations' device (``meta`` stands in for an accelerator here)."""
+    model = tiny_model("llama").to("meta")
+    loaded = zoo.Loaded("meta-llama", model, adapter_for(model))
+    peaks = RegisterNeurons("meta-llama", [{"layer": 0, "neuron": 3, "score": 1.0, "peak": 2.5},
+                                           {"layer": 0, "neuron": 7, "score": 1.0, "peak": -0.5}], top_k=2)
+    for kwargs in ({}, {"only_firing": 0.5}, {"mode": "layer"}):
+        with torch.no_grad(), TestTimeRegisters(loaded, peaks, **kwargs)():
+            logits = model(input_ids=torch.ones(2, 5, dtype=torch.long, device="meta")).logits
+        assert logits.shape == (2, 5, 64) and logits.device.type == "meta", kwargs
+
+
+def test_a_cache_filled_before_the_registers_gets_none():
+    """A cache that already holds tokens (here one, filled without the intervention) means a continued call:
+    no register is inserted, the register neurons are zeroed on every new token."""
+    from transformers import DynamicCache
+
+    from sinkless.registers import ZeroNeurons
+
+    loaded = _loaded("llama")
+    model = loaded.model
+    ids = torch.randint(1, 64, (2, 4))
+    with torch.no_grad():
+        caches = []
+        for _ in range(2):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            caches.append(cache)
+        with TestTimeRegisters(loaded, [(0, 3), (1, 10)])():
+            got = model(input_ids=ids[:, 1:], past_key_values=caches[0], use_cache=True).logits
+        with ZeroNeurons(loaded, [(0, 3), (1, 10)])():
+            expected = model(input_ids=ids[:, 1:], past_key_values=caches[1], use_cache=True).logits
+    torch.testing.assert_close(got, expected)
+    assert caches[0].get_seq_length() == 4
+
+
+def test_a_model_whose_embedding_cannot_be_found_is_a_clear_error():
+    loaded = _loaded("llama")
+    loaded.model.get_input_embeddings = lambda: torch.nn.Embedding(64, 32)  # not one of the model's modules
+    ttr = TestTimeRegisters(loaded, [(0, 3)])
+    with pytest.raises(SinklessError) as error:
+        ttr.attach()
+    assert error.value.problem == "cannot find the token embedding of LlamaForCausalLM"
+
+
+def test_siglip2_padding_mask_grows_with_the_registers():
+    """SigLIP2 pads an image's patches up to its patch budget: the registers are seen by every real patch and by
+    the pooling head, the padding by none, so a padded image gives what the same image unpadded gives."""
+    from conftest import any_tiny_model, tiny_image_processor
+    from sinkless.registers import ZeroNeurons
+
+    model = any_tiny_model("siglip2")
+    processor = tiny_image_processor("siglip2")
+    loaded = zoo.Loaded("siglip2", model, adapter_for(model), processor=processor)
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 84, 3), dtype=np.uint8))
+    padded = dict(processor(images=[wide], max_num_patches=4, return_tensors="pt"))  # 1x3 patches and one pad
+    exact = dict(processor(images=[wide], max_num_patches=3, return_tensors="pt"))  # the same 1x3 patches, no pad
+    assert padded["spatial_shapes"].tolist() == exact["spatial_shapes"].tolist() == [[1, 3]]
+    assert padded["pixel_attention_mask"].tolist() == [[1, 1, 1, 0]] and exact["pixel_attention_mask"].tolist() == [[1, 1, 1]]
+    from handmade import Plant
+
+    def planted(n, width):  # the register neurons peak on patch 1 (not on the padding: see the report of issue 15)
+        h = torch.full((n, width), 0.1)
+        h[1] = 2.0
+        return h
+
+    neurons = [(0, 3), (1, 10)]
+    plant = Plant(loaded, hidden={0: planted, 1: planted})
+    with torch.no_grad(), plant():
+        with TestTimeRegisters(loaded, neurons, n_registers=2)():
+            got, expected = model(**padded), model(**exact)  # the model with its attention-pooling head, which reads the mask too
+        with ZeroNeurons(loaded, neurons)():
+            ablated = model(**padded)
+    assert got.last_hidden_state.shape[1] == 4 + 2 and expected.last_hidden_state.shape[1] == 3 + 2
+    torch.testing.assert_close(got.last_hidden_state[0, [0, 1, 2, 4, 5]], expected.last_hidden_state[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got.last_hidden_state[0, :3], ablated.last_hidden_state[0, :3], atol=1e-3)  # the registers are seen
+    assert _handles(model) == 0

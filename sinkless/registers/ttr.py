@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import json
 import logging
 import math
@@ -343,6 +344,9 @@ class TestTimeRegisters:
             edits[adapter.block_input_site(0)] = self._add_tokens
             encoder = adapter.blocks.rpartition(".")[0]  # a padding mask (SigLIP2) grows with the registers
             edits[f"{encoder}:input[attention_mask]"] = self._extend_vision_mask
+            head = _mask_reading_head(self.loaded.model, encoder)
+            if head is not None:  # SigLIP2's pooling head reads that padding mask too (positionally): it sees the registers
+                edits[f"{head}:input[*]"] = self._extend_head_mask
         for layer, neurons in self.layers.items():
             edits[adapter.mlp_hidden_site(layer)] = self._move(layer, neurons)
         return edits
@@ -370,6 +374,10 @@ class TestTimeRegisters:
         mask = torch.cat([mask, mask.new_full((b, h, n, self.n), allowed)], -1)  # (B, h, N, N + n)
         rows = mask[:, :, :1].expand(b, h, self.n, n + self.n)  # (B, h, n, N + n)
         return torch.cat([mask, rows], 2)
+
+    def _extend_head_mask(self, inputs: dict) -> dict:
+        mask = inputs.get("attention_mask")
+        return inputs if mask is None else {**inputs, "attention_mask": self._extend_vision_mask(mask)}
 
     def _drop_register_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.cat([logits[:, : self._at], logits[:, self._at + self._in_call :]], 1)
@@ -408,6 +416,17 @@ def _extreme(values: torch.Tensor, dim: int) -> torch.Tensor:
     (GELU ViTs), the firing value also for gated MLPs whose register neurons fire negative."""
     index = values.abs().argmax(dim=dim, keepdim=True)
     return values.gather(dim, index).squeeze(dim)
+
+
+def _mask_reading_head(model: torch.nn.Module, encoder: str) -> str | None:
+    """The path of a pooling head beside ``encoder`` that takes the patches' padding mask (SigLIP2), if there is one."""
+    parent = encoder.rpartition(".")[0]
+    name = f"{parent}.head" if parent else "head"
+    try:
+        head = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return name if "attention_mask" in inspect.signature(head.forward).parameters else None
 
 
 def _embedding_path(loaded: Loaded) -> str:
