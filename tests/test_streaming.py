@@ -189,7 +189,7 @@ def test_eager_attention_gives_the_same_logits(chunk):
 
 
 # -- chunked prefill ------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ROTARY)
+@pytest.mark.parametrize("family", ROTARY + ("gemma3",))  # gemma3: two rotary frequencies (local and global layers)
 @pytest.mark.parametrize("chunk", [3, 40])
 def test_chunked_prefill_equals_token_by_token(family, chunk):
     """A prompt much longer than the window, fed in chunks (even all at once), is windowed from its first
@@ -499,3 +499,149 @@ def test_models_that_cannot_stream_are_named():
         check_streamable(flash, 2, 4)
     inv = check_streamable(tiny_lm("llama"), 2, 4).inv_freq[0]
     assert inv.shape == (8,) and inv.dtype == torch.float32 and float(inv[0]) == 1.0
+
+
+# -- what mutation testing found unguarded ----------------------------------------------------------
+def test_a_fresh_cache_and_its_messages():
+    model = tiny_lm("llama")
+    cache = SinkCache(model, sinks=2, window=4)
+    assert repr(cache) == "SinkCache(sinks=2, window=4, seen=None, kept=[])" and cache.batch_size == -1
+    with torch.no_grad():
+        model(input_ids=ids_for(3, batch=2), past_key_values=cache)
+    with pytest.raises(SinklessError) as error, torch.no_grad():
+        model(input_ids=ids_for(1, batch=3), past_key_values=cache)
+    assert (error.value.problem, error.value.fix) == (
+        "this SinkCache holds 2 stream(s) and was given a batch of 3", "use one SinkCache per batch (or cache.reset() to start over)")
+    with pytest.raises(NotImplementedError) as error:
+        cache.crop(1)
+    assert str(error.value) == "a SinkCache cannot be rolled back: evicted tokens are gone"
+    cache.abort()
+    with pytest.raises(RuntimeError) as error:
+        cache.update(torch.zeros(2, 1, 1, 16), torch.zeros(2, 1, 1, 16), 0)
+    assert str(error.value) == ("a SinkCache assigns the positions and mask of each step: call the model it was built with "
+                                "(model(..., past_key_values=cache) or model.generate), not one of its submodules")
+
+
+def test_layers_hold_keys_and_values_slot_for_slot():
+    from sinkless.streaming.cache import SinkLayer
+
+    model = tiny_lm("llama")
+    for sinks, chunk in ((2, 1), (2, 5), (0, 1)):  # without sinks, the very first step is a one-token one
+        _, cache = stream_logits(model, ids_for(14, batch=2), sinks, 4, chunk=chunk)
+        for layer in cache.layers:
+            assert layer.keys.shape[:3] == layer.values.shape[:3] and layer.get_seq_length() == layer.keys.shape[2]
+            assert layer.get_mask_sizes(5) == (layer.keys.shape[2], 0) and layer.get_max_length() == -1
+        with pytest.raises(RuntimeError, match="updated through SinkCache.update"):
+            cache.layers[0].update(torch.zeros(2, 1, 1, 16), torch.zeros(2, 1, 1, 16))
+    fresh = SinkLayer(0)
+    assert fresh.get_seq_length() == 0 and fresh.get_mask_sizes(5) == (5, 0)
+    cache.reset()
+    assert all(not layer.is_initialized and layer.get_seq_length() == 0 for layer in cache.layers)
+
+
+def test_reordered_rows_carry_their_own_stream():
+    """Beam search and batch edits move whole rows: sinks, window, frame and the last logits follow their row."""
+    model = tiny_lm("llama")
+    ids = ids_for(14, batch=2, seed=5)  # past the window: sinks and window hold different tokens per row
+    nxt = ids_for(3, batch=2, seed=6)
+    with torch.no_grad():
+        _, cache = stream_logits(model, ids, 2, 4)
+        last = cache.last_logits.clone()
+        cache.reorder_cache(torch.tensor([1, 0]))
+        assert torch.equal(cache.last_logits, last[[1, 0]])
+        got = torch.cat([model(input_ids=nxt[[1, 0], i : i + 1], past_key_values=cache).logits for i in range(3)], 1)
+        _, swapped = stream_logits(model, ids[[1, 0]], 2, 4)
+        expected = torch.cat([model(input_ids=nxt[[1, 0], i : i + 1], past_key_values=swapped).logits for i in range(3)], 1)
+        assert_close(got, expected, "reordered rows vs a cache built in that order")
+
+        _, cache = stream_logits(model, ids, 2, 4)
+        cache.batch_repeat_interleave(2)
+        assert cache.seen() == [14] * 4 and cache.batch_size == 4
+        got = model(input_ids=nxt[[0, 0, 1, 1], :1], past_key_values=cache).logits
+        _, repeated = stream_logits(model, ids[[0, 0, 1, 1]], 2, 4)
+        assert_close(got, model(input_ids=nxt[[0, 0, 1, 1], :1], past_key_values=repeated).logits, "repeated rows")
+        cache.batch_select_indices(torch.tensor([3]))
+        assert cache.batch_size == 1
+        got = model(input_ids=nxt[1:, 1:2], past_key_values=cache).logits
+        _, single = stream_logits(model, torch.cat([ids[1:], nxt[1:, :1]], 1), 2, 4)
+        assert_close(got, model(input_ids=nxt[1:, 1:2], past_key_values=single).logits, "one selected row")
+
+
+def test_rebase_schedule_per_row():
+    """Each row's window is rotated back once its frame positions pass 2 (S + W), to count - min(count, S + W)."""
+    model = tiny_lm("llama")
+    sinks, window = 1, 3  # capacity 4: a rebase once a row is more than 8 tokens ahead of its frame
+    lags = [0, 3, 1]  # pads before each row's tokens: rows reach the limit at different steps (one exactly at it)
+    ids = ids_for(30, batch=3, seed=7)
+    mask = torch.ones(3, 30, dtype=torch.long)
+    for row, lag in enumerate(lags):
+        mask[row, :lag] = 0
+    cache = SinkCache(model, sinks=sinks, window=window)
+    frames, expected, rebases, expected_rebases = [], [], [], []
+    frame, n_rebases = [0] * 3, 0
+    with torch.no_grad():
+        for t in range(30):
+            model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+            counts = [max(0, t + 1 - lag) for lag in lags]
+            moved = [c - f > 2 * (sinks + window) for c, f in zip(counts, frame)]
+            frame = [c - min(c, sinks + window) if m else f for c, f, m in zip(counts, frame, moved)]
+            n_rebases += any(moved)
+            frames.append(cache.frame.tolist())
+            expected.append(list(frame))
+            rebases.append(cache.rebases)
+            expected_rebases.append(n_rebases)
+    assert cache.seen() == [30, 27, 29]
+    assert frames == expected and rebases == expected_rebases and n_rebases >= 5
+
+
+def test_positions_are_integers():
+    cache = SinkCache(tiny_lm("llama"), sinks=2, window=4)
+    assert cache.prepare(torch.ones(1, 3, dtype=torch.bool))["position_ids"].dtype == torch.long
+    _, cache = stream_logits(tiny_lm("llama"), ids_for(20), 2, 4)
+    assert cache.frame.dtype == torch.long and cache.prepare(torch.ones(1, 1, dtype=torch.bool))["position_ids"].dtype == torch.long
+
+
+def test_decode_steps_write_in_place_and_rotate_stacked_sinks():
+    """A one-token step writes into a free slot of the same buffers (no copy of the window) and rotates every
+    layer's sinks at once from a stack the layers view; layers whose sinks cannot stack (another dtype or
+    shape: a model split over devices) fall back to one rotation per layer with the same result."""
+    model = tiny_lm("llama")
+    ids = ids_for(24, seed=8)
+    with torch.no_grad():
+        whole, _ = stream_logits(model, ids, 2, 4)
+        cache = SinkCache(model, sinks=2, window=4)
+        model(input_ids=ids[:, :12], past_key_values=cache)  # a prefill past the window
+        stack = cache._sink_stack
+        assert stack is not None and all(layer.sink_keys.data_ptr() == stack[i].data_ptr() for i, layer in enumerate(cache.layers))
+        model(input_ids=ids[:, 12:13], past_key_values=cache)  # the buffer grows once to S + W + 1 slots
+        steps, buffers = [], []
+        for t in range(13, 24):
+            steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits)
+            buffers.append((cache.rebases, [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]))
+    assert_close(torch.cat(steps, 1), whole[:, 13:], "in-place decode steps vs token by token")
+    for (rebases, ptrs), (next_rebases, next_ptrs) in zip(buffers, buffers[1:]):
+        assert [v for _, v in next_ptrs] == [v for _, v in ptrs]  # values are never copied
+        assert next_rebases != rebases or next_ptrs == ptrs  # keys only when a rebase rotates the window back
+    assert buffers[0][0] < buffers[-1][0] and len({r for r, _ in buffers}) < len(buffers) - 2  # both cases happen
+
+    layer = cache.layers[1]
+    kept = layer.sink_keys
+    layer.sink_keys = kept.double()
+    cache._stack_sinks()
+    assert cache._sink_stack is None  # another dtype: not stacked
+    layer.sink_keys = kept[:, :, :1].clone()
+    cache._stack_sinks()
+    assert cache._sink_stack is None  # another shape: not stacked
+    layer.sink_keys = kept.clone()
+    cache._stack_sinks()
+    assert cache._sink_stack is not None
+
+
+def test_per_layer_sink_rotation_equals_the_stacked_one(monkeypatch):
+    model = tiny_lm("qwen3")
+    ids = ids_for(24, batch=2, seed=9)
+    stacked, _ = stream_logits(model, ids, 2, 4)
+    monkeypatch.setattr(SinkCache, "_stack_sinks", lambda self: setattr(self, "_sink_stack", None))
+    per_layer, cache = stream_logits(model, ids, 2, 4)
+    assert cache._sink_stack is None
+    assert_close(per_layer, stacked, "sinks rotated per layer vs stacked")
