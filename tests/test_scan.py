@@ -804,3 +804,102 @@ def test_text_batch_keeps_512_tokens_by_default():
     from sinkless.scan.inputs import prepare_batch
 
     assert prepare_batch(tiny_lm(), [TextInput("long", words(600))]).lengths == [512]
+
+
+def test_summary_lines_edge_cases():
+    from sinkless.scan import summary_lines
+    from sinkless.scan.report import Report
+
+    unknown = Report("m", "vision", {"rule": {"floor": 3.0}}, [], [], [], [], {
+        "n_inputs": 1, "has_artifacts": None, "first_outlier_layer": None, "max_ratio": 1.5, "notes": ["too few patches", "another"]})
+    assert summary_lines(unknown) == [
+        "m (vision, 1 inputs): no verdict (too little was measured, see the notes)",
+        "  max/median token norm at most 1.50x (outlier floor 3x)",
+        "  note: too few patches",
+        "  note: another",
+    ]
+    unknown.settings["rule"] = {"floor": 3.0, "absolute": 5.0}
+    assert summary_lines(unknown)[1] == "  max/median token norm at most 1.50x (outlier threshold: norm > 5)"
+    vision = Report("m", "vision", {"rule": {"floor": 3.0}}, [], [], [], [], {
+        "n_inputs": 4, "has_artifacts": True, "first_outlier_layer": 2, "outlier_layers": [2], "outlier_fraction": 0.01, "max_ratio": 6.0,
+        "border_fraction": 0.5, "border_fraction_expected": 0.25, "neighbor_similarity": {}, "sink_share": 0.42, "sink_share_cls": None})
+    assert summary_lines(vision)[3] == "  attention they draw after layer 2: 42.0 % (CLS: 0.0 %)"
+
+    # exactly 30 % counts as a sink layer, an unmeasured layer does not; three in a row read as a span
+    layers = [{"layer": i, "first_token_attention": s} for i, s in enumerate([None, 0.3, 0.31, 0.9, 0.1])]
+    massive = [{"layer": 1, "token": t, "channel": 20 - t, "value": float(t)} for t in range(10)]
+    text = Report("lm", "text", {"epsilon": 0.3}, [], layers, [], massive, {
+        "n_inputs": 1, "has_artifacts": True, "sink_share": 0.9, "first_token_attention_max": None, "sink_epsilon": 0.9})
+    assert summary_lines(text) == [
+        "lm (text, 1 inputs): ARTIFACTS FOUND",
+        "  first-token attention: mean 90 %, max 0 %; >= 30 % in layers 1-3; Sink_eps=0.3: 90 % of heads",
+        "  massive activations at tokens [0, 1, 2, 3, 4, 5, 6, 7], layers 1, channels [11, 12, 13, 14, 15, 16, 17, 18]; "
+        "largest 9 (layer 1, token 9, channel 11)",
+    ]  # no secondary_outliers entry at all: none listed
+    text.layers = [{"layer": i, "first_token_attention": s} for i, s in enumerate([0.5, 0.1, 0.5])]
+    text.summary.update(secondary_outliers=[{"text": f"w{i}", "count": 2, "layers": [1], "max_ratio": 3.0} for i in range(7)], sink_epsilon=None)
+    lines = summary_lines(text)
+    assert lines[1].endswith(">= 30 % in layers [0, 2]; Sink_eps=0.3: 0 % of heads") and len([line for line in lines if "secondary outlier" in line]) == 5
+
+
+def test_scan_defaults_show_progress_and_keep_extra_settings(capsys):
+    from handmade import tiny_vit
+    from sinkless.scan import measure
+
+    loaded = tiny_vit()
+    items = _blank(1)
+    report, _ = scan(loaded, items, ScanSettings(image_size=56, attention=False), extra_settings={"registers": {"top_k": 2}})
+    assert "scanning hand-vit" in capsys.readouterr().err  # a progress bar unless asked not to
+    assert report.settings["registers"] == {"top_k": 2} and report.settings["image_size"] == 56
+    scan(loaded, items, ScanSettings(image_size=56, attention=False), progress=True)
+    assert "1/1" in capsys.readouterr().err  # counted against the number of inputs
+    measure(loaded, items, ScanSettings(image_size=56, attention=False))
+    assert "scanning hand-vit" in capsys.readouterr().err
+    with pytest.raises(ValueError) as error:
+        scan(loaded, [], ScanSettings())
+    assert str(error.value) == "nothing to scan"
+
+
+def test_write_reports_records_its_outputs_as_a_scan(tmp_path):
+    """A later scan into the same folder replaces the earlier scan's files (a model's sub-folder included) and
+    leaves other tools' outputs alone."""
+    from handmade import tiny_vit
+
+    from sinkless._io import staged_dir
+
+    out = tmp_path / "out"
+    with staged_dir(out) as stage:  # another tool's output in the same folder
+        (stage / "model.safetensors").write_bytes(b"weights")
+    loaded = tiny_vit()
+    items = _blank(1)
+    first = scan(loaded, items, ScanSettings(image_size=56, attention=False), progress=False)
+    second = scan(loaded, items, ScanSettings(image_size=56, attention=False), progress=False)
+    second[0].model = "org/other"
+    write_reports(out, [(*first, items), (*second, items)])
+    manifest = json.loads((out / ".sinkless-outputs.json").read_text())
+    assert "report.json" in manifest["outputs"]["scan"] and "org_other/report.json" in manifest["outputs"]["scan"]
+    write_reports(out, [(*first, items)])
+    assert not (out / "org_other").exists() and (out / "report.json").is_file()
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_reports_are_written_in_utf8_under_any_locale(tmp_path):
+    """report.html is UTF-8 whatever the user's locale (here ASCII, as on a C locale without coercion)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from handmade import tiny_vit\n"
+        "from PIL import Image\n"
+        "from sinkless.scan import ImageInput, ScanSettings, scan, write_reports\n"
+        "items = [ImageInput('img', Image.new('RGB', (56, 56)))]\n"
+        "report, records = scan(tiny_vit(), items, ScanSettings(image_size=56, attention=False), progress=False)\n"
+        "report.model = 'mod\\u00e8le-\\u00fc'\n"  # escaped: the command line itself is read as ASCII
+        "write_reports(sys.argv[1], [(report, records, items)])\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "modèle-ü" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
