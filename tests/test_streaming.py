@@ -566,6 +566,12 @@ def test_reordered_rows_carry_their_own_stream():
         _, single = stream_logits(model, torch.cat([ids[1:], nxt[1:, :1]], 1), 2, 4)
         assert_close(got, model(input_ids=nxt[1:, 1:2], past_key_values=single).logits, "one selected row")
 
+        _, cache = stream_logits(model, ids[:, :1], 0, 4)  # no sinks: the very first step is already a one-token one
+        cache.reorder_cache(torch.tensor([1, 0]))
+        got = model(input_ids=nxt[[1, 0], :1], past_key_values=cache).logits
+        _, swapped = stream_logits(model, ids[[1, 0], :1], 0, 4)
+        assert_close(got, model(input_ids=nxt[[1, 0], :1], past_key_values=swapped).logits, "reordered after a first one-token step")
+
 
 def test_rebase_schedule_per_row():
     """Each row's window is rotated back once its frame positions pass 2 (S + W), to count - min(count, S + W)."""
