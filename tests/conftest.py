@@ -11,6 +11,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+
+def _process_local_progress_lock() -> None:
+    """tqdm's default lock includes a multiprocessing semaphore shared with every forked child: mutmut forks one
+    child per mutant and kills the slow ones, and a child killed while drawing a bar would leave it held, hanging
+    every later child. A thread lock is enough in tests (and copied, not shared, by a fork)."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
+_process_local_progress_lock()
+
+
 def _tiny(family: str):
     import transformers as T
 
