@@ -17,6 +17,7 @@ from sinkless.images import natural_crops
 from sinkless.scan import ImageInput, ScanSettings, TextInput, scan, write_reports
 from sinkless.scan import html as report_html
 from sinkless.scan import plots, text_plots
+from sinkless.scan.norms import OutlierRule
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +243,157 @@ def test_missing_browser_skips_only_outside_ci(env, outcome, monkeypatch):
     monkeypatch.setattr(browser.shutil, "which", lambda name: None)
     with pytest.raises(outcome, match="apt-get install -y chromium-headless-shell"):
         browser.require_chromium()
+
+
+# -- what the figures draw (read back from their artists; tests/figure_facts.py) -------------------------
+@pytest.fixture
+def drawn(monkeypatch):
+    """{PNG name: facts of the figure} for every figure saved while the test runs."""
+    from figure_facts import facts
+
+    seen = {}
+    original = plots.save
+
+    def spy(fig, folder, name):
+        seen[name] = facts(fig)
+        return original(fig, folder, name)
+
+    monkeypatch.setattr(plots, "save", spy)
+    monkeypatch.setattr(text_plots, "save", spy)
+    return seen
+
+
+def _text_records():
+    from tests.test_report import text_record
+
+    a = text_record(6, "dir/a-rather-long-file-name.txt", outliers_at={1: {3: 6.0}, 2: {3: 6.0}},
+                    first_token=torch.tensor([0.1, 0.5, 0.9]), alpha0=torch.tensor([[0.1, 0.2], [0.5, 0.6], [0.9, 0.95]]),
+                    tokens=["<s>", "x\ny", "$a$", "b", "c", "d"])
+    a.norms[:, 0] = 20.0  # the first-token sink: 20x the median
+    a.massive = [{"layer": 1, "token": 0, "channel": 5, "value": -500.0}, {"layer": 2, "token": 0, "channel": 5, "value": 800.0},
+                 {"layer": 2, "token": 0, "channel": 9, "value": 300.0}]
+    others = []
+    for k in range(8):
+        r = text_record(6, f"t{k}.txt", first_token=torch.tensor([0.2, 0.4, 0.6]), alpha0=torch.tensor([[0.0, 0.1], [0.2, 0.3], [0.4, 0.5]]))
+        r.norms[:, 0] = 5.0
+        r.norms[:, 2] = 2.0 + 0.1 * k  # the later inputs have a larger (non-outlier) ratio
+        others.append(r)
+    return [a, *others]
+
+
+def test_text_figures_draw_what_their_captions_say(drawn, tmp_path):
+    from matplotlib import colormaps
+
+    from tests.test_report import text_report
+
+    records = _text_records()
+    report = text_report(records).to_dict()
+    figures = text_plots.text_figures(records, report, tmp_path)
+    assert [f.name for f in figures] == [
+        "first_token_attention.png", "first_token_attention_heads.png", "massive_activations.png",
+        "token_norm_layers_0.png", "token_norm_layers_1.png", *[f"token_norms_{k}.png" for k in range(4)]]
+    captions = {f.name: f.caption for f in figures}
+    assert all((tmp_path / f.name).is_file() for f in figures)
+
+    # first-token attention: one thin line per input (at most 8), the thick black mean, the 30 % sink level
+    ax = drawn["first_token_attention.png"]["axes"][0]
+    assert [line["label"] for line in ax["lines"]] == ["a-rather-long-file-n", *[f"t{k}.txt" for k in range(7)], "mean", "sink level 0.3"]
+    assert ax["legend"] == [line["label"] for line in ax["lines"]]
+    np.testing.assert_allclose(ax["lines"][0]["x"], [0, 1, 2])
+    np.testing.assert_allclose(ax["lines"][0]["y"], [0.1, 0.5, 0.9])
+    mean = ax["lines"][-2]
+    np.testing.assert_allclose(mean["y"], [(0.1 + 8 * 0.2) / 9, (0.5 + 8 * 0.4) / 9, (0.9 + 8 * 0.6) / 9], atol=1e-4)
+    assert mean["color"] == "#000000ff" and mean["width"] == 2.0 and all(line["width"] < 2.0 for line in ax["lines"][:-2])
+    level = ax["lines"][-1]
+    assert level["y"].tolist() == [0.3, 0.3] and level["color"] == "#dc143cff" and level["style"] == "--"
+    assert ax["ylim"] == (0.0, 1.0) and all(float(p).is_integer() for p in ax["xtick_pos"])
+    assert (ax["title"], ax["xlabel"], ax["ylabel"]) == ("first-token attention share", "layer", "attention on the first token")
+    assert captions["first_token_attention.png"] == (
+        "Share of attention that lands on the first token, per layer: mean over heads and over queries from position 4 on "
+        "(Xiao et al. 2024). Thin lines: single inputs (at most 8); thick: the mean. A sink takes a large share (here flagged "
+        "from 30 %) in most layers.")
+
+    # alpha0 per head: heads x layers on one 0..1 scale, white dots on the heads above eps
+    heads, bar = drawn["first_token_attention_heads.png"]["axes"]
+    expected = ((torch.tensor([[0.1, 0.2], [0.5, 0.6], [0.9, 0.95]]) + 8 * torch.tensor([[0.0, 0.1], [0.2, 0.3], [0.4, 0.5]])) / 9).T
+    image = heads["images"][0]
+    np.testing.assert_allclose(image["data"], expected.numpy(), atol=1e-4)  # report.json keeps 5 digits
+    assert (image["cmap"], image["clim"]) == ("viridis", (0.0, 1.0))
+    above = sorted(map(tuple, heads["points"][0].tolist()))
+    assert above == sorted((float(l), float(h)) for h in range(2) for l in range(3) if expected[h, l] > 0.3)
+    assert heads["xticks"] == ["0", "1", "2"] and (heads["xlabel"], heads["ylabel"]) == ("layer", "head")
+    share = sum(1 for h in range(2) for l in range(3) if expected[h, l] > 0.3) / 6
+    assert heads["title"] == f"alpha0 per head: {100 * share:.0f} % of (layer, head) above eps = 0.3"
+    assert bar["ylabel"] == "alpha0: mean attention\non the first token" and bar["lines"][0]["y"].tolist() == [0.3, 0.3]
+    assert bar["lines"][0]["color"] == "#ffffffff" and bar["lines"][0]["style"] == "--"
+    assert captions["first_token_attention_heads.png"] == (
+        "alpha0 per head and layer: the attention every later query gives the first token, mean over queries and inputs "
+        f"(Gu et al. 2025). One colour scale, 0 to 1; white dots: heads above eps = 0.3, the ones Sink_eps counts "
+        f"({100 * share:.0f} % here). Sink heads form bands from the layer where the sink emerges.")
+
+    # massive activations: the largest |value| first, labelled by layer, token and channel, on a log axis
+    ax = drawn["massive_activations.png"]["axes"][0]
+    assert [b["size"][1] for b in ax["boxes"]] == [800.0, 500.0, 300.0]
+    assert ax["xticks"] == ["L2 t0 c5", "L1 t0 c5", "L2 t0 c9"] and ax["yscale"] == "log" and ax["ylabel"] == "|activation|"
+    assert ax["title"] == "largest massive activations (layer, token, channel)"
+    assert captions["massive_activations.png"] == (
+        "The 3 largest massive activations (Sun et al. 2024): single residual-stream entries with |a| > 100 and > 1000x "
+        "the layer's median |a|, labelled by layer (L), token position (t) and channel (c). They sit on a few tokens and a "
+        "few fixed channels.")
+
+    # layer x token maps of the two inputs with the most outliers: norm / median on a log scale, tokens as labels
+    ax, bar = drawn["token_norm_layers_0.png"]["axes"]
+    image = ax["images"][0]
+    np.testing.assert_allclose(image["data"], (records[0].norms / records[0].medians[:, None]).numpy())
+    assert (image["cmap"], image["norm"], image["clim"]) == ("magma", "LogNorm", (1.0, 20.0))
+    assert ax["xticks"] == ["<s>", "x\\ny", "\\$a\\$", "b", "c", "d"] and ax["yticks"] == ["0", "1", "2"]
+    assert (ax["title"], ax["xlabel"], ax["ylabel"]) == ("token norm per layer: a-rather-long-file-name.txt", "token", "layer")
+    assert bar["yticks"] == ["1", "2", "3", "5", "10", "20"] and bar["ylabel"] == "norm / median\n(log scale)"
+    assert drawn["token_norm_layers_1.png"]["axes"][0]["images"][0]["clim"] == (1.0, 10.0)  # at least a decade
+    assert captions["token_norm_layers_0.png"] == (
+        "a-rather-long-file-name.txt: the residual-stream norm of every token (columns) at every scanned layer (rows), divided "
+        "by the median norm of the input's tokens after the first at that layer; one log colour scale (1x to 20x). A "
+        "first-token sink is a bright first column from the layer where it forms; secondary outliers are isolated bright cells.")
+
+    # token strips at the peak layer: one colour scale for all (0 to the largest ratio after token 0), the sink clipped
+    ax, bar = drawn["token_norms_0.png"]["axes"]
+    cmap = colormaps["magma_r"]
+    ratios = [20.0, 1.0, 1.0, 6.0, 1.0, 1.0]
+    assert [b["face"] for b in ax["boxes"]] == [to_hex_alpha(cmap(min(r, 6.0) / 6.0)) for r in ratios]
+    assert [b["edge"] for b in ax["boxes"]] == ["#dc143cff"] + ["#00000000"] * 5  # the clipped sink is framed
+    assert [t["text"] for t in ax["texts"]] == ["<s> 20x", "x\\ny", "\\$a\\$", "b", "c", "d"]
+    assert [t["color"] for t in ax["texts"]] == ["#ffffffff", "#000000ff", "#000000ff", "#ffffffff", "#000000ff", "#000000ff"]
+    assert ax["title"] == "a-rather-long-file-name.txt: token norm / median at layer 1"
+    assert bar["ylim"] == (0.0, 6.0) and bar["ylabel"] == "norm / median" and bar["lines"][0]["y"].tolist() == [3.0, 3.0]
+    assert [drawn[f"token_norms_{k}.png"]["axes"][1]["ylim"] for k in range(4)] == [(0.0, 6.0)] * 4  # shared by every strip
+    assert captions["token_norms_0.png"] == (
+        "a-rather-long-file-name.txt: each token coloured by its norm / the median token norm at layer 1 (the peak outlier "
+        "layer), one colour scale for every strip (0 to 6.0x); tokens beyond it (the first-token sink) are clipped and show "
+        "their ratio.")
+    shown = [drawn[f"token_norms_{k}.png"]["axes"][0]["title"].split(":")[0] for k in range(1, 4)]
+    assert shown == ["t7.txt", "t6.txt", "t5.txt"]  # then the inputs with the largest ratio
+
+
+def to_hex_alpha(color) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(color, keep_alpha=True)
+
+
+def test_text_figures_without_attention_outliers_or_a_floor(drawn, tmp_path):
+    from tests.test_report import text_record, text_report
+
+    records = [text_record(200, "long.txt"), text_record(6, "short.txt")]
+    records[0].norms[:, 0] = 4.0
+    records[0].norms[1, 7] = 2.5  # the largest ratio (no outlier): layer 1
+    report = text_report(records, rule=OutlierRule(absolute=50.0)).to_dict()
+    figures = text_plots.text_figures(records, report, tmp_path)
+    assert [f.name for f in figures] == ["token_norm_layers_0.png", "token_norm_layers_1.png", "token_norms_0.png", "token_norms_1.png"]
+    strip = figures[2]
+    assert strip.caption.startswith("long.txt (first 160 of 200 tokens): each token coloured by its norm / the median token "
+                                    "norm at layer 1 (the layer with the largest norm ratio), one colour scale for every strip (0 to 3.0x)")
+    ax, bar = drawn["token_norms_0.png"]["axes"]
+    assert len(ax["boxes"]) == 160 and bar["lines"] == []  # an absolute threshold: no floor line on the scale
+    assert ax["ylim"] == (0.0, 10.0)  # 160 tokens, 16 a row
+    labels = drawn["token_norm_layers_0.png"]["axes"][0]["xticks"]
+    assert labels[:3] == ["t0", "t2", "t4"] and drawn["token_norm_layers_0.png"]["axes"][0]["xlabel"] == "token (one label every 2 tokens)"
