@@ -397,3 +397,301 @@ def test_text_figures_without_attention_outliers_or_a_floor(drawn, tmp_path):
     assert ax["ylim"] == (0.0, 10.0)  # 160 tokens, 16 a row
     labels = drawn["token_norm_layers_0.png"]["axes"][0]["xticks"]
     assert labels[:3] == ["t0", "t2", "t4"] and drawn["token_norm_layers_0.png"]["axes"][0]["xlabel"] == "token (one label every 2 tokens)"
+
+
+def _vision_inputs(n=5, layers=tuple(range(14))):
+    from PIL import Image
+
+    from tests.test_report import vision_record
+
+    records = []
+    for k in range(n):
+        out = {li: {5: 9.0 + k} for li in range(6, len(layers))} if 0 < k < 3 else {}
+        if k == 0:
+            out = {li: {5: 9.0, 6: 12.0} for li in range(6, len(layers))}
+        records.append(vision_record(f"dir/{k}-input-with-a-long-name.png", outliers_at=out, layers=layers,
+                                     cls_attention=torch.linspace(0, 1, 17) * (k + 1)))
+    inputs = [ImageInput(r.name, Image.new("RGB", (40, 30), (40 * k, 20, 30))) for k, r in enumerate(records)]
+    return records, inputs
+
+
+def test_vision_figures_draw_what_their_captions_say(drawn, tmp_path):
+    from PIL import Image
+
+    from tests.test_report import vision_report
+
+    records, inputs = _vision_inputs()
+    report = vision_report(records).to_dict()
+    figures = plots.vision_figures(records, inputs, report, tmp_path)
+    assert [f.name for f in figures] == ["artifact_overlay.png", *[f"norms_{k}.png" for k in range(4)], "norm_histogram.png",
+                                         "max_ratio_per_layer.png"]
+    captions = {f.name: f.caption for f in figures}
+    order = [0, 2, 1, 3]  # most outliers at the peak layer first, then the largest ratio; at most 4
+
+    # the signature picture: inputs with their outliers boxed, norm maps on one scale, CLS attention on one scale
+    fig = drawn["artifact_overlay.png"]
+    assert fig["suptitle"] == "high-norm tokens at layer 6, the peak outlier layer"
+    pictures, maps, attention, norm_bar, attention_bar = fig["axes"][0:4], fig["axes"][4:8], fig["axes"][8:12], fig["axes"][12], fig["axes"][13]
+    counts = ["2 outlier patches", "1 outlier patch", "1 outlier patch", "0 outlier patches"]
+    assert [ax["title"] for ax in pictures] == [f"{k}-input-with-a-long-n…\n{c}" for k, c in zip(order, counts)]
+    assert [ax["title_color"] for ax in pictures] == ["#dc143cff"] * 3 + ["#000000ff"]
+    for ax, k in zip(pictures, order):
+        np.testing.assert_array_equal(ax["images"][0]["data"], np.asarray(inputs[k].image.resize((56, 56), Image.BICUBIC)))
+    assert [(b["xy"], b["size"], b["edge"], b["fill"]) for b in pictures[0]["boxes"]] == [
+        ((0.0, 14.0), (14.0, 14.0), "#00ffffff", False), ((14.0, 14.0), (14.0, 14.0), "#00ffffff", False)]  # patches 4 and 5
+    for ax, k in zip(maps, order):
+        r = records[k]
+        np.testing.assert_allclose(ax["images"][0]["data"], (r.norms[6][1:] / r.medians[6]).reshape(4, 4).numpy())
+        assert (ax["images"][0]["cmap"], ax["images"][0]["clim"]) == (plots.NORM_CMAP, (0.0, 12.0))
+    for ax, k in zip(attention, order):
+        np.testing.assert_allclose(ax["images"][0]["data"], records[k].cls_attention[1:].reshape(4, 4).numpy())
+        assert (ax["images"][0]["cmap"], ax["images"][0]["clim"]) == ("viridis", (0.0625, 4.0))
+    assert [pictures[0]["ylabel"], maps[0]["ylabel"], attention[0]["ylabel"]] == ["input,\noutliers boxed", "token norm\nlayer 6",
+                                                                                   "CLS attention\nlayer 13"]
+    assert norm_bar["ylabel"] == plots.RATIO_LABEL and norm_bar["lines"][0]["y"].tolist() == [3.0, 3.0]
+    assert (norm_bar["lines"][0]["color"], norm_bar["lines"][0]["style"]) == ("#00ffffff", "--")
+    assert attention_bar["ylabel"] == "CLS attention\n(mean over heads)" and attention_bar["lines"] == []
+    assert captions["artifact_overlay.png"] == (
+        "The artifact picture (Darcet et al. 2024, Fig. 1-2) for the 4 input(s) with the most outlier tokens at layer 6, the "
+        "peak outlier layer. Top: the input as the model sees it, with its outlier patches (4 in all) boxed in cyan. Middle: "
+        "each patch's token norm divided by the median patch norm of that image, one colour scale for all panels (0 to 12.0x; "
+        "dashed line on the colorbar: the 3x outlier floor). Bottom: the attention CLS gives each patch at the last scanned "
+        "layer (13), mean over heads, one scale (0.062 to 4); artifact patches draw spikes of it.")
+
+    # per-input norm maps: 12 of the 14 layers, evenly spaced, one scale per input
+    fig = drawn["norms_0.png"]
+    assert fig["suptitle"] == "token norm per layer: 0-input-with-a-long-name.png"
+    shown = [0, 1, 2, 4, 5, 6, 7, 8, 9, 11, 12, 13]
+    panels, bar = fig["axes"][1:13], fig["axes"][13]
+    assert fig["axes"][0]["title"] == "input" and len(fig["axes"]) == 14
+    assert [ax["title"] for ax in panels] == [f"layer {l}\n" + ("2 outliers" if l >= 6 else " ") for l in shown]
+    assert [ax["title_color"] for ax in panels] == ["#dc143cff" if l >= 6 else "#000000ff" for l in shown]
+    assert {ax["images"][0]["clim"] for ax in panels} == {(0.0, 12.0)} and bar["ylabel"] == "norm / median"
+    np.testing.assert_allclose(panels[-1]["images"][0]["data"], (records[0].norms[13][1:] / records[0].medians[13]).reshape(4, 4).numpy())
+    assert bar["lines"][0]["y"].tolist() == [3.0, 3.0]
+    assert captions["norms_0.png"] == (
+        "0-input-with-a-long-name.png: the norm of every patch token at each layer (12 of the 14 scanned layers, evenly "
+        "spaced), divided by the median patch norm of this image at that layer, on one colour scale for all layers (0 to "
+        "12.0x). Outliers stand out as isolated bright patches; the panel title counts them.")
+    assert drawn["norms_3.png"]["axes"][13]["ylim"] == (0.0, 3.0)  # no outliers: the scale still reaches the floor
+
+    # the histogram at the peak layer, on a log count axis, with the floor
+    ax = drawn["norm_histogram.png"]["axes"][0]
+    assert len(ax["boxes"]) == 80 and ax["yscale"] == "log" and {b["face"] for b in ax["boxes"]} == {"#4682b4ff"}
+    assert sum(b["size"][1] for b in ax["boxes"]) == 5 * 16  # every patch of every input, once
+    assert ax["legend"] == ["outlier floor 3x median"] and ax["lines"][0]["x"].tolist() == [3.0, 3.0]
+    assert (ax["lines"][0]["color"], ax["lines"][0]["style"]) == ("#dc143cff", "--")
+    assert (ax["xlabel"], ax["ylabel"], ax["title"]) == ("token norm / median token norm of its input", "tokens (log scale)",
+                                                         "norm distribution at layer 6")
+    assert captions["norm_histogram.png"] == (
+        "Histogram of token norm / median over the 80 patch tokens of all 5 input(s) at layer 6. Artifacts make it bimodal "
+        "(Darcet et al. 2024, Fig. 3): a second mode far right of the floor.")
+
+    # per layer: the median and worst max/median ratios against the floor, the outlier share as bars
+    lines, bars = drawn["max_ratio_per_layer.png"]["axes"]
+    np.testing.assert_allclose(lines["lines"][0]["y"], [row["max_ratio"] for row in report["layers"]])
+    np.testing.assert_allclose(lines["lines"][1]["y"], [row["max_ratio_worst"] for row in report["layers"]])
+    assert [line["style"] for line in lines["lines"]] == ["-", ":", "--"] and lines["lines"][2]["y"].tolist() == [3.0, 3.0]
+    assert lines["legend"] == ["max/median (median over inputs)", "max/median (worst input)", "outlier floor"]
+    assert (lines["xlabel"], lines["ylabel"], lines["title"]) == ("layer", "max / median token norm", "artifact strength per layer")
+    np.testing.assert_allclose([b["size"][1] for b in bars["boxes"]], [100 * row["outlier_fraction"] for row in report["layers"]])
+    assert (bars["ylabel"], bars["ylabel_color"]) == ("outlier tokens (%)", "#dc143cff") and {b["face"][:7] for b in bars["boxes"]} == {"#dc143c"}
+    assert all(float(p).is_integer() for p in lines["xtick_pos"])
+    assert captions["max_ratio_per_layer.png"].startswith("Per layer: the largest token norm over the median one (lines; median")
+
+
+def test_vision_figures_without_outliers_attention_or_a_floor(drawn, tmp_path):
+    from tests.test_report import vision_record, vision_report
+
+    from PIL import Image
+
+    records = [vision_record(f"c{k}.png", layers=(0, 1, 2)) for k in range(2)]
+    records[1].norms[1, 9] = 2.5  # the largest ratio (not an outlier) is at layer 1
+    inputs = [ImageInput(r.name, Image.new("RGB", (56, 56))) for r in records]
+    report = vision_report(records, rule=OutlierRule(absolute=100.0)).to_dict()
+    figures = plots.vision_figures(records, inputs, report, tmp_path)
+    fig = drawn["artifact_overlay.png"]
+    assert fig["suptitle"] == "high-norm tokens at layer 1, the largest norm ratio (no outliers)"
+    assert len(fig["axes"]) == 2 * 2 + 1  # two rows (no CLS attention) and one colorbar, without a floor line
+    assert fig["axes"][-1]["lines"] == [] and fig["axes"][0]["title"] == "c1.png\n0 outlier patches"
+    assert figures[0].caption.startswith(
+        "The artifact picture (Darcet et al. 2024, Fig. 1-2) for the 2 input(s) with the most outlier tokens (here: none; the "
+        "ones with the largest norm ratio) at layer 1, the largest norm ratio (no outliers). Top:")
+    assert "Bottom" not in figures[0].caption and "(0 to 3.0x;" in figures[0].caption
+    assert drawn["norms_0.png"]["axes"][-1]["lines"] == [] and "scanned layers" not in figures[1].caption
+    assert drawn["norm_histogram.png"]["axes"][0]["legend"] is None and drawn["norm_histogram.png"]["axes"][0]["lines"] == []
+
+
+# -- every sentence of the page, for hand-made reports ---------------------------------------------------
+def _vision_full() -> dict:
+    report = _vision_report(has_artifacts=True, first_outlier_layer=6, outlier_layers=[6, 7, 9], peak_layer=7, outlier_fraction=0.0312,
+                            max_ratio=5.25, border_fraction=0.5, corner_fraction=0.125,
+                            neighbor_similarity={"outliers": 0.42, "others": 0.61}, sink_share=0.35, sink_share_cls=0.4)
+    report["outliers"] = [{"input": "a.png", "layer": 7, "token": 5, "norm": 8.4, "ratio": 8.4, "row": 0, "col": 4}]
+    for row in report["layers"]:
+        row["registers_norm_ratio"] = 3.0 + row["layer"] / 10 if row["layer"] > 2 else None
+    report["layers"][7]["outlier_fraction"] = 0.05
+    report["massive_activations"] = [{"input": "a.png", "layer": layer, "token": t, "channel": 100 + t, "value": (-1) ** t * 1000.0 * t}
+                                     for layer in (3, 4) for t in range(10)]
+    return report
+
+
+def _text_full(**summary) -> dict:
+    report = _vision_report(**{"has_artifacts": True, "has_first_token_sink": True, "first_token_attention_max": 0.8, "sink_epsilon": 0.55,
+                               "sink_share": 0.4, "has_massive_activations": True, "has_outliers": True, "outlier_layers": [2, 3],
+                               "outlier_fraction": 0.01, "max_ratio": None,
+                               "secondary_outliers": [{"text": f" w{i}", "count": 10 - i, "layers": [2, 3], "max_ratio": 4.0 + i} for i in range(6)],
+                               **summary})
+    report["modality"] = "text"
+    report["inputs"] = [{"name": "s.txt", "tokens": 93}, {"name": "t.txt", "tokens": 40}]
+    report["massive_activations"] = [{"input": "s.txt", "layer": 11, "token": 0, "channel": 507, "value": -24616.0},
+                                     {"input": "s.txt", "layer": 10, "token": 0, "channel": 507, "value": 20000.0}]
+    report["outliers"] = [{"input": "s.txt", "layer": 2, "token": 7, "norm": 9.0, "ratio": 6.5, "text": " the"}]
+    for row in report["layers"]:
+        row["first_token_attention"] = {3: 0.8, 4: 0.5, 5: 0.3, 9: 0.31}.get(row["layer"], 0.1)
+    return report
+
+
+def test_vision_findings_every_sentence():
+    report = _vision_full()
+    assert report_html.verdict(report) == (
+        "Artifacts found: high-norm outlier tokens from layers 6, 7, 9, 3.1 % of patches, up to 8.4× the median norm.", "bad")
+    massive = ("at token(s) 0, 1, 2, 3, 4, 5, 6, 7… in channel(s) 100, 101, 102, 103, 104, 105, 106, 107…, layers 3 to 4; "
+               "largest -9,000 (layer 3, token 9, channel 109)")
+    assert report_html.findings(report) == [
+        ("Inputs", "2 image(s), 224×224 px, 257 tokens each"),
+        ("Outlier tokens", "from layers 6, 7, 9, 3.1 % of patches, up to 8.4× the median norm (typical input: 5.2×)"),
+        ("Peak layer", "layer 7: 5.0 % of patches are outliers"),
+        ("Where they sit", "50 % on the image border (a random patch: 23 %), 12 % in a corner"),
+        ("Redundant patches?", "outlier patches resemble their 4 neighbours no more than others do: input-embedding cosine 0.42 vs "
+                               "0.61 (artifacts take redundant background patches)"),
+        ("Attention they draw", "after layer 6, the other tokens send 35.0 % of their attention to the outliers; CLS sends 40.0 %"),
+        ("Trained registers", "median norm up to 4.1× the median patch norm (they carry what artifacts carried)"),
+        ("Massive activations", massive),
+    ]
+    report["summary"].update(has_artifacts=False, outlier_layers=[6], border_fraction=None, neighbor_similarity={"outliers": 0.7, "others": None},
+                             sink_share=None)
+    report["settings"]["attention"] = False
+    for row in report["layers"]:
+        row["appended_norm_ratio"], row["registers_norm_ratio"] = 2.5, None
+    assert report_html.verdict(report) == ("No artifacts found: outlier patches at layer 6 only; artifacts persist over at least 2 layers.", "good")
+    rows = dict(report_html.findings(report))
+    assert rows["Outlier tokens"] == ("from layer 6, 3.1 % of patches, up to 8.4× the median norm (typical input: 5.2×); at a single layer "
+                                      "only, so not counted as persistent artifacts")
+    assert rows["Where they sit"] == "not measured"
+    assert rows["Redundant patches?"].startswith("outlier patches resemble their 4 neighbours more than others do: input-embedding cosine 0.70 vs 0.00")
+    assert rows["Attention they draw"] == "not measured (the scan ran without attention, --no-attention)"
+    assert rows["Test-time registers"] == "median norm up to 2.5× the median patch norm (they carry what artifacts carried)"
+    assert "Trained registers" not in rows
+    report["settings"]["attention"] = True
+    assert dict(report_html.findings(report))["Attention they draw"] == "none (no outliers after the first outlier layer)"
+    report["summary"]["neighbor_similarity"] = None
+    assert dict(report_html.findings(report))["Redundant patches?"] == "not measured"
+
+    empty = _vision_report()
+    for row in empty["layers"]:
+        row["max_ratio_worst"] = None
+    empty["inputs"] = []
+    assert report_html.verdict(empty) == ("No artifacts found:", "good")
+    assert report_html.findings(empty) == [("Inputs", "none"), ("Outlier tokens", "none (no patches to compare)"),
+                                           ("Massive activations", "none (|a| > 100 and > 1000× the layer's median)")]
+    clean = _vision_report()
+    clean["inputs"][1]["image_size"] = [112, 224]
+    assert dict(report_html.findings(clean))["Inputs"] == "2 image(s), 112×224 px, 224×224 px, 257 tokens each"
+    assert dict(report_html.findings(clean))["Outlier tokens"] == ("none: the largest patch norm is 2.50× the median of its input (an outlier "
+                                                                   "needs 3× or more)")
+    assert report_html.verdict(_vision_report(has_artifacts=None)) == (
+        "Not enough to judge: too little was measured for a verdict (see the rows below).", "unsure")
+
+
+def test_text_findings_every_sentence():
+    report = _text_full()
+    assert report_html.verdict(report) == (
+        "Artifacts found: a first-token attention sink (up to 80 % of attention), massive activations (up to 24,616 at token 0) "
+        "and high-norm outlier tokens from layers 2 to 3 (up to 6.5× the median norm).", "bad")
+    words = "; ".join(f"' w{i}' {10 - i}× (layers 2 to 3, up to {4.0 + i:.1f}×)" for i in range(5))  # five at most
+    assert report_html.findings(report) == [
+        ("Inputs", "2 text(s), 40 to 93 tokens"),
+        ("First-token sink", "yes: up to 80 % of attention lands on the first token (layer 3), 40 % on average over layers; 30 % or more "
+                             "in layers 3, 4, 5, 9"),
+        ("Sink heads (Sink_ε)", "55 % of (input, layer, head) give the first token more than 0.3 of their attention on average"),
+        ("Massive activations", "at token(s) 0 in channel(s) 507, layers 10 to 11; largest -24,616 (layer 11, token 0, channel 507)"),
+        ("Outlier tokens", "from layers 2 to 3, 1.0 % of tokens, up to 6.5× the median norm"),
+        ("Which tokens", words),
+    ]
+    quiet = _text_full(has_artifacts=False, has_first_token_sink=False, has_massive_activations=False, has_outliers=False,
+                       first_token_attention_max=0.2, secondary_outliers=[])
+    for row in quiet["layers"]:
+        row["first_token_attention"] = None
+    quiet["massive_activations"] = []
+    quiet["inputs"] = [{"name": "s.txt", "tokens": 5}]
+    assert report_html.verdict(quiet) == ("No artifacts found: no first-token sink, no massive activations, no persistent outlier tokens.", "good")
+    rows = dict(report_html.findings(quiet))
+    assert rows["Inputs"] == "1 text(s), 5 tokens" and "Which tokens" not in rows
+    assert rows["First-token sink"] == "no: up to 20 % of attention lands on the first token, 40 % on average over layers"
+    assert report_html.verdict(_text_full(has_first_token_sink=False, has_massive_activations=False, has_outliers=False)) == (
+        "Artifacts found: see below.", "bad")
+    unmeasured = _text_full(has_artifacts=False, first_token_attention_max=None, sink_epsilon=None)
+    assert report_html.verdict(unmeasured) == (
+        "No artifacts found in what was measured: no massive activations, no persistent outlier tokens; the first-token sink was not "
+        "measured (no token had enough earlier tokens to measure it).", "unsure")
+    assert report_html.findings(unmeasured)[1:3] == [
+        ("First-token sink", "not measured (no token had enough earlier tokens to measure it)"),
+        ("Sink heads (Sink_ε)", "not measured (no token had enough earlier tokens to measure it)")]
+
+
+def test_page_structure_tables_and_figures(tmp_path):
+    vision, text = _vision_full(), _text_full()
+    vision["model"], text["model"] = "org/vit", "lm"
+    vision["figures"], vision["figure_captions"] = ["a.png"], {"a.png": "A <caption> & more"}
+    (tmp_path / "a.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "lm").mkdir()
+    text["figures"], text["figure_captions"] = ["b.png"], {}
+    (tmp_path / "lm" / "b.png").write_bytes(b"png b")
+    text["outliers"] = [{"input": "s.txt", "layer": 2, "token": t, "norm": 9.0, "ratio": 1.0 + t, "text": f" t{t}"} for t in range(35)]
+    text["massive_activations"] = [{"input": "s.txt", "layer": 1, "token": 0, "channel": c, "value": float(c * (-1) ** c)} for c in range(25)]
+    page = report_html.render([(vision, ""), (text, "lm")], root=tmp_path)
+    assert page.startswith('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">')
+    assert "<style>\nbody { font-family: system-ui, sans-serif;" in page and ".bad { background: #fde2e1;" in page
+    assert "<p>sinkless 0 · high-norm tokens, attention sinks and massive activations, layer by layer.</p>" in page
+    assert ('<li><a href="#org_vit">org/vit</a>: Artifacts found: high-norm outlier tokens from layers 6, 7, 9, 3.1 % of patches, up '
+            'to 8.4× the median norm.</li>') in page
+    vision_part, text_part = page.split('<section id="org_vit">')[1].split('<section id="lm">')
+    assert "<h2>org/vit (vision, 2 inputs)</h2>" in vision_part and '<p class="verdict bad">' in vision_part
+    assert ('<figure><img src="data:image/png;base64,iVBORyBmYWtl" alt="a.png"><figcaption><b>a.png</b>: A &lt;caption&gt; &amp; '
+            'more</figcaption></figure>') in vision_part
+    assert '<img src="data:image/png;base64,cG5nIGI=" alt="b.png"><figcaption><b>b.png</b>: </figcaption>' in text_part
+    assert "<tr><td class=k>Peak layer</td><td>layer 7: 5.0 % of patches are outliers</td></tr>" in vision_part
+    assert ("<p>Outlier rule: <code>norm &gt; 3 x median</code>; a layer counts when at least\n0.2 % of its patches are outliers.</p>"
+            in vision_part)
+    head = ("<tr><th>layer</th><th>median norm</th><th>max norm</th><th>max / median</th><th>max / median, worst input</th>"
+            "<th>outlier tokens</th>")
+    assert head + "<th>attention to outliers, from CLS</th><th>from patches</th></tr>" in vision_part
+    assert head + "<th>first-token attention</th><th>Sink_ε heads</th></tr>" in text_part
+    assert ("<tr><td>7</td><td>1</td><td>2</td><td>2.00×</td><td>2.50×</td><td>5.00 %</td><td>" + report_html.NOT_APPLICABLE + "</td>"
+            in vision_part)
+    assert "<td>80.00 %</td>" in text_part  # first-token attention of layer 3
+    # top outliers: the largest ratio first, at most 30; text rows show the token text
+    top = text_part.split("<h3>Top outlier tokens</h3>")[1].split("</table>")[0]
+    assert top.count("<tr>") == 31 and top.index("<td>35.00×</td>") < top.index("<td>34.00×</td>")
+    assert "<th>text</th>" in top and "<td>&#x27; t34&#x27;</td>" in top and "<td>35.00×</td><td>&#x27; t34&#x27;</td>" in top
+    assert "<th>row</th><th>column</th>" in vision_part.split("<h3>Top outlier tokens</h3>")[1]
+    massive = text_part.split("<h3>Massive activations</h3>")[1].split("</table>")[0]
+    assert massive.count("<tr>") == 21 and massive.index("<td>-23</td>") < massive.index("<td>22</td>")
+    words = text_part.split("<h3>Outlier tokens by text</h3>")[1].split("</table>")[0]
+    assert "<th>token</th><th>times</th><th>layers</th><th>up to (norm / median)</th>" in words
+    assert "<td>&#x27; w0&#x27;</td><td>10</td><td>layers 2 to 3</td><td>4.00×</td>" in words
+    raw = vision_part.split("<details>")[1]
+    assert "<tr><td class=k>outlier_layers</td><td>[6, 7, 9]</td></tr>" in raw and "<td class=k>max_ratio</td><td>5.25</td>" in raw
+    assert '<tr><td class=k>neighbor_similarity</td><td>{&quot;outliers&quot;: 0.42, &quot;others&quot;: 0.61}</td></tr>' in raw
+    linked = report_html.render([(vision, "sub")])  # no root: figures are linked, not embedded
+    assert '<img src="sub/a.png" alt="a.png">' in linked
+    vision["figures"], vision["outliers"], vision["massive_activations"] = [], [], []
+    bare = report_html.render([(vision, "")])
+    assert "<h3>Figures</h3><p>none</p>" in bare and "<h3>Top outlier tokens</h3><p>none</p>" in bare
+    assert "<h3>Massive activations</h3><p>none</p>" in bare and "Outlier tokens by text" not in bare
+    vision["settings"]["attention"] = False
+    vision["summary"]["sink_share"] = vision["summary"]["border_fraction"] = None
+    off = report_html.render([(vision, "")]).split("<details>")[1]
+    assert '<tr><td class=k>sink_share</td><td><span class="na">not measured</span></td></tr>' in off
+    assert f"<tr><td class=k>border_fraction</td><td>{report_html.NOT_APPLICABLE}</td></tr>" in off
