@@ -39,6 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stage1.add_argument("--features", choices=["output", "keys", "residual"], default=None,
                         help="what to denoise: the last layer's output after the final norm (default, as DVT), its keys, or the raw residual stream")
     stage1.add_argument("--layer", type=int, default=None, metavar="L", help="layer to read (default -1: the last)")
+    stage1.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="area of the random crops, as a share of the image (default 0.5 1.0; DVT's reference: 0.1 0.5)")
+    stage1.add_argument("--flip", action="store_true", help="also flip half of the crops left-right (DVT's reference does)")
+    stage1.add_argument("--amp", choices=["auto", "bf16", "off"], default=None,
+                        help="bf16 autocast for the crops' forwards: auto (default: CUDA, CPUs with AMX/AVX512-BF16), bf16, off")
     stage1.add_argument("--seed", type=int, default=0)
     stage1.add_argument("--no-figures", action="store_true", help="Stage 1: features and JSON only")
     stage2 = parser.add_argument_group("Stage 2")
@@ -46,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stage2.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per training step (default 8)")
     stage2.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4)")
     stage2.add_argument("--holdout", type=int, default=None, metavar="N", help="keep the last N images out of training and report on them")
+    stage2.add_argument("--view-pairs", type=int, default=None, metavar="K",
+                        help="per image, K of its Stage-1 crops also train the block (their features -> F at their centres; default 8, 0: only the whole image)")
     stage2.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N images of --images")
     stage2.add_argument("--resume", action="store_true", help="continue an interrupted training run in --out")
     add_device_args(parser)
@@ -60,13 +67,15 @@ def run(args: argparse.Namespace) -> int:
     from sinkless.denoise import DenoiserSettings, Stage1Settings
     from sinkless.denoise.run import denoise_files, train_from_folder
 
-    stage1 = Stage1Settings(seed=args.seed, **_given(args, {"views": "views", "steps": "steps", "field": "field", "features": "features", "layer": "layer"}))
+    stage1 = Stage1Settings(seed=args.seed, **_given(args, {"views": "views", "steps": "steps", "field": "field", "features": "features", "layer": "layer",
+                                                            "amp": "amp"}),
+                            **({"scale": tuple(args.crop_scale)} if args.crop_scale else {}), **({"flip": True} if args.flip else {}))
     if args.train_denoiser:
         if args.inputs:
             raise SinklessError("--train-denoiser reads its images from --images, not from INPUTs", fix="move the INPUTs into one folder and pass --images DIR")
         if not args.images:
             raise SinklessError("--train-denoiser needs --images DIR", fix="pass a folder of training images")
-        settings = DenoiserSettings(**_given(args, {"train_steps": "steps", "batch_size": "batch", "lr": "lr", "holdout": "holdout"}))
+        settings = DenoiserSettings(**_given(args, {"train_steps": "steps", "batch_size": "batch", "lr": "lr", "holdout": "holdout", "view_pairs": "view_pairs"}))
         summary = train_from_folder(args.model, args.images, args.out, settings, stage1, resume=args.resume, device=args.device,
                                     dtype=args.dtype, limit=args.limit, progress=not args.quiet)
         timing = summary["stage1_timing"]

@@ -16,7 +16,10 @@ output is F on the image's own patch centres.
 
 How this differs from the reference (docs/DENOISE.md has the list): pure PyTorch fields instead of
 tiny-cuda-nn; patch centres instead of edge-to-edge coordinates; fewer views and steps, chosen by the
-quality-vs-time benchmark, so that one ViT-S/14 image at 224 px takes seconds on a CPU; the fit runs
+quality-vs-time benchmark, so that one ViT-S/14 image at 224 px takes seconds on a CPU; crops of 50-100 %
+of the image without flips instead of 10-50 % with flips (at a 16 x 16 grid the reference's zoomed and
+mirrored views pull F far from the image's own features, cosine 0.87 to them on an artifact-free model,
+and cost a dense probe 6.6 mIoU; these views keep 0.93 and gain 1.4-2.0: docs/RESULTS.md); the fit runs
 on standardised features (F's output layer starts at the mean feature) with the loss in raw units;
 G's grid mean is kept at zero (a constant belongs to F, so the clean features keep the model's mean);
 no GradScaler quirk (the reference scales the loss by 2^10 without unscaling: its weight decay is
@@ -42,7 +45,7 @@ from tqdm.auto import tqdm
 
 from sinkless.denoise.field import make_field
 from sinkless.denoise.views import Views, feature_reader, make_views
-from sinkless.devices import model_device
+from sinkless.devices import model_device, resolve_amp
 from sinkless.errors import SinklessError
 from sinkless.images import to_pixels
 
@@ -65,15 +68,15 @@ class Stage1Settings:
     residual_from: float = 0.5  # h switches on and G freezes after this share of the steps
     residual_weight: float = 0.1
     sparsity: float = 0.02
-    scale: tuple[float, float] = (0.1, 0.5)
+    scale: tuple[float, float] = (0.5, 1.0)  # crop area; DVT: (0.1, 0.5) with flips (docs/DENOISE.md: why not here)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
+    flip: bool = False
     features: str = "output"  # output | keys | residual (see sinkless.denoise.views)
     layer: int = -1
     view_batch: int = 16
     rank: int = 96  # the fit lives in the image's top-`rank` principal subspace (0: all D dimensions)
     seed: int = 0
-    amp: bool = True  # bf16 autocast for the ViT forwards on CUDA
+    amp: str | bool = "auto"  # bf16 autocast for the ViT forwards: auto (CUDA, CPUs with AMX/AVX512-BF16), bf16, off
     field_options: dict = _field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,7 @@ class Stage1Settings:
             raise SinklessError("warmup must be in [0, 1) and residual_from in (0, 1]")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise SinklessError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        resolve_amp(self.amp, "cpu")  # a known choice
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -241,6 +245,8 @@ class Stage1Result:
     settings: dict
     timings: dict
     curve: list[dict] = _field(default_factory=list)
+    view_raw: torch.Tensor | None = None  # (K, h, w, D) features of K of the crops (``denoise_image(view_pairs=K)``)
+    view_clean: torch.Tensor | None = None  # (K, h, w, D) F at those crops' patch centres: their clean targets
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -282,10 +288,14 @@ def denoise_image(
     *,
     progress: bool = False,
     size: int | tuple[int, int] | None = None,
+    view_pairs: int = 0,
 ) -> Stage1Result:
     """Stage 1 on one image (PIL, resized to the model's input size, or a (1, 3, H, W) pixel tensor).
 
-    Runs where the model is (CPU or CUDA); the fit runs on the same device.
+    Runs where the model is (CPU or CUDA); the fit runs on the same device. ``view_pairs``: also return
+    the raw features of that many of the crops and F at their patch centres (``view_raw``, ``view_clean``):
+    more (raw, clean) pairs for training Stage 2 at no extra forward pass, since every crop sees the
+    model's position-tied artifact at its grid positions and F is the image's clean signal wherever it is seen.
     """
     started = time.perf_counter()
     device = model_device(loaded.model)
@@ -310,5 +320,9 @@ def denoise_image(
          "device": str(device)},
         curve,
     )
+    if view_pairs:
+        chosen = torch.arange(min(view_pairs, views.features.shape[0] - 1))  # the first crops (random already)
+        result.view_raw = views.features[chosen].cpu()
+        result.view_clean = model.clean(views.coords[chosen]).cpu()
     log.debug("stage 1: %s", result.summary())
     return result

@@ -7,6 +7,11 @@ Because the position embedding is learned on the model's patch grid, the block c
 position-tied artifact of any image in one forward pass. Other grids resample the embedding
 bicubically (timm's ``resample_abs_pos_embed``). No final norm after the block (as in DVT).
 
+Initialisation: ``identity`` (default) zeroes the position embedding and the last layer of both residual
+branches, so the untrained block returns its input exactly and training adds only the change the targets
+ask for; DVT's own ``dvt`` (timm's truncated normal 0.02 everywhere, position embedding randn · 0.02)
+starts from a random perturbation that a CPU-sized training set has to learn away first (docs/RESULTS.md).
+
 Saved as ``denoiser.safetensors`` (weights; the config in its metadata) plus ``config.json``.
 Training (``train_denoiser``) lives in ``sinkless.denoise.train``; applying it to a model is a hook
 (``sinkless.denoise.hook``).
@@ -30,10 +35,11 @@ from sinkless._io import atomic_path, atomic_write_json
 from sinkless._version import __version__
 from sinkless.errors import SinklessError
 
-__all__ = ["DenoiserConfig", "Denoiser", "save_denoiser", "load_denoiser", "WEIGHTS", "CONFIG"]
+__all__ = ["DenoiserConfig", "Denoiser", "save_denoiser", "load_denoiser", "WEIGHTS", "CONFIG", "INITS"]
 
 WEIGHTS = "denoiser.safetensors"
 CONFIG = "config.json"
+INITS = ("identity", "dvt")
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,10 @@ class _Attention(nn.Module):
 class Denoiser(nn.Module):
     """``forward(features (B, h, w, D)) -> denoised (B, h, w, D)``: + position embedding, one transformer block."""
 
-    def __init__(self, config: DenoiserConfig) -> None:
+    def __init__(self, config: DenoiserConfig, *, init: str = "identity") -> None:
         super().__init__()
+        if init not in INITS:
+            raise SinklessError(f"unknown denoiser init {init!r}", fix=f"choose one of {', '.join(INITS)}")
         self.config = config
         dim, hidden = config.dim, int(config.dim * config.mlp_ratio)
         self.pos_embed = nn.Parameter(torch.randn(1, config.grid[0] * config.grid[1], dim) * 0.02)  # (1, P, D)
@@ -96,6 +104,10 @@ class Denoiser(nn.Module):
             if isinstance(module, nn.Linear):  # timm's ViT initialisation
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
+        if init == "identity":  # the block starts as the identity: it learns only the change the targets ask for
+            nn.init.zeros_(self.pos_embed)
+            nn.init.zeros_(self.attn.proj.weight)
+            nn.init.zeros_(self.mlp[2].weight)
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """(1, h·w, D) the learned embedding, resampled bicubically to ``grid`` when it differs."""

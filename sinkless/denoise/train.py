@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sinkless._io import atomic_path, atomic_write_json
 from sinkless._version import __version__
 from sinkless.denoise.stage1 import Stage1Settings, denoise_image
-from sinkless.denoise.stage2 import CONFIG, WEIGHTS, Denoiser, DenoiserConfig, save_denoiser
+from sinkless.denoise.stage2 import CONFIG, INITS, WEIGHTS, Denoiser, DenoiserConfig, save_denoiser
 from sinkless.denoise.views import check_model
 from sinkless.devices import resolve_device
 from sinkless.errors import SinklessError
@@ -58,6 +58,8 @@ class DenoiserSettings:
     holdout: int = 0  # the last N images are not trained on; the log reports the denoiser on them
     seed: int = 0
     checkpoint_every: int = 200
+    init: str = "identity"  # identity (the block starts as the identity) or dvt (DVT's random init); see stage2.Denoiser
+    view_pairs: int = 8  # per training image, this many of its Stage-1 crops join as (raw, F at their centres) pairs
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "checkpoint_every"):
@@ -67,6 +69,10 @@ class DenoiserSettings:
             raise SinklessError(f"the learning rate must be a positive number, got {self.lr}")
         if self.holdout < 0:
             raise SinklessError(f"holdout must be >= 0, got {self.holdout}")
+        if not isinstance(self.view_pairs, int) or self.view_pairs < 0:
+            raise SinklessError(f"view_pairs must be a whole number >= 0, got {self.view_pairs!r}")
+        if self.init not in INITS:
+            raise SinklessError(f"unknown denoiser init {self.init!r}", fix=f"choose one of {', '.join(INITS)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,13 +113,15 @@ def _target_path(folder: Path, index: int, name: str) -> Path:
     return folder / f"{index:05d}_{safe}.safetensors"
 
 
-def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """(N, h, w, D) raw and clean features of every image, fitted now or read back from ``folder``."""
+def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, progress: bool,
+                    view_pairs: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(N, h, w, D) raw and clean features of every image, fitted now or read back from ``folder``, and per
+    image ``view_pairs`` crops' (raw, clean) features ((K, h, w, D) each, float16)."""
     from safetensors.torch import load_file, save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "settings.json"
-    wanted = {"model": loaded.name, "stage1_settings": settings.to_dict()}
+    wanted = {"model": loaded.name, "stage1_settings": settings.to_dict(), "view_pairs": view_pairs}
     if manifest.exists():
         import json
 
@@ -122,23 +130,27 @@ def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, prog
                                 fix="resume with the same command line as the first run, or use a new --out folder")
     else:
         atomic_write_json(manifest, wanted)
-    raws, cleans, seconds = [], [], []
+    raws, cleans, seconds, pairs = [], [], [], []
     for i, (name, image) in enumerate(tqdm(images, desc="stage 1 targets", disable=not progress)):
         path = _target_path(folder, i, name)
         if path.exists():
             tensors = load_file(str(path))
         else:
-            result = denoise_image(loaded, image, settings)
+            result = denoise_image(loaded, image, settings, view_pairs=view_pairs)
             tensors = {"raw": result.raw.contiguous(), "clean": result.clean.contiguous()}
+            if view_pairs:
+                tensors |= {"view_raw": result.view_raw.half().contiguous(), "view_clean": result.view_clean.half().contiguous()}
             with atomic_path(path, suffix=".safetensors") as tmp:
                 save_file(tensors, str(tmp), metadata={"image": name, "seconds": f"{result.timings['total_s']:.3f}"})
             seconds.append(result.timings["total_s"])
         raws.append(tensors["raw"])
         cleans.append(tensors["clean"])
+        if view_pairs:
+            pairs.append((tensors["view_raw"], tensors["view_clean"]))
     shapes = {tuple(t.shape) for t in raws}
     if len(shapes) != 1:
         raise SinklessError(f"stage-1 targets of different shapes {sorted(shapes)} in {folder}", fix="use a new --out folder")
-    return torch.stack(raws), torch.stack(cleans), seconds
+    return torch.stack(raws), torch.stack(cleans), seconds, pairs
 
 
 def train_denoiser(
@@ -164,25 +176,28 @@ def train_denoiser(
     device = resolve_device(device)
     loaded.model.to(device)
     started = time.perf_counter()
-    raw, clean, seconds = _stage1_targets(loaded, images, out / TARGETS, stage1, progress)
+    raw, clean, seconds, pairs = _stage1_targets(loaded, images, out / TARGETS, stage1, progress, settings.view_pairs)
     stage1_done = time.perf_counter()
     n_train = len(images) - settings.holdout
     raw, clean = raw.to(device), clean.to(device)  # (N, h, w, D)
+    # training pairs: every training image's whole view (float32) and its crops' pairs (float16, widened per batch)
+    train_raw = torch.cat([raw[:n_train].half(), *(r.to(device) for r, _ in pairs[:n_train])]) if pairs else raw[:n_train]
+    train_clean = torch.cat([clean[:n_train].half(), *(c.to(device) for _, c in pairs[:n_train])]) if pairs else clean[:n_train]
     config = DenoiserConfig(dim=raw.shape[-1], grid=tuple(raw.shape[1:3]), features=stage1.features, layer=stage1.layer, model=loaded.name)
     torch.manual_seed(settings.seed)
-    denoiser = Denoiser(config).to(device)
+    denoiser = Denoiser(config, init=settings.init).to(device)
 
     def step(t: int, generator: torch.Generator) -> dict:
-        index = torch.randint(n_train, (settings.batch,), generator=generator).to(device)  # (B,)
-        pred = denoiser(raw[index])  # (B, h, w, D)
-        return {"loss": denoising_loss(pred, clean[index])}  # the loop detaches what it logs
+        index = torch.randint(len(train_raw), (settings.batch,), generator=generator).to(device)  # (B,)
+        pred = denoiser(train_raw[index].float())  # (B, h, w, D)
+        return {"loss": denoising_loss(pred, train_clean[index].float())}  # the loop detaches what it logs
 
     train_settings = TrainSettings(
         steps=settings.steps, lr=settings.lr, final_lr=settings.final_lr, schedule="cosine", warmup=int(settings.warmup * settings.steps),
         weight_decay=settings.weight_decay, betas=(0.9, 0.999), seed=settings.seed, checkpoint_every=settings.checkpoint_every,
     )
     meta = {
-        "job": "dvt-stage2", "model": loaded.name, "n_images": len(images), "n_train": n_train, "images": [n for n, _ in images],
+        "job": "dvt-stage2", "model": loaded.name, "n_images": len(images), "n_train": n_train, "n_pairs": len(train_raw), "images": [n for n, _ in images],
         "denoiser": config.to_dict(), "denoiser_settings": settings.to_dict(), "stage1_settings": stage1.to_dict(),
     }
     meta["job_key"] = {k: v for k, v in meta.items() if k != "denoiser_settings"} | {"settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every")}}

@@ -1,8 +1,9 @@
 """The views of one image that DVT's Stage 1 fits (Yang et al. 2024), and the features a ViT gives for them.
 
-A view is a random resized crop of the image (area 10-50 %, aspect 3/4-4/3, flipped with p = 0.5),
-resampled to the model's input size, exactly DVT's ``RandomResizedCropFlip``; the uncropped image is
-the last view. Every patch of every view gets the image coordinates of its *centre* (DVT uses
+A view is a random resized crop of the image (area and aspect ranges are settings: DVT's
+``RandomResizedCropFlip`` uses area 10-50 %, aspect 3/4-4/3, flipped with p = 0.5; ``Stage1Settings``
+defaults to area 50-100 % without flips, measured better here), resampled to the model's input size;
+the uncropped image is the last view. Every patch of every view gets the image coordinates of its *centre* (DVT uses
 edge-to-edge ``linspace`` coordinates, which put a view's border patches on the crop's border; the
 centre is where the patch actually looks). Crops are rendered for all views at once with
 ``affine_grid`` + bicubic ``grid_sample`` (crops are only ever enlarged, so no antialiasing is needed).
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from sinkless.adapters import Modality
+from sinkless.devices import autocast, resolve_amp
 from sinkless.errors import SinklessError
 from sinkless.hooks import hooks, stop_after
 
@@ -147,29 +149,36 @@ def make_views(
     n_views: int,
     generator: torch.Generator,
     *,
-    scale: tuple[float, float] = (0.1, 0.5),
+    scale: tuple[float, float] = (0.5, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
+    flip: bool = False,
     batch_size: int = 16,
-    amp: bool = False,
+    amp: str | bool = False,
     progress_bar=None,
 ) -> Views:
-    """``n_views`` random crops of ``pixels`` (1, 3, H, W) plus the whole image, and their features."""
+    """``n_views`` random crops of ``pixels`` (1, 3, H, W) plus the whole image, and their features.
+
+    ``amp``: the crops' forwards in bf16 autocast (``devices.resolve_amp``: ``auto`` where the hardware has
+    native bf16); the whole image is always read in the model's own precision, so the returned raw
+    features are exactly the model's."""
     height, width = pixels.shape[-2:]
     boxes = sample_boxes(n_views, generator, scale=scale, ratio=ratio, aspect=width / height)
     flips = torch.rand(n_views, generator=generator) < 0.5 if flip else torch.zeros(n_views, dtype=torch.bool)
-    boxes = torch.cat([boxes, torch.tensor([[0.0, 0.0, 1.0, 1.0]])])  # the uncropped image, last
-    flips = torch.cat([flips, torch.tensor([False])])
-    use_amp = amp and pixels.device.type == "cuda"
+    use_amp = resolve_amp(amp, pixels.device)  # bf16 where the hardware has it natively (devices.resolve_amp)
     chunks = []
-    for start in range(0, len(boxes), batch_size):
+    for start in range(0, n_views, batch_size):
         b, f = boxes[start : start + batch_size], flips[start : start + batch_size]
         batch = render(pixels, b, f)
         whole = (b[:, 2] >= 1) & (b[:, 3] >= 1) & ~f
-        batch[whole] = pixels  # the uncropped view is the image itself, not a resampled copy
-        with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext():
+        batch[whole] = pixels  # an uncropped view is the image itself, not a resampled copy
+        with autocast(pixels.device, use_amp, cpu=True):
             chunks.append(read(batch).float())
         if progress_bar is not None:
             progress_bar.update(len(b))
+    chunks.append(read(pixels).float())  # the uncropped image, last, in full precision
+    if progress_bar is not None:
+        progress_bar.update(1)
+    boxes = torch.cat([boxes, torch.tensor([[0.0, 0.0, 1.0, 1.0]])])
+    flips = torch.cat([flips, torch.tensor([False])])
     features = torch.cat(chunks)  # (V, h, w, D)
     return Views(features, patch_centres(boxes, flips, features.shape[1:3]).to(features.device), boxes, flips)

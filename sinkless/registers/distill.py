@@ -85,6 +85,7 @@ class DistillSettings:
     crop_scale: tuple[float, float] = (0.35, 1.0)  # crop side / shorter image side
     train: tuple[str, ...] = ("registers", "positions", "patch_embed", "blocks")
     train_blocks: int = 1  # how many of the last blocks train when "blocks" is in ``train``
+    part_lr: tuple[tuple[str, float], ...] = ()  # ((part, multiplier), ...): e.g. (("positions", 0.1),) for a slower part
     register_std: float | None = None  # init of the new registers; None: 1/sqrt(D) (PH-Reg)
     mse_weight: float = 1.0
     seed: int = 0
@@ -116,6 +117,11 @@ class DistillSettings:
         unknown = sorted(set(self.train) - set(PARTS))
         if unknown or not self.train:
             raise SinklessError(f"unknown trainable parts {unknown or '(none given)'}", fix=f"choose from {', '.join(PARTS)}")
+        for part, multiplier in self.part_lr:
+            if part not in self.train or part == "all":
+                raise SinklessError(f"part_lr names {part!r}, which is not among the trained parts {list(self.train)}")
+            if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
+                raise SinklessError(f"the learning-rate multiplier of {part} must be a positive number, got {multiplier!r}")
         self.view_settings()  # views, max_shift, fill
         self.train_settings()  # steps, schedule, checkpoint_every...
         resolve_amp(self.amp, "cpu")  # a known choice
@@ -243,6 +249,11 @@ def _crops(images: Sequence[Image.Image], n: int, settings: DistillSettings, spe
 # -- the student -----------------------------------------------------------------------------------
 def trainable_parameters(student: nn.Module, adapter: Adapter, parts: Sequence[str], train_blocks: int = 1) -> dict[str, nn.Parameter]:
     """Freeze ``student`` except ``parts`` (see ``PARTS``); the trainable parameters by name."""
+    return {name: p for name, (p, _) in _trainable(student, adapter, parts, train_blocks).items()}
+
+
+def _trainable(student: nn.Module, adapter: Adapter, parts: Sequence[str], train_blocks: int = 1) -> dict[str, tuple[nn.Parameter, str]]:
+    """``trainable_parameters`` with the part each parameter belongs to (``all`` when only ``all`` names it)."""
     embeddings = adapter.patch_embed.rpartition(".")[0]
     n_layers = adapter.num_layers(student)
     if train_blocks > n_layers:
@@ -250,19 +261,20 @@ def trainable_parameters(student: nn.Module, adapter: Adapter, parts: Sequence[s
     blocks = tuple(adapter.block(i) + "." for i in range(n_layers - train_blocks, n_layers))
     register = register_parameter_name(student)
 
-    def wanted(name: str) -> bool:
-        return (
-            "all" in parts
-            or ("registers" in parts and name == register)
-            or ("positions" in parts and name.startswith(embeddings + ".") and "position_embedding" in name)
-            or ("patch_embed" in parts and name.startswith(adapter.patch_embed + "."))
-            or ("blocks" in parts and name.startswith(blocks))
-            or ("final_norm" in parts and adapter.final_norm is not None and name.startswith(adapter.final_norm + "."))
+    def part(name: str) -> str | None:
+        checks = (
+            ("registers", name == register),
+            ("positions", name.startswith(embeddings + ".") and "position_embedding" in name),
+            ("patch_embed", name.startswith(adapter.patch_embed + ".")),
+            ("blocks", name.startswith(blocks)),
+            ("final_norm", adapter.final_norm is not None and name.startswith(adapter.final_norm + ".")),
         )
+        named = next((which for which, hit in checks if hit and which in parts), None)
+        return named or ("all" if "all" in parts else None)
 
     student.requires_grad_(False)
-    chosen = {name: p for name, p in student.named_parameters() if wanted(name)}
-    for p in chosen.values():
+    chosen = {name: (p, part(name)) for name, p in student.named_parameters() if part(name) is not None}
+    for p, _ in chosen.values():
         p.requires_grad_(True)
     assert register in chosen or "registers" not in parts, register
     return chosen
@@ -354,7 +366,10 @@ def distill(
     teacher.to(device).eval()  # used under no_grad only; put back where it was at the end
     student.to(device).train()
     s_adapter = adapter_for(student)
-    params = trainable_parameters(student, s_adapter, settings.train, settings.train_blocks)
+    trainable = _trainable(student, s_adapter, settings.train, settings.train_blocks)
+    params = {name: p for name, (p, _) in trainable.items()}
+    multipliers = dict(settings.part_lr)
+    lr_scale = {name: multipliers[part] for name, (_, part) in trainable.items() if part in multipliers}
     views = settings.view_settings()
     data = {"n_images": len(pictures), "images": names, "digest": _identity(pictures), "image_size": size, "pool": settings.pool}
     meta = {
@@ -404,7 +419,7 @@ def distill(
             return _feature_loss(features, target.to(device).float(), settings.mse_weight)
 
         result = train(params, step, train_settings, out / STATE_DIR, meta=meta, resume=resume, progress=progress,
-                       desc=f"distill {loaded.name}", on_log=evaluate)
+                       desc=f"distill {loaded.name}", on_log=evaluate, lr_scale=lr_scale or None)
     except BaseException:
         if not (out / STATE_DIR / "checkpoint.pt").exists():  # nothing worth keeping: leave no trace
             shutil.rmtree(out if created else out / STATE_DIR, ignore_errors=True)
