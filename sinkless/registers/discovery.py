@@ -147,6 +147,7 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
             n = layout.n_tokens
             body = body_tokens(layout, text=loaded.modality is Modality.TEXT)
             rows = _as_slice(body)  # the body tokens as a slice where they are contiguous (patches): no copy
+            has_body = bool(body.any())
             tau = thresholds(norms[i, :, :n], settings.rule, body.expand(n_layers, n))  # (L,)
             flagged = (norms[i, :, :n] > tau[:, None]) & body  # (L, N)
             tally.outliers += flagged.sum(-1)
@@ -155,7 +156,8 @@ def _tally(loaded: Loaded, inputs, settings: DiscoverySettings, progress: bool) 
                 signed = layer_hidden[i, :n]  # (N, W)
                 if settings.sparsity:
                     tally.quiet[l] += (signed.abs() < 0.5).sum(0)
-                tally.peak_sum[l] += _signed_extremes(signed[rows]).double()  # a selection: exact in float32
+                if has_body:  # a one-token text has no body: it adds no peak (but counts as an input)
+                    tally.peak_sum[l] += _signed_extremes(signed[rows]).double()  # a selection: exact in float32
             tally.tokens += n
             tally.inputs += 1
             any_layer = flagged.any(0)  # (N,) outlier somewhere: the only positions a score reads
