@@ -83,6 +83,8 @@ def test_bad_inputs_exit_2_and_write_nothing(images, tmp_path, capsys):
     # bad numbers
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--views", "0"], capsys, "views")
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--resume"], capsys, "--train-denoiser")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--view-pairs", "2"], capsys, "--view-pairs only applies")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--init", "dvt"], capsys, "--init only applies")
     assert not out.exists()
     # an unwritable --out
     if os.geteuid() != 0:

@@ -73,6 +73,17 @@ def test_identity_transform_is_a_no_op(tiny):
     assert diff == 0.0
 
 
+def test_a_fresh_identity_denoiser_returns_its_input_and_the_dvt_init_does_not():
+    """init="identity" (the default) starts as the identity map; init="dvt" (the reference's random init) does not."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 8, 64)
+    with torch.no_grad():
+        assert torch.equal(Denoiser(DenoiserConfig(dim=64, grid=(8, 8)))(features), features)
+        assert not torch.allclose(Denoiser(DenoiserConfig(dim=64, grid=(8, 8)), init="dvt")(features), features, atol=1e-3)
+    with pytest.raises(SinklessError, match="unknown denoiser init"):
+        Denoiser(DenoiserConfig(dim=64, grid=(8, 8)), init="zeros")
+
+
 def test_transform_edits_patches_only_and_leaves_the_model_clean(tiny):
     pixels = _pixels()
     with torch.no_grad():
@@ -116,9 +127,15 @@ def test_train_denoiser_end_to_end_and_resume(tiny, tmp_path):
     rng = torch.Generator().manual_seed(0)
     images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(4)]
     stage1 = Stage1Settings(views=3, steps=8, batch=128)
-    settings = DenoiserSettings(steps=6, batch=2, checkpoint_every=3, holdout=1)
+    settings = DenoiserSettings(steps=6, batch=2, checkpoint_every=3, holdout=1, view_pairs=5)
     summary = train_denoiser(tiny, images, tmp_path / "den", settings, stage1, device="cpu", progress=False)
     assert summary["finished"] and summary["steps_done"] == 6
+    assert summary["n_pairs"] == 3 * (1 + 3)  # 3 training images, each whole + its crops (5 asked, capped at the 3 crops)
+    from safetensors.torch import load_file
+
+    stored = load_file(sorted((tmp_path / "den" / "stage1").glob("*.safetensors"))[0])
+    assert stored["view_raw"].shape == stored["view_clean"].shape == (3, 8, 8, 64) and stored["view_raw"].dtype == torch.float16
+    assert not torch.equal(stored["view_raw"], stored["view_clean"])
     assert summary["holdout"]["n_images"] == 1
     assert len(list((tmp_path / "den" / "stage1").glob("*.safetensors"))) == 4
     denoiser = load_denoiser(tmp_path / "den")

@@ -187,6 +187,10 @@ def _cli(capsys, *argv):
         ("photos", ["--model", "planted-vit-tiny", "--steps", "0"], "--steps must be >= 1"),
         ("photos", ["--model", "planted-vit-tiny", "--lr", "nan"], "lr must be a positive number"),
         ("photos", ["--model", "planted-vit-tiny", "--image-size", "60"], "not a multiple of the patch size"),
+        ("photos", ["--model", "planted-vit-tiny", "--part-lr", "positions"], "is not PART=MULTIPLIER"),
+        ("photos", ["--model", "planted-vit-tiny", "--train", "registers", "--part-lr", "positions=0.1"], "not among the trained parts"),
+        ("photos", ["--model", "planted-vit-tiny", "--part-lr", "positions=-1"], "must be a positive number"),
+        ("photos", ["--model", "planted-vit-tiny", "--register-std", "0"], "register_std must be a positive number"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, photos, setup, argv, message):
@@ -240,9 +244,12 @@ def test_unsupported_family_exits_2(tmp_path, capsys, photos):
 def test_cli_end_to_end_and_compare(tmp_path, capsys, photos):
     out = tmp_path / "student"
     code, stdout, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(out), "--registers", "4",
-                             "--steps", "3", "--views", "3", "--pool", "4", "--batch-size", "2", "--device", "cpu")
+                             "--steps", "3", "--views", "3", "--pool", "4", "--batch-size", "2", "--device", "cpu",
+                             "--part-lr", "positions=0.1", "--part-lr", "blocks=0.5", "--register-std", "1e-6")
     assert code == 0, err
     assert "wrote" in stdout and (out / "distill_log.json").exists()
+    logged = json.loads((out / "distill_log.json").read_text())["distill_settings"]
+    assert [tuple(p) for p in logged["part_lr"]] == [("positions", 0.1), ("blocks", 0.5)] and logged["register_std"] == 1e-6
     result = tmp_path / "cmp.json"
     code = cli.main(["compare", "--model", "planted-vit-tiny", "--data", "synthetic", "--limit", "2", "--task", "lost",
                      "--fix", "none", "--fix", "distilled", "--distilled", str(out),

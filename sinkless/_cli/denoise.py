@@ -53,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stage2.add_argument("--holdout", type=int, default=None, metavar="N", help="keep the last N images out of training and report on them")
     stage2.add_argument("--view-pairs", type=int, default=None, metavar="K",
                         help="per image, K of its Stage-1 crops also train the block (their features -> F at their centres; default 8, 0: only the whole image)")
+    stage2.add_argument("--init", choices=["identity", "dvt"], default=None,
+                        help="the block's start: identity (default: zero position embedding and output projections) or dvt (the reference's random init)")
     stage2.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N images of --images")
     stage2.add_argument("--resume", action="store_true", help="continue an interrupted training run in --out")
     add_device_args(parser)
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             raise SinklessError("--train-denoiser reads its images from --images, not from INPUTs", fix="move the INPUTs into one folder and pass --images DIR")
         if not args.images:
             raise SinklessError("--train-denoiser needs --images DIR", fix="pass a folder of training images")
-        settings = DenoiserSettings(**_given(args, {"train_steps": "steps", "batch_size": "batch", "lr": "lr", "holdout": "holdout", "view_pairs": "view_pairs"}))
+        settings = DenoiserSettings(**_given(args, {"train_steps": "steps", "batch_size": "batch", "lr": "lr", "holdout": "holdout", "view_pairs": "view_pairs",
+                                                      "init": "init"}))
         summary = train_from_folder(args.model, args.images, args.out, settings, stage1, resume=args.resume, device=args.device,
                                     dtype=args.dtype, limit=args.limit, progress=not args.quiet)
         timing = summary["stage1_timing"]
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/denoiser.safetensors, config.json, train_log.json")
         return 0
     stray = [flag for flag, value in (("--images", args.images), ("--resume", args.resume), ("--train-steps", args.train_steps),
-                                      ("--holdout", args.holdout), ("--limit", args.limit)) if value not in (None, False)]
+                                      ("--holdout", args.holdout), ("--limit", args.limit),
+                                      ("--view-pairs", args.view_pairs), ("--init", args.init)) if value not in (None, False)]
     if stray:
         raise SinklessError(f"{stray[0]} only applies with --train-denoiser", fix="add --train-denoiser, or drop it")
     if not args.inputs:

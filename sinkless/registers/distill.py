@@ -109,6 +109,9 @@ class DistillSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise SinklessError(f"{name} must be a positive number, got {value!r}")
+        if self.register_std is not None and not (isinstance(self.register_std, (int, float)) and math.isfinite(self.register_std)
+                                                  and self.register_std > 0):
+            raise SinklessError(f"register_std must be a positive number, got {self.register_std!r}")
         if not (math.isfinite(self.mse_weight) and self.mse_weight >= 0):
             raise SinklessError(f"mse_weight must be >= 0, got {self.mse_weight!r}")
         low, high = self.crop_scale
