@@ -170,6 +170,36 @@ def test_trainable_parts_are_a_setting(tmp_path, tiny, photos):
         DistillSettings(train=("everything",))
 
 
+def test_default_learning_rate_multipliers_follow_the_trained_parts(monkeypatch):
+    """Position and patch embeddings train at 0.1 x lr by default, only where they train; an explicit part_lr replaces that."""
+    distill_module = importlib.import_module("sinkless.registers.distill")
+
+    assert DistillSettings().lr_multipliers() == {"positions": 0.1, "patch_embed": 0.1}
+    assert DistillSettings(train=("registers", "blocks", "positions")).lr_multipliers() == {"positions": 0.1}
+    assert DistillSettings(train=("registers", "blocks")).lr_multipliers() == {}
+    assert DistillSettings(part_lr=(("blocks", 2.0),)).lr_multipliers() == {"blocks": 2.0}
+    assert DistillSettings(part_lr=()).lr_multipliers() == {}  # PH-Reg's one learning rate for every part
+    assert DistillSettings().register_std == 1e-6 and distill_module.PHOTO_SETTINGS.lr_multipliers() == {"positions": 0.1}
+
+
+def test_the_multipliers_reach_the_optimiser(tmp_path, tiny, photos, monkeypatch):
+    """distill hands train() an lr_scale for every parameter of a slowed part, and none for the others."""
+    distill_module = importlib.import_module("sinkless.registers.distill")
+
+    seen = {}
+    real = distill_module.train
+
+    def spy(params, step, settings, out, **kwargs):
+        seen.update(kwargs.get("lr_scale") or {})
+        return real(params, step, settings, out, **kwargs)
+
+    monkeypatch.setattr(distill_module, "train", spy)
+    distill(tiny, photos, tmp_path / "s", DistillSettings(**{**FAST, "steps": 1}), progress=False)
+    assert seen and set(seen.values()) == {0.1}
+    assert any("position" in name for name in seen) and any("patch" in name for name in seen)
+    assert not any("register" in name or "layer" in name for name in seen)
+
+
 # -- bad input: one clear error, nothing written ---------------------------------------------------
 def _cli(capsys, *argv):
     code = cli.main(["distill", *argv])
