@@ -651,3 +651,71 @@ def test_per_layer_sink_rotation_equals_the_stacked_one(monkeypatch):
     per_layer, cache = stream_logits(model, ids, 2, 4)
     assert cache._sink_stack is None
     assert_close(per_layer, stacked, "sinks rotated per layer vs stacked")
+
+
+def test_the_paper_defaults_and_chunk_size_checks():
+    """``SinkCache(model)`` is the paper's "4 + 1020" fed in chunks of 512; chunk_size must be a whole number >= 1."""
+    model = tiny_lm("llama")
+    cache = SinkCache(model)
+    assert (cache.sinks, cache.window, cache.chunk_size, cache.capacity) == (4, 1020, 512, 1024)
+    for bad in (0, -3, True, 2.5, "8"):
+        with pytest.raises(SinklessError) as error:
+            SinkCache(model, sinks=2, window=4, chunk_size=bad)
+        assert str(error.value) == f"chunk_size must be a whole number >= 1, got {bad!r}"
+    assert SinkCache(model, sinks=2, window=4, chunk_size=1).chunk_size == 1
+    with pytest.raises(RuntimeError) as error:
+        cache.layers[0].update(torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16))
+    assert str(error.value) == "a SinkCache layer is updated through SinkCache.update"
+
+
+def test_reset_forgets_the_last_logits_and_an_interrupted_first_step_can_be_reordered():
+    model = tiny_lm("llama")
+    _, cache = stream_logits(model, ids_for(9, batch=2), 2, 4)
+    assert cache.last_logits.shape == (2, 64)
+    cache.reset()
+    assert cache.last_logits is None and cache.seen() == []
+    cache.prepare(torch.ones(2, 3, dtype=torch.bool))  # a first step that never ran (Ctrl-C before its forward)
+    cache.abort()
+    cache.reorder_cache(torch.tensor([1, 0]))  # beam search may still move its rows
+    assert cache.last_logits is None and cache.seen() == [0, 0]
+    ids = ids_for(9, batch=2, seed=3)
+    with torch.no_grad():
+        got = model(input_ids=ids, past_key_values=cache).logits
+    expected, _ = stream_logits(model, ids, 2, 4, chunk=9)
+    assert_close(got, expected, "a stream after an aborted, reordered first step vs a fresh one")
+
+
+def test_a_step_is_laid_out_on_the_inputs_device():
+    """``prepare`` puts the step's positions and mask on the inputs' device ('meta' stands in for a GPU)."""
+    cache = SinkCache(tiny_lm("llama"), sinks=2, window=4)
+    step = cache.prepare(torch.ones(2, 3, dtype=torch.bool), device=torch.device("meta"))
+    assert step["position_ids"].device.type == "meta" and step["attention_mask"].device.type == "meta"
+    cache.abort()
+    step = cache.prepare(torch.ones(2, 3, dtype=torch.bool), device=torch.device("cpu"))
+    assert step["position_ids"].device.type == "cpu" and step["attention_mask"].device.type == "cpu"
+
+
+def test_layers_on_another_device_keep_their_keys_there():
+    """A model split over devices: each layer's slots, sink rotations and rebases stay on its keys' device
+    ('meta' stands in for a second device, so its values are not computed), and a CPU layer of the split model
+    returns exactly what it returns in an all-CPU cache: prefill past the window, one-token steps, a rebase."""
+    model = tiny_lm("llama")  # 3 layers, 1 key/value head of dim 16
+    gen = torch.Generator().manual_seed(11)
+    lengths = [8] + [1] * 14  # 22 tokens: capacity 6, a rebase once a row is 13 ahead of its frame
+    states = [(torch.randn(2, 1, n, 16, generator=gen), torch.randn(2, 1, n, 16, generator=gen)) for n in lengths]
+    for devices in (("cpu", "meta", "meta"), ("meta", "meta", "meta")):  # sinks rotated per layer / stacked
+        split, plain = SinkCache(model, sinks=2, window=4), SinkCache(model, sinks=2, window=4)
+        for keys, values in states:
+            valid = torch.ones(2, keys.shape[2], dtype=torch.bool)
+            split.prepare(valid, device=torch.device("cpu"))
+            plain.prepare(valid)
+            for i, device in enumerate(devices):
+                got_k, got_v = split.update(keys.to(device), values.to(device), i)
+                ref_k, ref_v = plain.update(keys, values, i)
+                assert got_k.device.type == got_v.device.type == device, devices
+                assert got_k.shape == ref_k.shape and got_v.shape == ref_v.shape
+                if device == "cpu":
+                    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+        assert split.seen() == plain.seen() == [22, 22] and split.rebases == plain.rebases >= 1
+        assert all(layer.keys.device.type == device for layer, device in zip(split.layers, devices))
+        assert (split._sink_stack is not None) == (len(set(devices)) == 1)
