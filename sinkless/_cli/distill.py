@@ -2,7 +2,8 @@
 
 The frozen model is the teacher: its patch features averaged over shifted and flipped views are the
 target. The student (the model + registers) trains its registers, position embeddings, patch embedding
-and last block (PH-Reg's choice; --train picks other parts). OUT becomes a model folder (`--model OUT` anywhere in sinkless; DINOv2 students also load
+and last block (PH-Reg's choice; --train picks other parts), the two embeddings at 0.1 x the learning rate
+(measured: at the full rate they wreck held-out features when training on a few thousand crops; --part-lr). OUT becomes a model folder (`--model OUT` anywhere in sinkless; DINOv2 students also load
 with plain transformers as Dinov2WithRegistersModel) with distill_log.json (loss curve, settings, data,
 seconds). Interrupted runs continue with --resume and end with the same weights.
 """
