@@ -305,17 +305,19 @@ def test_the_sweep_builds_each_k_with_the_asked_registers_quietly(monkeypatch, c
     assert capsys.readouterr().err == ""
 
 
+def _sink_and_outlier_at_3(n):
+    """Hand-made block-output norms of an n-token text: the sink at 0, one outlier at 3."""
+    out = torch.ones(n)
+    out[0], out[3] = 50.0, 10.0
+    return out
+
+
 def test_sparsity_keeps_a_neuron_quiet_on_exactly_half_the_tokens():
     """Text: 8 tokens, one input; a neuron with |a| < 0.5 on 4 of them is kept, on 3 dropped."""
     from handmade import tiny_lm, words
     from sinkless.scan import TextInput
 
     loaded = tiny_lm()
-
-    def norms(n):
-        out = torch.ones(n)
-        out[0], out[3] = 50.0, 10.0
-        return out
 
     def hidden(n, width):
         h = torch.full((n, width), 2.0)  # loud everywhere: dropped
@@ -328,7 +330,8 @@ def test_sparsity_keeps_a_neuron_quiet_on_exactly_half_the_tokens():
         return h
 
     zeros = lambda n, w: torch.zeros(n, w)  # noqa: E731
-    plant = Plant(loaded, norms={0: norms, 1: norms, 2: norms}, hidden={0: hidden, 1: zeros, 2: zeros})
+    plant = Plant(loaded, norms={0: _sink_and_outlier_at_3, 1: _sink_and_outlier_at_3, 2: _sink_and_outlier_at_3},
+                  hidden={0: hidden, 1: zeros, 2: zeros})
     with plant():
         found = discover(loaded, [TextInput("a", words(8))], [TextInput("h", words(5))],
                          DiscoverySettings(top_k=1, max_k=500, sparsity=True), progress=False)
@@ -344,18 +347,14 @@ def test_an_outlier_fraction_of_exactly_the_floor_counts():
 
     loaded = tiny_lm()
 
-    def norms(n):
-        out = torch.ones(n)
-        out[0], out[3] = 50.0, 10.0
-        return out
-
     def hidden(n, width):
         h = torch.zeros(n, width)
         h[3, 11] = 4.0
         return h
 
     zeros = lambda n, w: torch.zeros(n, w)  # noqa: E731
-    plant = Plant(loaded, norms={0: norms, 1: norms, 2: norms}, hidden={0: hidden, 1: zeros, 2: zeros})
+    plant = Plant(loaded, norms={0: _sink_and_outlier_at_3, 1: _sink_and_outlier_at_3, 2: _sink_and_outlier_at_3},
+                  hidden={0: hidden, 1: zeros, 2: zeros})
     with plant():
         found = discover(loaded, [TextInput("a", words(501))], [TextInput("h", words(5))], DiscoverySettings(top_k=1, max_k=1), progress=False)
     assert found.settings["outlier_fraction_per_layer"] == [0.002] * 3 and found.neurons[0]["neuron"] == 11
