@@ -495,6 +495,7 @@ def test_a_utf8_neurons_file_reads_under_any_locale(tmp_path):
     code = "import sys; from sinkless.registers import load_neurons; print(ascii(load_neurons(sys.argv[1]).model))"
     out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, check=False)
     assert out.stdout.strip() == ascii("modèle-ü"), out.stderr[-2000:]
+    assert load_neurons(path).model == "modèle-ü"  # in this process too (mutmut links the test to load_neurons through it)
 
 def test_zero_neurons_zero_everywhere_and_come_off():
     from handmade import tiny_vit
@@ -680,3 +681,26 @@ def test_siglip2_padding_mask_grows_with_the_registers():
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got.last_hidden_state[0, :3], ablated.last_hidden_state[0, :3], atol=1e-3)  # the registers are seen
     assert _handles(model) == 0
+
+
+def test_a_padding_mask_grows_with_the_registers_in_every_format():
+    """Vision padding masks (SigLIP2) as the encoder or its pooling head may get them: 2D keep-masks (bool, int,
+    float) and 4D masks (bool, or additive floats). The appended registers are seen by every token and see what
+    the first token sees; the patches' own entries are left as they were."""
+    ttr = TestTimeRegisters(_loaded("vit"), [(0, 1)], n_registers=2)
+    keep = [[1, 1, 1, 0], [1, 1, 0, 0]]
+    for dtype, on in ((torch.bool, True), (torch.long, 1), (torch.float32, 1.0)):
+        mask = torch.tensor(keep).to(dtype)
+        out = ttr._extend_vision_mask(mask)
+        assert out.dtype == dtype and out.tolist() == [row + [on, on] for row in mask.tolist()]
+    seen = torch.rand(2, 2, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5  # (B, heads, N, N), rows differ
+    additive = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)
+    for mask, on in ((seen, True), (additive, 0.0)):
+        out = ttr._extend_vision_mask(mask)
+        assert out.shape == (2, 2, 6, 6) and out.dtype == mask.dtype
+        rows = torch.cat([mask, torch.full((2, 2, 4, 2), on, dtype=mask.dtype)], -1)  # every token sees the registers
+        assert torch.equal(out[:, :, :4], rows)
+        assert torch.equal(out[:, :, 4:], rows[:, :, :1].expand(2, 2, 2, 6))  # the registers see what token 0 sees
+    assert ttr._extend_head_mask({"hidden_state": 1}) == {"hidden_state": 1}  # a head given no mask: nothing to grow
+    grown = ttr._extend_head_mask({"hidden_state": 1, "attention_mask": torch.tensor(keep)})
+    assert grown["hidden_state"] == 1 and grown["attention_mask"].tolist() == [row + [1, 1] for row in keep]
