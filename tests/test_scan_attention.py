@@ -165,7 +165,7 @@ def test_only_families_with_an_eager_function_are_chunked(monkeypatch):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from sinkless.scan.attention import IMPLEMENTATION, _attention, supports_chunking
+    from sinkless.scan.attention import IMPLEMENTATION, _attention, _lazy_mask, supports_chunking
 
     model = any_tiny_model("llama")
     modules = [layer.self_attn for layer in model.model.layers]
@@ -183,5 +183,45 @@ def test_only_families_with_an_eager_function_are_chunked(monkeypatch):
     with torch.no_grad(), chunked_attention(model, {}, chunk=3):
         got = model(**batch).logits
     assert AttentionInterface._global_mapping[IMPLEMENTATION] is _attention
+    assert AttentionMaskInterface._global_mapping[IMPLEMENTATION] is _lazy_mask  # masks stay lazy: no n x n tensor
     real = batch["attention_mask"].bool()
     assert (got - expected)[real].abs().max() < 1e-4
+
+
+def test_masks_are_built_on_the_attention_tensors_device():
+    """Every chunk's mask (a ready bool mask made additive, a lazy mask's rows, the causal rows of a call with no
+    mask) lives on the device of the tensors it is added to ('meta' stands in for a GPU: shapes, no values)."""
+    from sinkless.scan.attention import LazyMask, _attention, _rows
+
+    allowed = torch.tril(torch.ones(1, 1, 4, 6, dtype=torch.bool), diagonal=2).to("meta")
+    rows = _rows(allowed, 1, 3, 5, torch.float32)
+    assert rows.device.type == "meta" and rows.shape == (1, 1, 2, 5)
+    lazy = LazyMask({"batch_size": 1, "kv_length": 6, "q_length": 4, "q_offset": 2, "device": torch.device("meta")})
+    rows = lazy.rows(1, 3, torch.float32)
+    assert rows.device.type == "meta" and rows.shape == (1, 1, 2, 6)
+    model = any_tiny_model("llama")
+    module = model.model.layers[0].self_attn
+    q, k, v = (t.to("meta") for t in _qkv())
+    with chunked_attention(model, {}, chunk=2):
+        out, _ = _attention(module, q, k, v, None, scaling=module.scaling)
+    assert out.device.type == "meta" and out.shape == (1, 3, 2, 16)
+
+
+def test_causal_rows_follow_the_query_dtype():
+    """No mask from the model, float64 (or bf16) queries: the causal rows are built in the query's dtype, so the
+    chunked call equals eager attention with a mask of that dtype."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from sinkless.scan.attention import _attention
+
+    model = any_tiny_model("llama")
+    module = model.model.layers[0].self_attn
+    allowed = torch.arange(5)[None, :] <= torch.arange(2, 5)[:, None]  # 3 queries after 2 cached keys
+    for dtype in (torch.float64, torch.bfloat16):
+        q, k, v = (t.to(dtype) for t in _qkv(seed=1))
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        expected, _ = eager_attention_forward(module, q, k, v, mask, scaling=module.scaling)
+        with chunked_attention(model, {}, chunk=2):
+            got, _ = _attention(module, q, k, v, None, scaling=module.scaling)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
