@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAMILIES, tiny_inputs, tiny_model
+from conftest import FAMILIES, any_tiny_model, tiny_inputs, tiny_model
 from sinkless import planted, zoo
 from sinkless.adapters import Modality, TokenLayout, adapter_for
 from sinkless.cli import main
@@ -704,3 +704,32 @@ def test_a_padding_mask_grows_with_the_registers_in_every_format():
     assert ttr._extend_head_mask({"hidden_state": 1}) == {"hidden_state": 1}  # a head given no mask: nothing to grow
     grown = ttr._extend_head_mask({"hidden_state": 1, "attention_mask": torch.tensor(keep)})
     assert grown["hidden_state"] == 1 and grown["attention_mask"].tolist() == [row + [1, 1] for row in keep]
+
+
+def test_the_pooling_head_that_reads_the_padding_mask_is_found():
+    """SigLIP2's pooling head (beside its encoder, at the top level or nested under ``vision_model.`` as older
+    transformers releases lay it out) takes the padding mask, so it must see the registers too; SigLIP's head
+    takes none and a ViT has no head."""
+    from sinkless.registers.ttr import _mask_reading_head
+
+    assert adapter_for(any_tiny_model("siglip2")).blocks == "encoder.layers"  # this release: the tower at the top level
+    assert _mask_reading_head(any_tiny_model("siglip2"), "encoder") == "head"
+    assert _mask_reading_head(any_tiny_model("siglip_vision"), "encoder") is None  # its head takes no mask
+    assert _mask_reading_head(tiny_model("vit"), "encoder") is None  # no head at all
+
+    class Head(torch.nn.Module):
+        def forward(self, hidden_state, attention_mask=None):
+            return hidden_state
+
+    for nested in (False, True):
+        tower = torch.nn.Module()
+        tower.encoder, tower.head = torch.nn.Identity(), Head()
+        model = torch.nn.Module()
+        if nested:
+            model.vision_model = tower
+        else:
+            model = tower
+        prefix = "vision_model." if nested else ""
+        assert _mask_reading_head(model, f"{prefix}encoder") == f"{prefix}head"
+        tower.head = torch.nn.Linear(2, 2)  # a head whose forward takes no mask
+        assert _mask_reading_head(model, f"{prefix}encoder") is None
