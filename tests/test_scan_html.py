@@ -399,6 +399,139 @@ def test_text_figures_without_attention_outliers_or_a_floor(drawn, tmp_path):
     assert labels[:3] == ["t0", "t2", "t4"] and drawn["token_norm_layers_0.png"]["axes"][0]["xlabel"] == "token (one label every 2 tokens)"
 
 
+# -- the text figures' layout and styles: sizes, margins, fonts, markers, scales (read back, hand-made inputs) --------
+def _inches(margins):
+    return tuple(round(v, 6) for v in margins)
+
+
+def test_first_token_figure_layout_and_line_styles(drawn, tmp_path):
+    from tests.test_report import text_record, text_report
+
+    records = [text_record(5, f"dir/in{k}.txt", layers=(3, 5, 7), first_token=torch.tensor([0.2, 0.4, 0.6]) + 0.1 * k)
+               for k in range(2)]
+    report = text_report(records).to_dict()
+    text_plots._first_token(records, report, tmp_path)
+    fig = drawn["first_token_attention.png"]
+    ax = fig["axes"][0]
+    assert fig["size"] == (5.5, 3.0) and ax["margins"] == _inches((0.7, 0.15, 0.35, 0.5))
+    assert [line["label"] for line in ax["lines"]] == ["in0.txt", "in1.txt", "mean", "sink level 0.3"]
+    for line in ax["lines"][:3]:  # the inputs and the mean are drawn at the scanned layers' numbers, not at 0, 1, 2
+        assert line["x"].tolist() == [3.0, 5.0, 7.0]
+    assert ax["line_style"][:2] == [{"marker": ".", "alpha": 0.6}] * 2  # thin, dotted, translucent inputs
+    assert ax["lines"][2]["width"] == 2.0 and ax["lines"][3]["width"] == 1.0  # the thick mean, the thin sink level
+    assert ax["title_size"] == 9.0 and ax["legend_sizes"] == [6.0]
+
+
+def _alpha0_report(alpha, eps=0.3, first_layer=10):
+    """A report with alpha0 per head: ``alpha`` is L lists of H values (None: not finite)."""
+    return {"layers": [{"layer": first_layer + i, "alpha0_per_head": row} for i, row in enumerate(alpha)],
+            "settings": {"epsilon": eps}}
+
+
+def test_alpha0_heads_figure_size_ticks_dots_and_scale(drawn, tmp_path):
+    import matplotlib
+    from matplotlib.markers import MarkerStyle
+
+    # 17 layers x 6 heads: values on the eps line are not above it; a head measured nowhere (None) stays a gap
+    alpha = [[0.9 if (h + i) % 3 == 0 else 0.3 if (h + i) % 3 == 1 else 0.1 for h in range(6)] for i in range(17)]
+    alpha[4][2] = None
+    with matplotlib.rc_context({"image.cmap": "gray", "scatter.marker": "x"}):  # a user's style changes none of it
+        figure = text_plots._alpha0_heads(_alpha0_report(alpha), tmp_path)
+    fig = drawn["first_token_attention_heads.png"]
+    heads, bar = fig["axes"]
+    assert fig["size"] == (round(2.2 + 0.28 * 17, 6), round(1.2 + 0.22 * 6, 6))
+    assert heads["margins"] == _inches((0.55, 1.1, 0.35, 0.5))
+    values = np.array([[np.nan if v is None else v for v in row] for row in alpha]).T
+    np.testing.assert_array_equal(heads["images"][0]["data"], values)
+    assert (heads["images"][0]["cmap"], heads["images"][0]["clim"]) == ("viridis", (0.0, 1.0))
+    assert heads["aspect"] == "auto" and heads["interpolation"] == ["nearest"]
+    above = [(float(i), float(h)) for h in range(6) for i in range(17) if alpha[i][h] == 0.9]
+    assert sorted(map(tuple, heads["points"][0].tolist())) == sorted(above)
+    dots = heads["scatter"][0]
+    assert (dots["sizes"], dots["face"], dots["widths"], dots["label"]) == ([4.0], ["#ffffffff"], [0.0], "alpha0 > 0.3")
+    circle = MarkerStyle("o")
+    np.testing.assert_allclose(dots["marker"], circle.get_path().transformed(circle.get_transform()).vertices)
+    assert heads["xtick_pos"] == [float(i) for i in range(0, 17, 2)] and heads["xticks"] == [str(10 + i) for i in range(0, 17, 2)]
+    assert heads["ytick_pos"] == [float(h) for h in range(6)]
+    assert heads["xtick_style"] == [(7.0, 0.0)] and heads["ytick_style"] == [(7.0, 0.0)]
+    share = len(above) / (17 * 6)
+    assert heads["title"] == f"alpha0 per head: {100 * share:.0f} % of (layer, head) above eps = 0.3" and heads["title_size"] == 9.0
+    assert f"({100 * share:.0f} % here)" in figure.caption
+    assert bar["colorbar"] == {"cmap": "viridis", "norm": "Normalize", "range": (0.0, 1.0)}
+    assert bar["lines"][0]["y"].tolist() == [0.3, 0.3] and bar["lines"][0]["width"] == 1.2
+
+    # 40 layers x 25 heads, every head a sink: the figure stops growing, ticks thin out, 100 %
+    figure = text_plots._alpha0_heads(_alpha0_report([[0.9] * 25] * 40, first_layer=0), tmp_path)
+    fig = drawn["first_token_attention_heads.png"]
+    heads = fig["axes"][0]
+    assert fig["size"] == (11.0, 6.0)
+    assert heads["xtick_pos"] == [float(i) for i in range(0, 40, 3)] and heads["xticks"] == [str(i) for i in range(0, 40, 3)]
+    assert heads["ytick_pos"] == [float(h) for h in range(0, 25, 3)]
+    assert heads["title"] == "alpha0 per head: 100 % of (layer, head) above eps = 0.3" and "(100 % here)" in figure.caption
+
+    # 3 layers x 2 heads: the smallest figure, a tick on every head
+    text_plots._alpha0_heads(_alpha0_report([[0.1, 0.5]] * 3), tmp_path)
+    fig = drawn["first_token_attention_heads.png"]
+    assert fig["size"] == (6.0, 2.4) and fig["axes"][0]["ytick_pos"] == [0.0, 1.0]
+
+
+def test_massive_figure_shows_the_20_largest_as_orange_bars(drawn, tmp_path):
+    massive = [{"layer": k % 3, "token": k, "channel": 7, "value": (-1) ** k * (100.0 + 10 * k)} for k in range(25)]
+    report = {"massive_activations": massive, "settings": {"massive_abs": 100.0, "massive_rel": 1000.0}}
+    figure = text_plots._massive(report, tmp_path)
+    fig = drawn["massive_activations.png"]
+    ax = fig["axes"][0]
+    assert fig["size"] == (6.0, 3.4) and ax["margins"] == _inches((0.8, 0.15, 0.35, 1.0))
+    assert [b["size"][1] for b in ax["boxes"]] == [100.0 + 10 * k for k in range(24, 4, -1)]
+    assert {b["face"] for b in ax["boxes"]} == {"#ff8c00ff"}
+    assert ax["xticks"] == [f"L{k % 3} t{k} c7" for k in range(24, 4, -1)] and ax["xtick_style"] == [(6.0, 70.0)]
+    assert ax["title_size"] == 9.0 and figure.caption.startswith("The 20 largest massive activations")
+
+
+def test_norm_map_size_ticks_and_log_scale(drawn, tmp_path):
+    from tests.test_report import text_record
+
+    # 34 layers x 101 tokens, no token texts, medians 2: ratios from 0.05 to 20000 (the scale starts at 0.1);
+    # a layer whose median is 0 gives infinite ratios, left out of the scale
+    r = text_record(101, "dir/big.txt", layers=tuple(range(100, 134)))
+    r.tokens = None
+    r.medians = torch.full((34,), 2.0)
+    r.norms[5, 7] = 0.1
+    r.norms[6, 8] = 40000.0
+    r.medians[9] = 0.0
+    text_plots._norm_map(r, tmp_path, "big.png")
+    fig = drawn["big.png"]
+    ax, bar = fig["axes"]
+    assert fig["size"] == (13.0, 6.4) and ax["margins"] == _inches((0.5, 1.1, 0.35, 1.0))
+    np.testing.assert_allclose(ax["images"][0]["data"], (r.norms / r.medians[:, None]).numpy())
+    assert ax["images"][0]["clim"] == (0.1, 20000.0) and ax["images"][0]["norm"] == "LogNorm"
+    assert ax["aspect"] == "auto" and ax["interpolation"] == ["nearest"]
+    assert ax["xtick_pos"] == [float(i) for i in range(0, 101, 2)] and ax["xticks"] == [str(i) for i in range(0, 101, 2)]
+    assert ax["xlabel"] == "token (one label every 2 tokens)" and ax["xtick_style"] == [(6.0, 90.0)]
+    assert ax["ytick_pos"] == [float(i) for i in range(0, 34, 3)] and ax["yticks"] == [str(100 + i) for i in range(0, 34, 3)]
+    assert ax["ytick_style"] == [(7.0, 0.0)] and ax["title_size"] == 9.0
+    assert bar["colorbar"] == {"cmap": "magma", "norm": "LogNorm", "range": (0.1, 20000.0)}
+    assert bar["yticks"] == ["0.1", "0.2", "0.5", "1", "2", "3", "5", "10", "20", "50", "100", "200", "500", "1000", "2000",
+                             "5000", "10000"]
+
+    # 3 layers x 6 tokens with a zero norm (not on a log scale): the scale starts at the smallest positive ratio
+    r = text_record(6, "small.txt", tokens=["<s>", "abcdefghijk", "b", "c", "d", "e"])
+    r.norms[1, 2] = 0.0
+    r.norms[:, 3] = 0.5
+    text_plots._norm_map(r, tmp_path, "small.png")
+    fig = drawn["small.png"]
+    ax, bar = fig["axes"]
+    assert fig["size"] == (round(3 + 0.13 * 6, 6), round(1.9 + 0.16 * 3, 6))
+    assert ax["images"][0]["clim"] == (0.5, 5.0) and ax["xticks"][1] == "abcdefgh" and ax["xlabel"] == "token"
+    assert bar["yticks"] == ["0.5", "1", "2", "3", "5"]
+
+    # one token: no body median, nothing finite; a default scale of 0.5 to 5
+    r = text_record(1, "one.txt", tokens=["<s>"])
+    r.medians = torch.full((3,), float("nan"))
+    figure = text_plots._norm_map(r, tmp_path, "one.png")
+    assert drawn["one.png"]["axes"][0]["images"][0]["clim"] == (0.5, 5.0) and "(0.5x to 5x)" in figure.caption
+
+
 def _vision_inputs(n=5, layers=tuple(range(14))):
     from PIL import Image
 
