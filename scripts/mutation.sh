@@ -4,7 +4,7 @@
 #   bash scripts/mutation.sh                      every module of [tool.mutmut] only_mutate, from scratch
 #   bash scripts/mutation.sh sinkless.scan.report one module (or a package: sinkless.registers)
 #   bash scripts/mutation.sh table [-v]           the per-module score table of the last run (-v: survivors)
-#   bash scripts/mutation.sh rerun                re-check the last run's survivors (after adding tests)
+#   bash scripts/mutation.sh rerun                re-check the last run's survivors and untested mutants (after adding tests)
 #   bash scripts/mutation.sh named                the one-line bugs of issue 15, one at a time
 #
 # Needs `pip install -e .[mutation]`. Each module's mutants run only the tests mirroring it (MUTATION_TESTS
@@ -21,6 +21,9 @@ case "${1:-}" in
   rerun)  # re-check the survivors of the last run (after adding tests)
     mapfile -t survivors < <(python scripts/mutation_table.py -v | sed -n 's/^  \(sinkless\.[^ ]*\)$/\1/p')
     [ ${#survivors[@]} -eq 0 ] || mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${survivors[@]}" > mutants/run-rerun.log 2>&1
+    # mutants no test reached when they ran: tests added since may reach them
+    mapfile -t untested < <(python scripts/mutation_table.py -n)
+    [ ${#untested[@]} -eq 0 ] || mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${untested[@]}" > mutants/run-rerun-untested.log 2>&1
     # functions changed since their run got new, unchecked mutants: check those too
     mapfile -t fresh < <(python scripts/mutation_table.py -u)
     [ ${#fresh[@]} -eq 0 ] || mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${fresh[@]}" > mutants/run-rerun-fresh.log 2>&1

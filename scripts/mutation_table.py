@@ -1,4 +1,4 @@
-"""Per-module table of the last mutmut run (``bash scripts/mutation.sh table``).
+"""Per-module table of the last mutmut run (``bash scripts/mutation.sh table``; ``-v`` survivors, ``-u`` unchecked, ``-n`` no tests).
 
 Reads mutmut's results under mutants/; a survivor counts as equivalent when scripts/mutation_equivalent.txt
 names it AND its mutated line still reads as recorded there (mutant numbers shift when code changes: a
@@ -23,7 +23,9 @@ def equivalents() -> dict[str, tuple[str, str]]:
     path = ROOT / "scripts" / "mutation_equivalent.txt"
     for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
         if line.strip() and not line.startswith("#"):
-            name, mutated, reason = (part.strip() for part in line.split(" | ", 2))
+            name, rest = line.split(" | ", 1)  # the mutated line may hold " | " itself (type unions): the reason is after the last
+            mutated, reason = rest.rsplit(" | ", 1)
+            name, mutated, reason = name.strip(), mutated.strip(), reason.strip()
             table[name] = (mutated, reason)
     return table
 
@@ -47,7 +49,7 @@ def main() -> int:
     os.chdir(ROOT)
     known = equivalents()
     rows: dict[str, Counter] = {}
-    survivors, stale, unchecked = [], [], {}
+    survivors, stale, unchecked, untested = [], [], {}, []
     for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
         data = json.loads(meta.read_text())
         module = str(meta.relative_to(ROOT / "mutants"))[: -len(".py.meta")].replace("/", ".").removesuffix(".__init__")
@@ -65,7 +67,12 @@ def main() -> int:
                     stale.append(name)
             if status == "survived":
                 survivors.append(name)
+            if status == "no tests":
+                untested.append(name)
             rows.setdefault(module, Counter())[status] += 1
+    if "-n" in sys.argv:  # mutants no test reached when they ran (tests added since may reach them)
+        print(*untested, sep="\n")
+        return 0
     if "-u" in sys.argv:  # unchecked mutants of the modules that have results (e.g. functions changed since)
         print(*(name for module in rows for name in unchecked.get(module, [])), sep="\n")
         return 0
