@@ -532,6 +532,66 @@ def test_norm_map_size_ticks_and_log_scale(drawn, tmp_path):
     assert drawn["one.png"]["axes"][0]["images"][0]["clim"] == (0.5, 5.0) and "(0.5x to 5x)" in figure.caption
 
 
+def test_token_strip_boxes_labels_and_scale(drawn, tmp_path):
+    from matplotlib import colormaps
+
+    from tests.test_report import text_record
+
+    # 20 tokens without texts (two rows of 16), medians 2, a shared scale of 0 to 5: the sink (10x) is clipped;
+    # 3x is exactly 0.6 of the scale (black text), 4x above it (white text)
+    r = text_record(20, "dir/strip.txt", layers=(4, 5, 6))
+    r.tokens = None
+    r.medians = torch.full((3,), 2.0)
+    r.norms[1] = 2.0
+    r.norms[1, 0], r.norms[1, 3], r.norms[1, 17] = 20.0, 6.0, 8.0
+    report = {"settings": {"rule": {"absolute": None, "floor": 3.0}}}
+    figure = text_plots._token_strip(r, 1, 5.0, "why", report, tmp_path, "strip.png")
+    assert figure.name == "strip.png" and (tmp_path / "strip.png").is_file()
+    fig = drawn["strip.png"]
+    ax, bar = fig["axes"]
+    assert fig["size"] == (10.5, round(0.45 * 2 + 0.6, 6)) and ax["margins"] == _inches((0.05, 0.9, 0.35, 0.05))
+    places = [(float(i % 16), float(1 - i // 16)) for i in range(20)]
+    assert [b["xy"] for b in ax["boxes"]] == places and {b["size"] for b in ax["boxes"]} == {(0.95, 0.85)}
+    assert ax["box_widths"] == [1.5] * 20
+    ratios = [10.0, 1.0, 1.0, 3.0] + [1.0] * 13 + [4.0, 1.0, 1.0]
+    cmap = colormaps["magma_r"]
+    assert [b["face"] for b in ax["boxes"]] == [to_hex_alpha(cmap(min(v, 5.0) / 5.0)) for v in ratios]
+    assert [t["text"] for t in ax["texts"]] == ["0 10x", *[str(i) for i in range(1, 20)]]
+    assert [t["color"] for t in ax["texts"]] == ["#ffffffff"] + ["#000000ff"] * 16 + ["#ffffffff", "#000000ff", "#000000ff"]
+    assert [t["xy"] for t in ax["text_style"]] == [(x + 0.47, y + 0.42) for x, y in places]
+    assert {(t["ha"], t["va"], t["size"]) for t in ax["text_style"]} == {("center", "center", 6.0)}
+    assert (ax["xlim"], ax["ylim"], ax["axis_on"]) == ((0.0, 16.0), (0.0, 2.0), False)
+    assert bar["colorbar"] == {"cmap": "magma_r", "norm": "Normalize", "range": (0.0, 5.0)} and bar["ylabel"] == "norm / median"
+    assert bar["lines"][0]["y"].tolist() == [3.0, 3.0]
+    assert ax["title"] == "strip.txt: token norm / median at layer 5" and ax["title_size"] == 8.0
+    assert figure.caption.startswith("strip.txt: each token coloured by its norm / the median token norm at layer 5 (why)")
+
+    # long token texts: 9 characters in a box, 5 beside the ratio of a clipped one
+    r = text_record(3, "long.txt", tokens=["0123456789ab", "abcdefghijkl", "$x$"])
+    r.norms[1, 0] = 10.0
+    text_plots._token_strip(r, 1, 5.0, "why", report, tmp_path, "long.png")
+    assert [t["text"] for t in drawn["long.png"]["axes"][0]["texts"]] == ["01234 10x", "abcdefghi", "\\$x\\$"]
+
+
+def test_text_figures_of_one_layer_scale_strips_from_token_1(drawn, tmp_path):
+    from tests.test_report import text_record, text_report
+
+    # a single scanned layer, medians 2: token 1 holds the largest ratio after the sink (5x), the top of every strip
+    records = [text_record(6, f"{k}.txt", layers=(0,), first_token=torch.tensor([0.5]), alpha0=torch.tensor([[0.4, 0.6]]))
+               for k in range(2)]
+    for r in records:
+        r.medians = torch.full((1,), 2.0)
+        r.norms[0] = 2.0
+        r.norms[0, 0] = 40.0
+    records[0].norms[0, 1] = 10.0
+    report = text_report(records).to_dict()
+    figures = text_plots.text_figures(records, report, tmp_path)
+    assert [f.name for f in figures] == ["first_token_attention.png", "first_token_attention_heads.png", "token_norm_layers_0.png",
+                                         "token_norm_layers_1.png", "token_norms_0.png", "token_norms_1.png"]
+    assert [drawn[f"token_norms_{k}.png"]["axes"][1]["ylim"] for k in range(2)] == [(0.0, 5.0)] * 2
+    assert [t["text"] for t in drawn["token_norms_0.png"]["axes"][0]["texts"]][:2] == ["t0 20x", "t1"]
+
+
 def _vision_inputs(n=5, layers=tuple(range(14))):
     from PIL import Image
 
