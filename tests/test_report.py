@@ -373,3 +373,86 @@ def test_secondary_outliers_capped_at_twenty_and_ratios_below_one():
     assert len(text_report([record]).summary["secondary_outliers"]) == 20
     low = text_record(tokens=[f"t{i}" for i in range(8)], outliers_at={1: {2: 0.5}})  # an absolute rule can flag a low norm
     assert text_report([low]).summary["secondary_outliers"][0]["max_ratio"] == 0.5
+
+
+# -- what was measured: learned sinks, gates, alpha0 per head, notes and the null verdicts ------
+TEXT_SUMMARY_KEYS = SUMMARY_KEYS | {
+    "first_token_attention_max", "sink_epsilon", "has_first_token_sink", "has_massive_activations", "massive_tokens", "has_outliers", "secondary_outliers",
+}
+
+
+def test_learned_sink_and_attention_gate_rows_are_means_over_inputs():
+    a = vision_record("a", learned_sink=torch.tensor([0.1, 0.2, 0.3]), attention_gate=torch.tensor([0.5, 0.6, float("nan")]))
+    b = vision_record("b", learned_sink=torch.tensor([0.3, 0.4, 0.5]), attention_gate=torch.tensor([0.7, 0.8, 0.9]))
+    rows = vision_report([a, b]).layers
+    assert [row["learned_sink_attention"] for row in rows] == pytest.approx([0.2, 0.3, 0.4])
+    assert [row["attention_gate"] for row in rows] == pytest.approx([0.6, 0.7, 0.9])  # NaN left out
+    plain = vision_report([vision_record()]).layers[0]
+    assert "learned_sink_attention" not in plain and "attention_gate" not in plain
+
+
+def test_alpha0_per_head_is_the_mean_over_inputs_and_null_when_unmeasured():
+    nan = float("nan")
+    a0 = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [nan, nan, nan]])
+    a1 = torch.tensor([[0.3, 0.4, 0.5], [0.6, 0.7, 0.8], [nan, nan, nan]])
+    ft = torch.tensor([0.5, 0.5, nan])
+    report = text_report([text_record(name="a", first_token=ft, alpha0=a0), text_record(name="b", first_token=ft, alpha0=a1)])
+    assert report.layers[0]["alpha0_per_head"] == pytest.approx([0.2, 0.3, 0.4])
+    assert report.layers[1]["alpha0_per_head"] == pytest.approx([0.5, 0.6, 0.7])
+    assert report.layers[2]["alpha0_per_head"] == [None, None, None]  # NaN is written as null
+    assert report.layers[2]["sink_epsilon"] is None  # no head measured at that layer
+    assert report.layers[0]["sink_epsilon"] == pytest.approx(2 / 6)  # 0.4, 0.5 > 0.3 of six heads
+    assert text_report([text_record()]).layers[0]["alpha0_per_head"] is None
+
+
+def test_a_single_corner_outlier_is_all_corner():
+    # patch (0, 0) only: a corner; (0, 1) only: border, not corner
+    s = vision_report([vision_record(outliers_at={1: {1: 9.0}, 2: {1: 9.0}})]).summary
+    assert s["corner_fraction"] == 1.0 and s["border_fraction"] == 1.0
+    s = vision_report([vision_record(outliers_at={1: {2: 9.0}, 2: {2: 9.0}})]).summary
+    assert s["corner_fraction"] == 0.0 and s["border_fraction"] == 1.0
+
+
+def test_vision_without_attention_has_no_sink_share():
+    shares = dict(share_cls=torch.tensor([0.1, 0.2, 0.6]), share_body=torch.tensor([0.3, 0.4, 0.5]), share_all=torch.tensor([0.05, 0.25, 0.45]))
+    record = vision_record(outliers_at={1: {7: 9.0}, 2: {7: 9.0}}, **shares)
+    off = vision_report([record], attention=False).summary
+    assert off["sink_share"] is None and off["sink_share_cls"] is None
+    assert off["notes"] == ["attention not measured (--no-attention): the share of attention outliers draw is unknown"]
+    assert set(off) == SUMMARY_KEYS | {"sink_share_cls"}
+    on = vision_report([record]).summary
+    assert on["sink_share"] == pytest.approx(0.45) and on["notes"] == []
+
+
+def test_text_without_attention_gives_no_sink_verdict():
+    high = torch.tensor([0.9, 0.9, 0.9])
+    off = text_report([text_record(first_token=high)], attention=False).summary
+    assert off["notes"] == ["first-token attention not measured (--no-attention)"]
+    assert off["sink_share"] is None and off["first_token_attention_max"] is None and off["sink_epsilon"] is None
+    assert off["has_first_token_sink"] is None and off["has_artifacts"] is None
+    assert set(off) == TEXT_SUMMARY_KEYS
+    on = text_report([text_record(first_token=high)]).summary
+    assert on["notes"] == [] and on["has_first_token_sink"] is True and on["has_artifacts"] is True
+
+
+def test_texts_too_short_for_first_token_attention():
+    nan = torch.full((3,), float("nan"))
+    short = text_report([text_record(first_token=nan), text_record(first_token=nan)], warmup=4).summary
+    assert short["notes"] == ["first-token attention not measured: every text is too short (it needs at least 5 tokens)"]
+    assert short["sink_share"] is None and short["has_first_token_sink"] is None and short["has_artifacts"] is None
+    low = torch.tensor([0.05, 0.05, 0.05])
+    one = text_report([text_record(first_token=low)]).summary
+    assert one["notes"] == [] and one["has_artifacts"] is False  # everything measured, nothing found
+    assert set(one) == TEXT_SUMMARY_KEYS
+    part = text_report([text_record(first_token=low), text_record(first_token=nan), text_record(first_token=low)], warmup=6).summary
+    assert part["notes"] == ["first-token attention from the 2 of 3 texts of at least 7 tokens"]
+    assert part["sink_share"] == pytest.approx(0.05) and part["has_artifacts"] is False
+    half = text_report([text_record(first_token=low), text_record(first_token=nan)]).summary
+    assert half["notes"] == ["first-token attention from the 1 of 2 texts of at least 5 tokens"]
+
+
+def test_texts_of_one_token_leave_outliers_unmeasured():
+    s = text_report([text_record(n=1, first_token=torch.full((3,), float("nan")))]).summary
+    assert s["has_outliers"] is None and s["has_artifacts"] is None
+    assert s["notes"][-1] == "outlier tokens not measured: no text has a token after its first"
+    assert set(s) == TEXT_SUMMARY_KEYS
