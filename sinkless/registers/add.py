@@ -73,6 +73,9 @@ def _supported(model: nn.Module) -> Adapter:
     if adapter.family not in (*_NATIVE, *_HOOKED):
         raise SinklessError(f"adding registers to {type(model).__name__} is not supported (unsupported family {adapter.family!r})",
                             fix=f"use a {supported}")
+    if adapter.inferred:  # read from the module tree: a head or backbone around the base model, which add_registers would break
+        raise SinklessError(f"adding registers to {type(model).__name__} is not supported (only the base vision models, not one with a head or a backbone wrapper)",
+                            fix=f"pass its base model (e.g. model.vit), a {supported}")
     return adapter
 
 
