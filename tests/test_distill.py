@@ -16,6 +16,7 @@ from sinkless import cli, zoo
 from sinkless.errors import SinklessError
 from sinkless.images import natural_crops
 from sinkless.registers import DistillSettings, ViewSettings, denoise_views, distill
+from sinkless.registers import multiview
 from sinkless.registers.multiview import merge_views, render_views, sample_views
 
 FAST = dict(registers=4, steps=6, pool=8, batch_size=2, views=3, checkpoint_every=2, log_every=1)
@@ -88,6 +89,25 @@ def test_bad_view_settings():
     for kwargs, message in (({"views": 0}, "views"), ({"max_shift": -1}, "max_shift"), ({"fill": "pink"}, "unknown fill")):
         with pytest.raises(SinklessError, match=message):
             ViewSettings(**kwargs)
+
+
+def test_view_settings_messages_and_boundaries():
+    """Each refusal's exact problem and fix; the smallest accepted values (0 shift, 1 view, 1 candidate) pass."""
+    cases = (
+        ({"views": 0}, "views must be a whole number >= 1, got 0", "PH-Reg uses 10"),
+        ({"views": True}, "views must be a whole number >= 1, got True", "PH-Reg uses 10"),
+        ({"views": 2.0}, "views must be a whole number >= 1, got 2.0", "PH-Reg uses 10"),
+        ({"max_shift": -1}, "max_shift must be a whole number of patches >= 0, got -1", None),
+        ({"max_shift": 1.5}, "max_shift must be a whole number of patches >= 0, got 1.5", None),
+        ({"fill": "pink"}, "unknown fill 'pink'", "choose one of " + ", ".join(multiview.FILLS)),
+        ({"candidates_per_view": 0}, "candidates_per_view must be >= 1", None),
+    )
+    for kwargs, problem, fix in cases:
+        with pytest.raises(SinklessError) as caught:
+            ViewSettings(**kwargs)
+        assert caught.value.problem == problem and caught.value.fix == fix, kwargs
+    ViewSettings(views=1, max_shift=0, candidates_per_view=1)  # the boundaries themselves are fine
+    assert ViewSettings(max_shift=0).shift_for((16, 16)) == 0
 
 
 # -- the training job ----------------------------------------------------------------------------
