@@ -110,6 +110,25 @@ def test_view_settings_messages_and_boundaries():
     assert ViewSettings(max_shift=0).shift_for((16, 16)) == 0
 
 
+@pytest.mark.parametrize("family", ["vit", "dinov2_with_registers"])
+def test_final_patch_features_are_the_final_norm_patch_tokens_of_a_non_square_input(family):
+    """A 2 x 3 patch grid (the position table interpolated): exactly the patch tokens of last_hidden_state
+    (CLS and registers dropped), with autograd when enabled and without it under no_grad."""
+    from conftest import tiny_model
+
+    model = tiny_model(family)
+    patch = model.config.patch_size
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 2 * patch, 3 * patch)
+    extra = 1 + getattr(model.config, "num_register_tokens", 0)
+    with torch.no_grad():
+        plain = model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state[:, extra:]
+        features = multiview.final_patch_features(model, pixels)
+    assert features.shape == (1, 6, model.config.hidden_size) and not features.requires_grad
+    assert torch.allclose(features, plain, atol=1e-6)
+    assert multiview.final_patch_features(model, pixels.requires_grad_()).requires_grad  # a student trains through it
+
+
 # -- the training job ----------------------------------------------------------------------------
 def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
