@@ -234,7 +234,7 @@ MUTATION_TESTS = {
     # module -> the test files that judge its mutants (tests mirror modules)
     "sinkless.scan.norms": ("test_norms.py",),
     "sinkless.scan.report": ("test_report.py",),
-    "sinkless.scan.measure": ("test_scan.py",),
+    "sinkless.scan.measure": ("test_scan_measure.py", "test_scan.py"),
     "sinkless.scan.inputs": ("test_scan.py",),
     "sinkless.scan": ("test_scan.py", "test_report.py"),
     "sinkless.scan.attention": ("test_scan_attention.py", "test_scan.py"),
