@@ -42,6 +42,12 @@ CONFIG = "config.json"
 INITS = ("identity", "dvt")
 
 
+def check_init(init: str) -> None:
+    """A clear error for an ``init`` that is not one of ``INITS``."""
+    if init not in INITS:
+        raise SinklessError(f"unknown denoiser init {init!r}", fix=f"choose one of {', '.join(INITS)}")
+
+
 @dataclass(frozen=True)
 class DenoiserConfig:
     """Shape of the denoiser and which features of which model it reads."""
@@ -91,8 +97,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, config: DenoiserConfig, *, init: str = "identity") -> None:
         super().__init__()
-        if init not in INITS:
-            raise SinklessError(f"unknown denoiser init {init!r}", fix=f"choose one of {', '.join(INITS)}")
+        check_init(init)
         self.config = config
         dim, hidden = config.dim, int(config.dim * config.mlp_ratio)
         self.pos_embed = nn.Parameter(torch.randn(1, config.grid[0] * config.grid[1], dim) * 0.02)  # (1, P, D)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sinkless._io import atomic_path, atomic_write_json
 from sinkless._version import __version__
 from sinkless.denoise.stage1 import Stage1Settings, denoise_image
-from sinkless.denoise.stage2 import CONFIG, INITS, WEIGHTS, Denoiser, DenoiserConfig, save_denoiser
+from sinkless.denoise.stage2 import CONFIG, WEIGHTS, Denoiser, DenoiserConfig, check_init, save_denoiser
 from sinkless.denoise.views import check_model
 from sinkless.devices import resolve_device
 from sinkless.errors import SinklessError
@@ -71,8 +71,7 @@ class DenoiserSettings:
             raise SinklessError(f"holdout must be >= 0, got {self.holdout}")
         if not isinstance(self.view_pairs, int) or self.view_pairs < 0:
             raise SinklessError(f"view_pairs must be a whole number >= 0, got {self.view_pairs!r}")
-        if self.init not in INITS:
-            raise SinklessError(f"unknown denoiser init {self.init!r}", fix=f"choose one of {', '.join(INITS)}")
+        check_init(self.init)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,7 +179,8 @@ def train_denoiser(
     stage1_done = time.perf_counter()
     n_train = len(images) - settings.holdout
     raw, clean = raw.to(device), clean.to(device)  # (N, h, w, D)
-    # training pairs: every training image's whole view (float32) and its crops' pairs (float16, widened per batch)
+    # training pairs: every training image's whole view and, with view pairs, its crops' pairs; with pairs all are
+    # stored in float16 (the crops come so from stage1/) and widened to float32 per batch
     train_raw = torch.cat([raw[:n_train].half(), *(r.to(device) for r, _ in pairs[:n_train])]) if pairs else raw[:n_train]
     train_clean = torch.cat([clean[:n_train].half(), *(c.to(device) for _, c in pairs[:n_train])]) if pairs else clean[:n_train]
     config = DenoiserConfig(dim=raw.shape[-1], grid=tuple(raw.shape[1:3]), features=stage1.features, layer=stage1.layer, model=loaded.name)

@@ -287,7 +287,7 @@ def _trainable(student: nn.Module, adapter: Adapter, parts: Sequence[str], train
         return named or ("all" if "all" in parts else None)
 
     student.requires_grad_(False)
-    chosen = {name: (p, part(name)) for name, p in student.named_parameters() if part(name) is not None}
+    chosen = {name: (p, which) for name, p in student.named_parameters() if (which := part(name)) is not None}
     for p, _ in chosen.values():
         p.requires_grad_(True)
     assert register in chosen or "registers" not in parts, register
