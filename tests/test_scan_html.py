@@ -888,3 +888,132 @@ def test_page_structure_tables_and_figures(tmp_path):
     off = report_html.render([(vision, "")]).split("<details>")[1]
     assert '<tr><td class=k>sink_share</td><td><span class="na">not measured</span></td></tr>' in off
     assert f"<tr><td class=k>border_fraction</td><td>{report_html.NOT_APPLICABLE}</td></tr>" in off
+
+
+# -- the page's tables, cell by cell, and what appears only when it applies --------------------------------
+NA = report_html.NOT_APPLICABLE
+
+
+def _between(page: str, start: str, end: str) -> str:
+    return page.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_page_tables_every_header_cell_and_row_boundary():
+    vision, text = _vision_full(), _text_full()
+    vision["model"], text["model"] = "vit", "lm"
+    vision["outliers"].append({"input": "b.png", "layer": 6, "token": 9, "norm": 5.0, "ratio": 5.5, "row": 1, "col": 2})
+    vision["massive_activations"] = [{"input": "a.png", "layer": 3, "token": 0, "channel": 100, "value": 150.0},
+                                     {"input": "b.png", "layer": 4, "token": 2, "channel": 102, "value": -2000.0}]
+    vision["figures"], vision["figure_captions"] = ["a.png", "b.png"], {"a.png": "first", "b.png": "second"}
+    text["layers"][3]["sink_epsilon"] = 0.55
+    page = report_html.render([(vision, "f"), (text, "")])
+    # two models: one entry each in the contents, one section each, nothing in between
+    assert ('<li><a href="#vit">vit</a>: Artifacts found: high-norm outlier tokens from layers 6, 7, 9, 3.1 % of patches, up to 8.4× '
+            'the median norm.</li><li><a href="#lm">lm</a>: Artifacts found: ') in page
+    assert '.</li></ul>\n\n<section id="vit">' in page and '</section>\n<section id="lm">' in page and page.count("<section") == 2
+    vision_part, text_part = page.split('<section id="vit">')[1].split('<section id="lm">')
+    # the findings: one row per finding, back to back
+    assert ("<tr><td class=k>Inputs</td><td>2 image(s), 224×224 px, 257 tokens each</td></tr><tr><td class=k>Outlier tokens</td><td>from "
+            "layers 6, 7, 9, 3.1 % of patches") in vision_part
+    assert ('<figure><img src="f/a.png" alt="a.png"><figcaption><b>a.png</b>: first</figcaption></figure><figure><img src="f/b.png" '
+            'alt="b.png"><figcaption><b>b.png</b>: second</figcaption></figure>\n<h3>Per layer</h3>') in vision_part
+    # per layer: rows back to back, each closed
+    assert ("<td>2.50×</td><td>0.00 %</td><td>" + NA + "</td><td>" + NA + "</td></tr><tr><td>7</td><td>1</td><td>2</td><td>2.00×</td>"
+            "<td>2.50×</td><td>5.00 %</td><td>" + NA + "</td><td>" + NA + "</td></tr><tr><td>8</td>") in vision_part
+    assert ("<tr><td>3</td><td>1</td><td>2</td><td>2.00×</td><td>2.50×</td><td>0.00 %</td><td>80.00 %</td><td>55.00 %</td></tr>"
+            "<tr><td>4</td><td>1</td><td>2</td><td>2.00×</td><td>2.50×</td><td>0.00 %</td><td>50.00 %</td><td>" + NA + "</td></tr>") in text_part
+    # a vision page has no table of outlier tokens by text: the per-layer table is followed by the top outliers
+    assert _between(vision_part, "<h3>Per layer</h3>", "<h3>Top outlier tokens</h3>").split("</tbody></table>")[-1].strip() == ""
+    assert _between(vision_part, "<h3>Top outlier tokens</h3>", "\n") == (
+        "<table><thead><tr><th>input</th><th>layer</th><th>token</th><th>norm</th><th>norm / median</th><th>row</th><th>column</th></tr>"
+        "</thead><tbody><tr><td>a.png</td><td>7</td><td>5</td><td>8.4</td><td>8.40×</td><td>0</td><td>4</td></tr>"
+        "<tr><td>b.png</td><td>6</td><td>9</td><td>5</td><td>5.50×</td><td>1</td><td>2</td></tr></tbody></table>")
+    assert _between(vision_part, "<h3>Massive activations</h3>", "\n") == (
+        "<table><thead><tr><th>input</th><th>layer</th><th>token</th><th>channel</th><th>value</th></tr></thead><tbody>"
+        "<tr><td>b.png</td><td>4</td><td>2</td><td>102</td><td>-2000</td></tr>"
+        "<tr><td>a.png</td><td>3</td><td>0</td><td>100</td><td>150</td></tr></tbody></table>")
+    # text: the outlier tokens by text come right after the per-layer table
+    assert "</tbody></table>\n<h3>Outlier tokens by text</h3><table><thead><tr><th>token</th>" in text_part
+    assert ("<tr><td>&#x27; w0&#x27;</td><td>10</td><td>layers 2 to 3</td><td>4.00×</td></tr><tr><td>&#x27; w1&#x27;</td><td>9</td>"
+            "<td>layers 2 to 3</td><td>5.00×</td></tr>") in text_part
+    assert _between(text_part, "<h3>Top outlier tokens</h3>", "\n") == (
+        "<table><thead><tr><th>input</th><th>layer</th><th>token</th><th>norm</th><th>norm / median</th><th>text</th></tr></thead>"
+        "<tbody><tr><td>s.txt</td><td>2</td><td>7</td><td>9</td><td>6.50×</td><td>&#x27; the&#x27;</td></tr></tbody></table>")
+    assert ("<tr><td class=k>has_artifacts</td><td>True</td></tr><tr><td class=k>first_outlier_layer</td><td>6</td></tr>"
+            in vision_part.split("<details>")[1])
+
+
+def test_page_sink_epsilon_column_and_raw_nulls_follow_the_attention_setting():
+    text = _text_full(sink_share=None)
+    text["layers"][3]["sink_epsilon"] = 0.55
+    page = report_html.render([(text, "")])
+    assert "<td>80.00 %</td><td>55.00 %</td></tr>" in page
+    # attention was measured: a null reads "does not apply", in the table and in the raw summary
+    assert f"<tr><td class=k>sink_share</td><td>{NA}</td></tr>" in page.split("<details>")[1]
+    assert '<span class="na">not measured</span>' not in page
+    text["settings"]["attention"] = False
+    text["layers"][3]["first_token_attention"] = None
+    off = report_html.render([(text, "")])
+    layer3 = _between(off, "<tr><td>3</td>", "</tr>")
+    assert layer3.endswith('<td><span class="na">not measured</span></td><td>55.00 %</td>')
+    assert '<tr><td class=k>sink_share</td><td><span class="na">not measured</span></td></tr>' in off.split("<details>")[1]
+    # settings written before the attention flag existed: attention counts as measured
+    del text["settings"]["attention"]
+    old = report_html.render([(text, "")])
+    assert f"<tr><td class=k>sink_share</td><td>{NA}</td></tr>" in old and '<span class="na">not measured</span>' not in old
+    vision = _vision_report(has_artifacts=True, first_outlier_layer=6, outlier_layers=[6, 7], peak_layer=6, outlier_fraction=0.01)
+    del vision["settings"]["attention"]
+    assert dict(report_html.findings(vision))["Attention they draw"] == "none (no outliers after the first outlier layer)"
+
+
+def test_page_outlier_rule_min_fraction_and_missing_keys():
+    vision = _vision_report()
+    vision["settings"]["min_fraction"] = 0.01
+    rule = "<p>Outlier rule: <code>norm &gt; 3 x median</code>; a layer counts when at least\n{} of its {} are outliers.</p>"
+    assert rule.format("1.0 %", "patches") in report_html.render([(vision, "")])
+    del vision["settings"]["min_fraction"], vision["figures"]  # an older report.json: the defaults
+    page = report_html.render([(vision, "")])
+    assert rule.format("0.2 %", "patches") in page and "<h3>Figures</h3><p>none</p>" in page
+    text = _text_full()
+    assert rule.format("0.2 %", "tokens") in report_html.render([(text, "")])
+    # a long list in the raw summary is cut at 200 characters
+    text["summary"]["per_input"] = list(range(100, 200))
+    raw = report_html.render([(text, "")]).split("<details>")[1]
+    cell = _between(raw, "<tr><td class=k>per_input</td><td>", "</td></tr>")
+    assert len(cell) == 200 and cell == json.dumps(list(range(100, 200)))[:200] and cell.endswith("138, 139,")
+
+
+def test_words_only_where_they_apply():
+    # text: a token that is the largest norm but no outlier reads in the singular
+    text = _text_full(has_outliers=False, outlier_layers=[], has_first_token_sink=False, has_artifacts=False, secondary_outliers=[])
+    text["massive_activations"], text["outliers"] = [], []
+    rows = dict(report_html.findings(text))
+    assert rows["Outlier tokens"] == "none: the largest token norm is 2.50× the median of its input (an outlier needs 3× or more)"
+    page = report_html.render([(text, "")])
+    assert "Outlier tokens by text" not in page and "<h3>Top outlier tokens</h3><p>none</p>" in page
+    # vision: a stray secondary_outliers key shows no table of token text
+    vision = _vision_full()
+    vision["summary"]["secondary_outliers"] = [{"text": " x", "count": 1, "layers": [6], "max_ratio": 4.0}]
+    assert "Outlier tokens by text" not in report_html.render([(vision, "")])
+    # a word seen at no listed layer, and a token text that is not a string
+    odd = _text_full(secondary_outliers=[{"text": 42, "count": 1, "layers": [], "max_ratio": 3.5}])
+    assert dict(report_html.findings(odd))["Which tokens"] == "42 1× (no layer, up to 3.5×)"
+    assert "<tr><td>42</td><td>1</td><td>no layer</td><td>3.50×</td></tr>" in report_html.render([(odd, "")])
+    # massive activations flagged but none listed: the verdict names them without a number
+    bare = _text_full(has_first_token_sink=False, has_outliers=False)
+    bare["massive_activations"] = []
+    assert report_html.verdict(bare) == ("Artifacts found: massive activations.", "bad")
+    # outliers and others equally like their neighbours: "no more"
+    tie = _vision_full()
+    tie["summary"]["neighbor_similarity"] = {"outliers": 0.5, "others": 0.5}
+    assert dict(report_html.findings(tie))["Redundant patches?"].startswith(
+        "outlier patches resemble their 4 neighbours no more than others do: input-embedding cosine 0.50 vs 0.50")
+
+
+@pytest.mark.parametrize("n, more", [(8, ""), (9, "…")])
+def test_massive_sentence_lists_eight_tokens_and_channels_then_an_ellipsis(n, more):
+    report = _vision_report()
+    report["massive_activations"] = [{"input": "a.png", "layer": 2, "token": t, "channel": 200 + t, "value": 150.0 + t} for t in range(n)]
+    tokens, channels = ", ".join(str(t) for t in range(8)), ", ".join(str(200 + t) for t in range(8))
+    assert dict(report_html.findings(report))["Massive activations"] == (
+        f"at token(s) {tokens}{more} in channel(s) {channels}{more}, layer 2; largest {150 + n - 1} (layer 2, token {n - 1}, channel {199 + n})")
