@@ -1017,3 +1017,206 @@ def test_massive_sentence_lists_eight_tokens_and_channels_then_an_ellipsis(n, mo
     tokens, channels = ", ".join(str(t) for t in range(8)), ", ".join(str(200 + t) for t in range(8))
     assert dict(report_html.findings(report))["Massive activations"] == (
         f"at token(s) {tokens}{more} in channel(s) {channels}{more}, layer 2; largest {150 + n - 1} (layer 2, token {n - 1}, channel {199 + n})")
+
+
+# -- the vision figures' layout, fonts and styles; the helpers behind them (read back, hand-made inputs) ------------
+@pytest.fixture
+def figs(drawn, monkeypatch):
+    """{PNG name: the figure itself} besides ``drawn``, for what the facts leave out (font sizes, subplot grid, layering)."""
+    kept = {}
+    inner = plots.save
+
+    def spy(fig, folder, name):
+        kept[name] = fig
+        return inner(fig, folder, name)
+
+    monkeypatch.setattr(plots, "save", spy)
+    return kept
+
+
+def _subplot_inches(fig) -> tuple:
+    """(left, right, top, bottom) margins of the subplot grid in inches, then (wspace, hspace)."""
+    width, height = fig.get_size_inches()
+    p = fig.subplotpars
+    return tuple(round(float(v), 6) for v in (p.left * width, (1 - p.right) * width, (1 - p.top) * height, p.bottom * height,
+                                              p.wspace, p.hspace))
+
+
+def _png(path):
+    from PIL import Image
+
+    with Image.open(path) as png:
+        return png.size, dict(png.info)
+
+
+# a user's style: another colormap, save resolution, spacing and legend place; the figures keep their own
+_USER_STYLE = {"image.cmap": "gray", "savefig.dpi": 72, "figure.subplot.wspace": 0.5, "figure.subplot.hspace": 0.5,
+               "legend.loc": "lower right", "font.size": 13.0}
+
+
+def test_vision_figures_size_margins_fonts_and_styles(drawn, figs, tmp_path):
+    import matplotlib
+
+    from tests.test_report import vision_report
+
+    records, inputs = _vision_inputs()
+    report = vision_report(records).to_dict()
+    with matplotlib.rc_context(_USER_STYLE):
+        figures = plots.vision_figures(records, inputs, report, tmp_path)
+
+    # every PNG at 100 dpi whatever the user's savefig.dpi, without the matplotlib version in it
+    for figure in figures:
+        width, height = figs[figure.name].get_size_inches()
+        size, info = _png(tmp_path / figure.name)
+        assert size == (round(100 * width), round(100 * height)) and "Software" not in info, figure.name
+
+    # the signature picture: 4 columns x 3 rows of 2.2 x 2.25 inches, fixed margins, tight panels
+    fig, overlay = drawn["artifact_overlay.png"], figs["artifact_overlay.png"]
+    assert fig["size"] == (10.4, 7.45) and _subplot_inches(overlay) == (0.45, 1.15, 0.75, 0.05, 0.06, 0.08)
+    pictures, maps, attention, norm_bar, attention_bar = fig["axes"][0:4], fig["axes"][4:8], fig["axes"][8:12], fig["axes"][12], fig["axes"][13]
+    assert {ax["title_size"] for ax in pictures} == {8.0} and overlay._suptitle.get_fontsize() == 10.0
+    assert [overlay.axes[i].yaxis.label.get_fontsize() for i in (0, 4, 8)] == [8.0] * 3
+    assert [ax["box_widths"] for ax in pictures] == [[1.2, 1.2], [1.2], [1.2], []]
+    assert all(ax["interpolation"] == ["nearest"] for ax in maps + attention)
+    assert {ax["images"][0]["cmap"] for ax in attention} == {"viridis"}  # not the user's grey
+    assert norm_bar["colorbar"] == {"cmap": "inferno", "norm": "Normalize", "range": (0.0, 12.0)}
+    assert attention_bar["colorbar"] == {"cmap": "viridis", "norm": "Normalize", "range": (0.0625, 4.0)}
+    # each colorbar 0.12 in wide, 0.08 in right of its row, exactly as tall as the row's images are drawn
+    for bar, row in ((norm_bar, maps), (attention_bar, attention)):
+        left, right, top, bottom = bar["margins"]
+        assert left == pytest.approx(10.4 - min(ax["margins"][1] for ax in row) + 0.08, abs=1e-5)
+        assert 10.4 - left - right == pytest.approx(0.12, abs=1e-5)
+        assert (top, bottom) == pytest.approx((min(ax["margins"][2] for ax in row), min(ax["margins"][3] for ax in row)), abs=1e-5)
+        assert bar["ytick_style"] == [(7.0, 0.0)]
+    assert [overlay.axes[i].yaxis.label.get_fontsize() for i in (12, 13)] == [8.0, 8.0]
+    assert norm_bar["lines"][0]["width"] == 2.0
+
+    # per-input norm maps: the input and 12 layers in one row, 0.95 in a panel, fixed margins
+    fig, strip = drawn["norms_0.png"], figs["norms_0.png"]
+    assert fig["size"] == (13.35, 1.75) and _subplot_inches(strip) == (0.05, 0.95, 0.6, 0.05, 0.06, 0.2)
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in strip.axes[:13]} == {(1, 13)}
+    assert {ax["title_size"] for ax in fig["axes"][:13]} == {8.0} and strip._suptitle.get_fontsize() == 9.0
+    assert all(ax["interpolation"] == ["nearest"] for ax in fig["axes"][1:13])
+    assert fig["axes"][13]["colorbar"] == {"cmap": "inferno", "norm": "Normalize", "range": (0.0, 12.0)}
+
+    # histogram and per-layer strength: 5 x 3 and 5.5 x 3 inches, fixed margins, small fonts
+    fig = drawn["norm_histogram.png"]
+    ax = fig["axes"][0]
+    assert fig["size"] == (5.0, 3.0) and ax["margins"] == _inches((0.7, 0.15, 0.35, 0.5))
+    assert ax["legend_sizes"] == [8.0] and ax["title_size"] == 9.0
+    fig, per_layer = drawn["max_ratio_per_layer.png"], figs["max_ratio_per_layer.png"]
+    lines, bars = fig["axes"]
+    assert fig["size"] == (5.5, 3.0) and lines["margins"] == bars["margins"] == _inches((0.7, 0.7, 0.35, 0.5))
+    assert [s["marker"] for s in lines["line_style"]] == ["o", ".", "None"]
+    floor = lines["lines"][2]
+    assert (floor["color"], floor["width"], floor["label"]) == ("#dc143cff", 1.0, "outlier floor")
+    assert {b["face"] for b in bars["boxes"]} == {"#dc143c33"}  # translucent bars
+    front, back = per_layer.axes
+    assert front.get_zorder() > back.get_zorder() and not front.patch.get_visible()  # the lines over the bars, not hidden
+    assert lines["legend_sizes"] == [7.0] and lines["title_size"] == 9.0
+    legend, box = front.get_legend().get_window_extent(), front.get_window_extent()
+    assert legend.x0 - box.x0 < 20 and box.y1 - legend.y1 < 20  # upper left
+    assert {f.name: f.caption for f in figures}["max_ratio_per_layer.png"] == (
+        "Per layer: the largest token norm over the median one (lines; median over inputs and the worst input) against the "
+        "outlier floor, and the share of tokens that are outliers (bars, right axis). Artifacts appear from a middle layer on "
+        "and persist.")
+
+
+def test_vision_figures_of_one_grey_input_at_one_layer(drawn, tmp_path):
+    from PIL import Image
+
+    from tests.test_report import vision_record, vision_report
+
+    # one input, one scanned layer (5), medians 2, one outlier (patch 5: row 1, column 1) of 4.5x, a 56 x 28 grey image
+    name = "dir/abcdefghijklmnopqr.png"  # 22 characters: shown whole
+    record = vision_record(name, outliers_at={0: {6: 9.0}}, layers=(5,), base=2.0, cls_attention=torch.linspace(0, 1, 17))
+    record.image_hw = (28, 56)
+    inputs = [ImageInput(name, Image.new("L", (40, 30), 100))]
+    report = vision_report([record]).to_dict()
+    figures = plots.vision_figures([record], inputs, report, tmp_path)
+    captions = {f.name: f.caption for f in figures}
+    assert list(captions) == ["artifact_overlay.png", "norms_0.png", "norm_histogram.png", "max_ratio_per_layer.png"]
+
+    picture, norm_map, attention = drawn["artifact_overlay.png"]["axes"][:3]
+    assert picture["title"] == "abcdefghijklmnopqr.png\n1 outlier patch"
+    np.testing.assert_array_equal(picture["images"][0]["data"], np.asarray(Image.new("RGB", (56, 28), (100, 100, 100))))
+    assert [(b["xy"], b["size"]) for b in picture["boxes"]] == [((14.0, 7.0), (14.0, 7.0))]  # 14 x 7 pixel patches
+    assert norm_map["images"][0]["clim"] == (0.0, 4.5) and attention["ylabel"] == "CLS attention\nlayer 5"
+    assert "the last scanned layer (5), mean over heads, one scale (0.062 to 1)" in captions["artifact_overlay.png"]
+
+    fig = drawn["norms_0.png"]
+    assert fig["suptitle"] == "token norm per layer: abcdefghijklmnopqr.png" and len(fig["axes"]) == 3
+    assert fig["axes"][1]["title"] == "layer 5\n1 outlier" and fig["axes"][2]["ylim"] == (0.0, 4.5)
+    assert captions["norms_0.png"] == (
+        "abcdefghijklmnopqr.png: the norm of every patch token at each layer, divided by the median patch norm of this image "
+        "at that layer, on one colour scale for all layers (0 to 4.5x). Outliers stand out as isolated bright patches; the "
+        "panel title counts them.")
+
+    # the histogram spans the ratios (1x to 4.5x), not the norms
+    boxes = drawn["norm_histogram.png"]["axes"][0]["boxes"]
+    assert boxes[0]["xy"][0] == pytest.approx(1.0) and boxes[-1]["xy"][0] + boxes[-1]["size"][0] == pytest.approx(4.5)
+    assert sum(b["size"][1] for b in boxes) == 16
+
+    # the strength per layer is drawn at the layers' numbers, on whole-number ticks (three layers: 3, 4 and 5)
+    lines = drawn["max_ratio_per_layer.png"]["axes"][0]
+    assert [line["x"].tolist() for line in lines["lines"][:2]] == [[5.0], [5.0]]
+    rows = [{"layer": 3 + i, "max_ratio": 1.5 + i, "max_ratio_worst": 2.0 + i, "outlier_fraction": None if i == 0 else 0.1 * i}
+            for i in range(3)]
+    plots._ratio_per_layer({"layers": rows, "settings": {"rule": {"floor": 3.0}}}, tmp_path)
+    lines, bars = drawn["max_ratio_per_layer.png"]["axes"]
+    assert [line["x"].tolist() for line in lines["lines"][:2]] == [[3.0, 4.0, 5.0]] * 2
+    assert lines["xtick_pos"] == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert [b["size"][1] for b in bars["boxes"]] == pytest.approx([0.0, 10.0, 20.0])
+
+    # a name of 41 characters is cut to 40 in the title of its norm maps
+    long_name = "a" * 37 + ".png"
+    plots._norm_strip(vision_record(long_name, layers=(5,)), ImageInput(long_name, Image.new("RGB", (8, 8))), report, tmp_path, "long.png")
+    assert drawn["long.png"]["suptitle"] == "token norm per layer: " + "a" * 37 + ".p…"
+
+
+def test_focus_layer_and_the_order_of_the_inputs():
+    from tests.test_report import vision_record
+
+    records = [vision_record(layers=(3, 5, 7))]
+
+    def report(peak, worst):
+        return {"summary": {"peak_layer": peak}, "layers": [{"max_ratio_worst": w} for w in worst]}
+
+    assert plots.focus_layer(records, report(5, [1.0, 2.0, 9.0])) == 1  # the peak outlier layer, not the largest ratio
+    assert plots.focus_layer(records, report(None, [1.5, 2.0, 9.0])) == 2  # no outliers: the largest ratio
+    assert plots.focus_layer(records, report(None, [None, 1.0, 1.0])) == 1  # a ratio not measured counts as 0
+    assert plots.focus_layer(records, {"summary": {}, "layers": []}) == 2  # nothing to go by: the last layer
+
+    # same outliers at the layer: the most outliers overall first; then the largest ratio (norm / median, not norm)
+    at_layer = vision_record("at-layer", outliers_at={0: {3: 9.0}})
+    everywhere = vision_record("everywhere", outliers_at={0: {3: 9.0}, 1: {3: 9.0}})
+    assert plots.ranked([at_layer, everywhere], 0) == [1, 0]
+    small = vision_record("small-median")
+    small.norms[0, 3] = 2.5  # 2.5x a median of 1
+    large = vision_record("large-median", base=2.0)
+    large.norms[0, 3] = 4.4  # 2.2x a median of 2
+    assert plots.ranked([large, small], 0) == [1, 0]
+    # an input without body tokens has no ratio: after a flat one (1x)
+    empty, flat = vision_record("empty"), vision_record("flat")
+    empty.body = torch.zeros(17, dtype=torch.bool)
+    assert plots.ranked([empty, flat], 0) == [1, 0]
+
+
+def test_place_margins_in_inches_and_save_at_100_dpi(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context(_USER_STYLE):
+        fig, _ = plt.subplots(2, 2, figsize=(4, 3))
+        plots.place(fig, left=0.4, right=0.2, top=0.3, bottom=0.6)
+        assert _subplot_inches(fig) == (0.4, 0.2, 0.3, 0.6, 0.2, 0.2)  # the spacing by default, not the user's
+        plots.place(fig, left=0.4, right=0.2, top=0.3, bottom=0.6, wspace=0.06, hspace=0.08)
+        assert _subplot_inches(fig)[4:] == (0.06, 0.08)
+        other = plt.figure()  # the current figure: saving ``fig`` must close ``fig``, not this one
+        try:
+            assert plots.save(fig, tmp_path, "f.png") == "f.png"
+            assert not plt.fignum_exists(fig.number) and plt.fignum_exists(other.number)
+        finally:
+            plt.close(other)
+    size, info = _png(tmp_path / "f.png")
+    assert size == (400, 300) and "Software" not in info
