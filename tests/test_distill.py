@@ -390,3 +390,276 @@ def test_photo_pool_never_holds_evaluation_images():
     photo = Image.new("RGB", (50, 40), (10, 20, 30))
     photo.putpixel((3, 3), (255, 255, 255))
     assert len(training_photos(exclude=[photo])) == len(training_photos())
+
+
+# -- the helpers: crops, bundled photos, data digest, trainable parts, loss, output folder --------
+distill_module = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
+
+
+def _coordinates(width, height):
+    """An RGB image whose red channel is x, green is y and blue 255: a crop's pixels say where it came from."""
+    import numpy as np
+
+    array = np.zeros((height, width, 3), np.uint8)
+    array[..., 0] = np.arange(width)[None, :]
+    array[..., 1] = np.arange(height)[:, None]
+    array[..., 2] = 255
+    return Image.fromarray(array)
+
+
+def _where(crop):
+    """(size, left, top, flipped) of a crop of a `_coordinates` image; every pixel must come from inside the image."""
+    import numpy as np
+
+    array = np.asarray(crop)
+    assert (array[..., 2] == 255).all(), "the crop reaches outside the image"
+    xs, ys = array[..., 0].astype(int), array[..., 1].astype(int)
+    assert (ys == ys[:, :1]).all() and (np.diff(ys[:, 0]) == 1).all(), "rows are not consecutive image rows"
+    steps = set(np.diff(xs[0]).tolist())
+    assert steps <= {1} or steps == {-1}, "columns are not consecutive image columns"
+    return crop.size, int(xs.min()), int(ys.min()), bool(steps == {-1})
+
+
+def test_crop_positions_and_sizes_for_a_seed():
+    """Seeded crops are reproducible: this exact sequence (side, left, top, flip) from seed 0 of a 120 x 80 image."""
+    image = _coordinates(120, 80)
+    generator = torch.Generator().manual_seed(0)
+    crops = [_where(distill_module._crop(image, (0.35, 1.0), generator)) for _ in range(6)]
+    assert crops == [((53, 53), 52, 2, True), ((43, 43), 49, 18, False), ((51, 51), 44, 10, True),
+                     ((29, 29), 15, 15, False), ((64, 64), 45, 2, True), ((63, 63), 53, 7, False)]
+
+
+def test_crops_are_squares_inside_the_image_over_the_scale_range():
+    """Side = scale x the shorter side for scale in crop_scale; always inside the image; every position and both
+    orientations reachable; flipped about half the time."""
+    image = _coordinates(120, 80)
+    generator = torch.Generator().manual_seed(1)
+    seen = [_where(distill_module._crop(image, (0.35, 1.0), generator)) for _ in range(400)]
+    sides = [size[0] for size, *_ in seen]
+    assert all(size[0] == size[1] for size, *_ in seen)
+    assert all(left + size[0] <= 120 and top + size[0] <= 80 for size, left, top, _ in seen)
+    assert 28 <= min(sides) <= 31 and 77 <= max(sides) <= 80  # int(80 x 0.35) = 28 ... 80
+    assert 0.4 < sum(flipped for *_, flipped in seen) / len(seen) < 0.6
+    # a 10 x 10 image at scale 0.9: side 9, so left and top are 0 or 1, each with and without a flip
+    small = _coordinates(10, 10)
+    generator = torch.Generator().manual_seed(2)
+    seen = {_where(distill_module._crop(small, (0.9, 0.9), generator)) for _ in range(200)}
+    assert seen == {((9, 9), left, top, flip) for left in (0, 1) for top in (0, 1) for flip in (False, True)}
+    # the whole square image at scale 1, itself or mirrored; at least one pixel however small the scale
+    generator = torch.Generator().manual_seed(3)
+    whole = {_where(distill_module._crop(_coordinates(7, 7), (1.0, 1.0), generator)) for _ in range(40)}
+    assert whole == {((7, 7), 0, 0, False), ((7, 7), 0, 0, True)}
+    tiny_crops = {distill_module._crop(_coordinates(3, 3), (0.35, 0.35), generator).size for _ in range(20)}
+    assert tiny_crops == {(1, 1)}
+
+
+def test_a_flip_draw_of_exactly_one_half_does_not_flip():
+    """The flip is u < 0.5: seed 243 advanced by 110617 draws gives a crop whose flip draw is exactly 0.5."""
+    generator = torch.Generator().manual_seed(243)
+    torch.rand(110_617, generator=generator)
+    probe = torch.Generator()
+    probe.set_state(generator.get_state())
+    assert torch.rand(4, generator=probe)[3].item() == 0.5
+    assert _where(distill_module._crop(_coordinates(40, 30), (0.5, 0.5), generator))[3] is False
+
+
+def test_crops_sample_the_images_at_the_requested_size(tiny):
+    """`_crops`: n crops of the given images, resized to `size` (not the model's input size) and normalised."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    images = [Image.new("RGB", (40 + 10 * i, 30), colour) for i, colour in enumerate(colours)]
+    spec = tiny.image_spec
+    settings = DistillSettings()
+    pixels = distill_module._crops(images, 9, settings, spec, 24, torch.Generator().manual_seed(0))
+    assert pixels.shape == (9, 3, 24, 24) and spec.size != 24
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    rgb = (pixels * std + mean) * 255  # back to 0..255: each crop one of the solid colours
+    picked = {tuple(round(v) for v in crop.mean((1, 2)).tolist()) for crop in rgb}
+    assert picked <= set(colours) and len(picked) >= 2
+    again = distill_module._crops(images, 9, settings, spec, 24, torch.Generator().manual_seed(0))
+    assert torch.equal(pixels, again)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return distill_module.training_photos()
+
+
+def test_training_photos_are_the_bundled_rgb_photos(bundled):
+    import numpy as np
+
+    assert [name for name, _ in bundled] == list(distill_module.TRAINING_PHOTOS)
+    photos = dict(bundled)
+    assert all(image.mode == "RGB" for image in photos.values())
+    assert photos["brick"].size == (512, 512) and photos["text"].size == (448, 172) and photos["page"].size == (384, 191)
+    assert photos["grace_hopper"].size == (512, 600) and photos["hubble_deep_field"].size == (1000, 872)
+    for name in ("brick", "text", "moon"):  # grayscale sample images: three equal channels
+        array = np.asarray(photos[name])
+        assert (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all(), name
+    hopper = np.asarray(photos["grace_hopper"])  # the colour photo from matplotlib, as RGB
+    assert hopper[0, 0].tolist() == [21, 24, 77] and not (hopper[..., 0] == hopper[..., 2]).all()
+
+
+def test_training_photos_leave_out_the_evaluation_images(bundled, caplog):
+    import logging
+
+    import numpy as np
+
+    photos = dict(bundled)
+    noisy = np.asarray(photos["grace_hopper"]).astype(int) + np.random.default_rng(0).integers(-8, 9, (600, 512, 3))
+    evaluation = [photos["moon"].resize((300, 300)), Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)),
+                  Image.new("RGB", (64, 64), (90, 90, 90))]
+    caplog.set_level(logging.INFO, logger=distill_module.__name__)
+    names = [name for name, _ in distill_module.training_photos(exclude=evaluation)]
+    assert names == [n for n in distill_module.TRAINING_PHOTOS if n not in ("moon", "grace_hopper")]
+    assert "left out 2 training photos" in caplog.text
+
+
+def test_training_photos_skip_an_unavailable_one_and_drop_alpha(monkeypatch, caplog):
+    """A sample file this installation lacks is skipped, the rest still come; an RGBA array loses its alpha."""
+    import logging
+
+    import numpy as np
+    from skimage import data
+
+    def missing():
+        raise OSError("not downloaded")
+
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 7
+    monkeypatch.setattr(data, "moon", missing)
+    monkeypatch.setattr(data, "brick", lambda: rgba)
+    caplog.set_level(logging.INFO, logger=distill_module.__name__)
+    photos = dict(distill_module.training_photos())
+    assert list(photos) == [n for n in distill_module.TRAINING_PHOTOS if n != "moon"]
+    assert photos["brick"].mode == "RGB" and np.asarray(photos["brick"])[0, 0].tolist() == [200, 0, 0]
+    assert "left out" not in caplog.text  # nothing was excluded
+
+
+def test_thumbnail_is_a_normalised_32px_bilinear_grayscale():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    thumb = distill_module._thumb(image)
+    assert thumb.shape == (1024,) and thumb.dtype == np.float32
+    gray = np.asarray(image.convert("L").resize((32, 32), Image.BILINEAR), dtype=np.float64).ravel()
+    assert np.allclose(thumb, (gray - gray.mean()) / gray.std(), rtol=1e-4, atol=1e-5)
+    # nearly flat: one grey level of difference in a 32 x 32 image is still normalised to unit spread
+    dot = np.zeros((32, 32), np.uint8)
+    dot[5, 7] = 1
+    values = dot.astype(np.float64).ravel()
+    expected = (values - values.mean()) / (values.std() + 1e-6)
+    assert np.allclose(distill_module._thumb(Image.fromarray(dot)), expected, rtol=1e-5, atol=0)
+    flat = distill_module._thumb(Image.new("RGB", (20, 20), (50, 60, 70)))  # flat: all zeros, not NaN
+    assert np.isfinite(flat).all() and (flat == 0).all()
+
+
+def test_same_is_a_thumbnail_correlation_above_0_95():
+    import numpy as np
+
+    same = distill_module._same
+    a = np.array([1.0, 1.0, -1.0, -1.0])
+    b = np.array([1.5, 0.5, -0.5, -1.5]) / np.sqrt(1.25)  # correlation 0.894
+    assert not same(a, b) and same(a, a) and not same(a, -a)
+    ones = np.ones(20)
+    assert not same(ones, np.r_[np.ones(19), 0.0])  # exactly 0.95 is not enough
+    assert same(ones, np.r_[np.ones(19), 0.02])  # 0.951
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).resize((96, 96), Image.BICUBIC)
+    thumb = distill_module._thumb(photo)
+    assert same(thumb, distill_module._thumb(photo.resize((60, 60))))  # the same image at another size
+    assert not same(thumb, distill_module._thumb(Image.fromarray(255 - np.asarray(photo))))  # its negative
+    assert not same(thumb, distill_module._thumb(photo.transpose(Image.FLIP_LEFT_RIGHT)))
+
+
+def test_identity_digest_is_stable_and_tells_data_sets_apart():
+    """The digest a checkpoint's job key holds: fixed for fixed pixels (so old checkpoints resume), changed by
+    a pixel, the order, or an image's size."""
+    import numpy as np
+
+    noise = Image.fromarray(np.random.default_rng(5).integers(0, 256, (48, 40, 3), dtype=np.uint8))  # 40 x 48
+    images = [_coordinates(48, 40), noise]
+    digest = distill_module._identity(images)
+    assert digest == "504064123d391939" and len(digest) == 16
+    assert distill_module._identity([im.copy() for im in images]) == digest
+    assert distill_module._identity(images[::-1]) != digest
+    changed = images[0].copy()
+    changed.putpixel((20, 20), (0, 0, 0))
+    assert distill_module._identity([changed, images[1]]) != digest
+    grey = [Image.new("RGB", (64, 64), (9, 9, 9))]
+    assert distill_module._identity(grey) != distill_module._identity([Image.new("RGB", (32, 32), (9, 9, 9))])
+
+
+def test_trainable_parameters_of_each_part(tiny):
+    from sinkless.adapters import adapter_for
+    from sinkless.registers.add import add_registers
+
+    student = add_registers(tiny.model, 2, std=1e-6, seed=0)
+    adapter = adapter_for(student)
+    everything = dict(student.named_parameters())
+
+    def chosen(parts, *blocks):
+        params = distill_module.trainable_parameters(student, adapter, parts, *blocks)
+        assert all(p is everything[name] for name, p in params.items())
+        assert {n for n, p in student.named_parameters() if p.requires_grad} == set(params)  # the rest frozen
+        return set(params)
+
+    def layer(i):
+        return {n for n in everything if n.startswith(f"encoder.layer.{i}.")}
+
+    assert chosen(["registers"]) == {"embeddings.register_tokens"}
+    assert chosen(["positions"]) == {"embeddings.position_embeddings"}
+    assert chosen(["patch_embed"]) == {"embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.bias"}
+    assert chosen(["final_norm"]) == {"layernorm.weight", "layernorm.bias"}
+    assert chosen(["blocks"]) == layer(3) and len(layer(3)) == 18  # the last block by default
+    assert chosen(["blocks"], 2) == layer(2) | layer(3)
+    assert chosen(["registers", "blocks"], 4) == {"embeddings.register_tokens"} | layer(0) | layer(1) | layer(2) | layer(3)
+    assert chosen(["all"]) == set(everything)
+    with pytest.raises(SinklessError, match="train_blocks=5 but the model has 4 blocks"):
+        distill_module.trainable_parameters(student, adapter, ["blocks"], 5)
+
+
+def test_feature_loss_is_one_minus_cosine_plus_weighted_mse():
+    """Cosine over the feature dimension per patch (tiny vectors too), averaged; MSE over every element."""
+    student = torch.tensor([[[3.0, 4.0], [0.01, 0.0]], [[0.0, 2.0], [1.0, 1.0]]], requires_grad=True)  # (B=2, P=2, D=2)
+    target = torch.tensor([[[4.0, 3.0], [0.0, 0.02]], [[0.0, 1.0], [1.0, -1.0]]])
+    out = distill_module._feature_loss(student, target, 2.0)
+    cosine = (0.96 + 0.0 + 1.0 + 0.0) / 4
+    mse = (1 + 1 + 0.0001 + 0.0004 + 0 + 1 + 0 + 4) / 8
+    assert out["cosine"].item() == pytest.approx(cosine, abs=1e-6) and out["mse"].item() == pytest.approx(mse, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(1 - cosine + 2 * mse, abs=1e-6)
+    assert out["loss"].requires_grad and not out["cosine"].requires_grad and not out["mse"].requires_grad
+    tiny = torch.full((1, 3, 4), 0.01)  # norms far below 1: still a cosine of exactly 1 for equal directions
+    assert distill_module._feature_loss(tiny, tiny * 0.5, 0.0)["loss"].item() == pytest.approx(0.0, abs=1e-6)
+    same = distill_module._feature_loss(target.to(torch.bfloat16), target.to(torch.bfloat16).float(), 1.0)
+    assert same["loss"].dtype == torch.float32 and same["loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_write_folder_writes_model_preprocessor_and_log(tmp_path, tiny):
+    from transformers import AutoImageProcessor
+
+    from sinkless.images import ImageSpec
+    from sinkless.registers.add import add_registers
+
+    student = add_registers(tiny.model, 2, std=1e-6, seed=0).eval()
+    spec = ImageSpec(size=64, mean=(0.5, 0.25, 0.125), std=(0.5, 0.75, 1.0), patch_size=8)
+    provenance = {"teacher": "planted-vit-tiny", "registers": 2, "steps": 7, "sinkless_version": "9.9"}
+    log_data = {"job": "distill", "loss_curve": [{"step": 1, "loss": 0.5}], "seconds": {"training": 1.25}}
+    out = tmp_path / "model"
+    distill_module._write_folder(student, out, spec, 48, provenance, log_data)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "distill_log.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["sinkless_distill"] == provenance
+    assert json.loads((out / "distill_log.json").read_text()) == log_data
+    expected = {
+        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 48},
+        "do_center_crop": True, "crop_size": {"height": 48, "width": 48}, "resample": 3, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.25, 0.125], "image_std": [0.5, 0.75, 1.0],
+        "do_convert_rgb": True,
+    }
+    assert (out / "preprocessor_config.json").read_text() == json.dumps(expected, indent=2) + "\n"  # readable, as transformers writes
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert type(processor).__name__.startswith("BitImageProcessor") and processor.resample == Image.BICUBIC
+    assert processor.size == {"shortest_edge": 48} and processor.crop_size == {"height": 48, "width": 48}
+    assert processor.do_resize and processor.do_center_crop and processor.do_rescale
+    pixels = processor(Image.new("RGB", (96, 64), (255, 255, 255)), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 48, 48) and torch.allclose(pixels[0, :, 0, 0], torch.tensor([1.0, 1.0, 0.875]))
