@@ -245,7 +245,7 @@ MUTATION_TESTS = {
     "sinkless.registers.ttr": ("test_registers.py", "test_robustness_files.py"),  # the latter: neurons files a user breaks
     "sinkless.registers.inputs": ("test_registers.py",),
     "sinkless.registers.add": ("test_registers_add.py",),
-    "sinkless.registers.distill": ("test_distill.py", "test_distill_steps.py"),
+    "sinkless.registers.distill": ("test_distill.py",),
     "sinkless.registers.multiview": ("test_distill.py", "test_multiview.py"),
     "sinkless.streaming.cache": ("test_streaming.py", "test_streaming_generate.py"),
     "sinkless.tasks.lost": ("test_tasks_lost.py",),
