@@ -33,6 +33,7 @@ from sinkless.registers import DistillSettings, distill
 from sinkless.registers.multiview import ViewSettings, final_patch_features
 from sinkless.training import TrainSettings
 
+distill_module = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
 FAST = dict(registers=4, steps=6, pool=8, batch_size=2, views=3, checkpoint_every=2, log_every=1)
 
 
@@ -47,6 +48,23 @@ def photos(tmp_path_factory):
     for i, image in enumerate(natural_crops(4, seed=11)):
         image.resize((96, 96)).save(folder / f"p{i}.png")
     return folder
+
+
+def _distill_interrupted_at_step(step, monkeypatch, model, images, out, settings):
+    """Run distill and interrupt it (KeyboardInterrupt, as Ctrl-C) when training step ``step`` computes its loss."""
+    calls = {"n": 0}
+    real = distill_module._feature_loss
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "_feature_loss", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, images, out, settings, progress=False)
+    monkeypatch.setattr(distill_module, "_feature_loss", real)
 
 
 # -- the multi-view denoiser ---------------------------------------------------------------------
@@ -177,26 +195,12 @@ def test_distill_writes_a_loadable_folder_and_log(tmp_path, tiny, photos):
 
 
 def test_interrupt_and_resume_give_the_same_weights(tmp_path, tiny, photos, monkeypatch):
-    distill_module = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
-
     settings = DistillSettings(**{**FAST, "steps": 8, "checkpoint_every": 3})
     straight = tmp_path / "straight"
     distill(tiny, photos, straight, settings, progress=False)
 
-    calls = {"n": 0}
-    real = distill_module._feature_loss
-
-    def interrupt_at_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(distill_module, "_feature_loss", interrupt_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        distill(tiny, photos, resumed, settings, progress=False)
-    monkeypatch.setattr(distill_module, "_feature_loss", real)
+    _distill_interrupted_at_step(5, monkeypatch, tiny, photos, resumed, settings)
     assert (resumed / ".training" / "checkpoint.pt").exists() and not (resumed / "model.safetensors").exists()
     with pytest.raises(SinklessError, match="unfinished distillation"):
         distill(tiny, photos, resumed, settings, progress=False)
@@ -225,8 +229,6 @@ def test_trainable_parts_are_a_setting(tmp_path, tiny, photos):
 
 def test_default_learning_rate_multipliers_follow_the_trained_parts(monkeypatch):
     """Position and patch embeddings train at 0.1 x lr by default, only where they train; an explicit part_lr replaces that."""
-    distill_module = importlib.import_module("sinkless.registers.distill")
-
     assert DistillSettings().lr_multipliers() == {"positions": 0.1, "patch_embed": 0.1}
     assert DistillSettings(train=("registers", "blocks", "positions")).lr_multipliers() == {"positions": 0.1}
     assert DistillSettings(train=("registers", "blocks")).lr_multipliers() == {}
@@ -237,8 +239,6 @@ def test_default_learning_rate_multipliers_follow_the_trained_parts(monkeypatch)
 
 def test_the_multipliers_reach_the_optimiser(tmp_path, tiny, photos, monkeypatch):
     """distill hands train() an lr_scale for every parameter of a slowed part, and none for the others."""
-    distill_module = importlib.import_module("sinkless.registers.distill")
-
     seen = {}
     real = distill_module.train
 
@@ -362,7 +362,6 @@ def test_compare_register_flags(tmp_path, capsys, argv, message):
 
 def test_compare_distils_when_no_folder_is_given(tmp_path, monkeypatch, tiny):
     """`--fix distilled` alone: distilled here on bundled photos that are not evaluation images, then cached."""
-    distill_module = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
     from sinkless.tasks import fixes
     from sinkless.tasks.compare import compare
 
@@ -407,7 +406,6 @@ def test_photo_pool_never_holds_evaluation_images():
 
 
 # -- the helpers: crops, bundled photos, data digest, trainable parts, loss, output folder --------
-distill_module = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
 
 
 def _coordinates(width, height):
@@ -681,22 +679,6 @@ def test_write_folder_writes_model_preprocessor_and_log(tmp_path, tiny):
 
 # -- step by step: settings validation, the --out checks, image loading, the pool's epoch order, and what one
 # tiny distillation passes on, computes, logs and cleans up ------------------------------------------------------
-D = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
-
-
-@pytest.fixture(scope="module")
-def steps_tiny():
-    return zoo.load("planted-vit-tiny")
-
-
-@pytest.fixture(scope="module")
-def steps_photos(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    for i, image in enumerate(natural_crops(4, seed=11)):
-        image.resize((96, 96)).save(folder / f"p{i}.png")
-    return folder
-
-
 def _refused(problem, fix, **kwargs):
     with pytest.raises(SinklessError) as caught:
         DistillSettings(**kwargs)
@@ -752,28 +734,28 @@ def test_train_and_view_settings_pass_every_field_on():
     assert DistillSettings().train_settings().grad_clip is None  # PH-Reg clips nothing (the loop's default would clip at 1)
 
 
-def test_register_std_default_is_one_over_sqrt_width(steps_tiny):
-    assert D._register_std(DistillSettings(register_std=0.25), steps_tiny.model) == 0.25
-    assert D._register_std(DistillSettings(register_std=None), steps_tiny.model) == pytest.approx(64 ** -0.5)  # width 64
+def test_register_std_default_is_one_over_sqrt_width(tiny):
+    assert distill_module._register_std(DistillSettings(register_std=0.25), tiny.model) == 0.25
+    assert distill_module._register_std(DistillSettings(register_std=None), tiny.model) == pytest.approx(64 ** -0.5)  # width 64
 
 
 def test_epoch_indices_are_seeded_permutations_of_the_pool():
     s = DistillSettings(pool=5, batch_size=3, seed=2)
-    steps = [D._epoch_indices(t, s) for t in range(5)]
+    steps = [distill_module._epoch_indices(t, s) for t in range(5)]
     assert all(len(index) == 3 for index in steps)
     flat = torch.cat(steps)  # 15 samples: three epochs, batches crossing the epoch boundaries
     for epoch in range(3):
         expected = torch.randperm(5, generator=torch.Generator().manual_seed(2 * 104_729 + epoch))
         assert flat[epoch * 5:(epoch + 1) * 5].tolist() == expected.tolist()
-    assert torch.equal(D._epoch_indices(3, s), steps[3])  # no state: the same step gives the same batch
-    other = torch.cat([D._epoch_indices(t, DistillSettings(pool=5, batch_size=3, seed=3)) for t in range(5)])
+    assert torch.equal(distill_module._epoch_indices(3, s), steps[3])  # no state: the same step gives the same batch
+    other = torch.cat([distill_module._epoch_indices(t, DistillSettings(pool=5, batch_size=3, seed=3)) for t in range(5)])
     assert not torch.equal(flat, other)
 
 
-def test_trainable_default_is_the_last_block(steps_tiny):
-    student = D.add_registers(steps_tiny.model, 2)
+def test_trainable_default_is_the_last_block(tiny):
+    student = distill_module.add_registers(tiny.model, 2)
     adapter = adapter_for(student)
-    chosen = D._trainable(student, adapter, ["blocks"])
+    chosen = distill_module._trainable(student, adapter, ["blocks"])
     last = adapter.num_layers(student) - 1
     assert chosen and all(name.startswith(adapter.block(last) + ".") and part == "blocks" for name, (_, part) in chosen.items())
 
@@ -781,7 +763,7 @@ def test_trainable_default_is_the_last_block(steps_tiny):
 # -- --out -------------------------------------------------------------------------------------------
 def _out_error(out, resume=False):
     with pytest.raises(SinklessError) as caught:
-        D._check_out(out, resume)
+        distill_module._check_out(out, resume)
     return caught.value.problem, caught.value.fix
 
 
@@ -794,15 +776,15 @@ def test_check_out_refusals_and_resume_rules(tmp_path, monkeypatch):
 
     done = tmp_path / "done"
     done.mkdir()
-    (done / D.LOG_NAME).write_text("{}")
+    (done / distill_module.LOG_NAME).write_text("{}")
     (done / "config.json").write_text("{}")
     assert _out_error(done) == (f"{done} already holds a distilled model", "choose a new --out folder (or pass --resume to keep it)")
-    assert D._check_out(done, True) is True
+    assert distill_module._check_out(done, True) is True
 
     half = tmp_path / "half"  # a log but no model: not finished
     half.mkdir()
-    (half / D.LOG_NAME).write_text("{}")
-    assert D._check_out(half, True) is False
+    (half / distill_module.LOG_NAME).write_text("{}")
+    assert distill_module._check_out(half, True) is False
     assert _out_error(half) == (f"--out {half} is not empty",
                                 "choose a new or empty folder: the model files would mix with what is there")
     only_config = tmp_path / "only_config"
@@ -811,14 +793,14 @@ def test_check_out_refusals_and_resume_rules(tmp_path, monkeypatch):
     assert _out_error(only_config)[0] == f"--out {only_config} is not empty"
 
     unfinished = tmp_path / "unfinished"
-    (unfinished / D.STATE_DIR).mkdir(parents=True)
+    (unfinished / distill_module.STATE_DIR).mkdir(parents=True)
     assert _out_error(unfinished) == (f"{unfinished} holds an unfinished distillation",
                                       "pass --resume to continue it, or choose a new --out folder")
-    assert D._check_out(unfinished, True) is False
+    assert distill_module._check_out(unfinished, True) is False
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert D._check_out(empty, False) is False and D._check_out(tmp_path / "new" / "deep", False) is False
+    assert distill_module._check_out(empty, False) is False and distill_module._check_out(tmp_path / "new" / "deep", False) is False
 
     # a folder we may not write into (simulated: the tests may run as root, which may write anywhere)
     locked = tmp_path / "locked"
@@ -827,31 +809,31 @@ def test_check_out_refusals_and_resume_rules(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) and mode & os.W_OK else real_access(path, mode))
     for out in (locked, locked / "new"):
         assert _out_error(out) == (f"cannot write to {out}", "choose a folder you can write to (check its permissions and the disk)")
-    assert D._check_out(empty, False) is False
+    assert distill_module._check_out(empty, False) is False
 
 
 # -- images --------------------------------------------------------------------------------------------
-def test_load_images_errors_order_and_pil(tmp_path, steps_photos):
+def test_load_images_errors_order_and_pil(tmp_path, photos):
     for empty in ([], None, ()):
         with pytest.raises(SinklessError) as caught:
-            D.load_images(empty)
+            distill_module.load_images(empty)
         assert (caught.value.problem, caught.value.fix) == (
             "no training images given", "pass --images DIR_OR_GLOB with natural photographs (not your evaluation images)")
     note = tmp_path / "notes.txt"
     note.write_text("x")
     with pytest.raises(SinklessError) as caught:
-        D.load_images([note])
+        distill_module.load_images([note])
     assert (caught.value.problem, caught.value.fix) == (f"no image files in [{str(note)!r}]", f"pass files ending in {', '.join(IMAGE_SUFFIXES)}")
     with pytest.raises(SinklessError) as caught:
-        D.load_images(tmp_path)  # a folder with no images: named by the path expansion
+        distill_module.load_images(tmp_path)  # a folder with no images: named by the path expansion
     assert caught.value.problem == f"directory {tmp_path} holds no input files"
 
-    images, names = D.load_images(steps_photos)
-    assert names == [str(steps_photos / f"p{i}.png") for i in range(4)] and all(im.mode == "RGB" and im.size == (96, 96) for im in images)
-    images, names = D.load_images(str(steps_photos / "p1.png"))
-    assert names == [str(steps_photos / "p1.png")] and len(images) == 1
+    images, names = distill_module.load_images(photos)
+    assert names == [str(photos / f"p{i}.png") for i in range(4)] and all(im.mode == "RGB" and im.size == (96, 96) for im in images)
+    images, names = distill_module.load_images(str(photos / "p1.png"))
+    assert names == [str(photos / "p1.png")] and len(images) == 1
     gray, rgba = Image.new("L", (8, 8), 7), Image.new("RGBA", (9, 9), (1, 2, 3, 4))
-    images, names = D.load_images([gray, rgba])
+    images, names = distill_module.load_images([gray, rgba])
     assert names == ["image0", "image1"] and [im.mode for im in images] == ["RGB", "RGB"] and images[1].size == (9, 9)
 
 
@@ -870,7 +852,7 @@ def _watch(monkeypatch_context, calls):
     """Record what distill passes to its helpers (the helpers themselves run unchanged)."""
     mp = monkeypatch_context
     for name in ("_crops", "_teacher_targets", "denoise_views", "_feature_loss", "add_registers", "train"):
-        real = getattr(D, name)
+        real = getattr(distill_module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             state = {}
@@ -883,19 +865,19 @@ def _watch(monkeypatch_context, calls):
             calls.setdefault(_name, []).append((args, kwargs, state, result))
             return result
 
-        mp.setattr(D, name, spy)
+        mp.setattr(distill_module, name, spy)
     yield
 
 
-def _run(steps_tiny, steps_photos, out, settings, clock=False, **kwargs):
+def _run(tiny, photos, out, settings, clock=False, **kwargs):
     calls: dict = {}
     stderr = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, _watch(mp, calls), contextlib.redirect_stderr(stderr):
         if clock:
-            mp.setattr(D, "time", types.SimpleNamespace(perf_counter=_Clock(1000.0, 0.12345), process_time=_Clock(50.0, 0.01111)))
-        result = distill(steps_tiny, steps_photos, out, settings, **kwargs)
+            mp.setattr(distill_module, "time", types.SimpleNamespace(perf_counter=_Clock(1000.0, 0.12345), process_time=_Clock(50.0, 0.01111)))
+        result = distill(tiny, photos, out, settings, **kwargs)
     return types.SimpleNamespace(result=result, calls=calls, stderr=stderr.getvalue(), out=out, settings=settings,
-                                 log=json.loads((out / D.LOG_NAME).read_text()))
+                                 log=json.loads((out / distill_module.LOG_NAME).read_text()))
 
 
 POOLED = DistillSettings(registers=3, steps=4, pool=4, batch_size=3, views=2, max_shift=1, image_size=48, train_blocks=2,
@@ -904,24 +886,24 @@ HELD = natural_crops(2, seed=99)
 
 
 @pytest.fixture(scope="module")
-def pooled(tmp_path_factory, steps_tiny, steps_photos):
+def pooled(tmp_path_factory, tiny, photos):
     """A pool of 4 crops, batches of 3 (crossing epochs), bf16 autocast, held-out images, progress bars on."""
-    was = steps_tiny.model.training
-    steps_tiny.model.train()
+    was = tiny.model.training
+    tiny.model.train()
     try:
-        run = _run(steps_tiny, steps_photos, tmp_path_factory.mktemp("pooled") / "student", POOLED, clock=True, heldout=HELD, heldout_every=2)
-        run.teacher_training = steps_tiny.model.training
+        run = _run(tiny, photos, tmp_path_factory.mktemp("pooled") / "student", POOLED, clock=True, heldout=HELD, heldout_every=2)
+        run.teacher_training = tiny.model.training
     finally:
-        steps_tiny.model.train(was)
+        tiny.model.train(was)
     return run
 
 
-def test_the_log_holds_the_job_data_settings_and_seconds(pooled, steps_tiny, steps_photos):
+def test_the_log_holds_the_job_data_settings_and_seconds(pooled, tiny, photos):
     log, out = pooled.log, pooled.out
     assert log["job"] == "distill" and log["model"] == "planted-vit-tiny" and log["student"] == "Dinov2WithRegistersModel"
     assert log["out"] == str(out) and log["finished"] and log["steps_done"] == 4
-    images, names = D.load_images(steps_photos)
-    assert log["data"] == {"n_images": 4, "images": names, "digest": D._identity(images), "image_size": 48, "pool": 4}
+    images, names = distill_module.load_images(photos)
+    assert log["data"] == {"n_images": 4, "images": names, "digest": distill_module._identity(images), "image_size": 48, "pool": 4}
     assert log["distill_settings"] == json.loads(json.dumps(to_jsonable(POOLED.to_dict())))
     assert log["views"] == json.loads(json.dumps(to_jsonable(dataclasses.asdict(POOLED.view_settings()))))
     assert log["precision"] == "bf16 autocast" and log["settings"]["amp"] is True and log["settings"]["cpu_amp"] is True
@@ -930,7 +912,7 @@ def test_the_log_holds_the_job_data_settings_and_seconds(pooled, steps_tiny, ste
                         "steps_done", "finished", "seconds", "resumed_from", "device", "torch_threads", "loss_curve", "out",
                         "cpu_seconds_this_run", "views", "precision"}
     student = copy.deepcopy(pooled.result.student)
-    parameters = D.trainable_parameters(student, adapter_for(student), POOLED.train, 2)
+    parameters = distill_module.trainable_parameters(student, adapter_for(student), POOLED.train, 2)
     assert log["trainable"] == {"parts": list(POOLED.train), "parameters": sum(p.numel() for p in parameters.values())}
     # the clock: started, t0, teacher end, total (each call 0.12345 s later); CPU: one call 0.01111 s later
     assert log["seconds"]["teacher_targets"] == round((1000.0 + 3 * 0.12345) - (1000.0 + 2 * 0.12345), 3) == 0.123
@@ -957,7 +939,7 @@ def test_the_folder_records_provenance_and_size_and_drops_the_state(pooled):
     assert pooled.teacher_training  # the teacher is put back in the mode it came in
 
 
-def test_the_pool_the_targets_and_the_loss(pooled, steps_tiny, steps_photos):
+def test_the_pool_the_targets_and_the_loss(pooled, tiny, photos):
     calls = pooled.calls
     (args, kwargs, _, result), = calls["add_registers"]
     assert args[1] == 3 and kwargs == {"std": 1e-6, "seed": 3}
@@ -969,7 +951,7 @@ def test_the_pool_the_targets_and_the_loss(pooled, steps_tiny, steps_photos):
     assert pool_targets_call[0][3] is pool_call[0][5]  # the views are drawn from the same generator, after the crops
     assert pool_targets_call[0][5:] == (True, True)  # a progress bar, bf16
     assert held_call[0][5:] == (False, True) and held_call[0][1].shape == (2, 3, 48, 48)
-    assert torch.equal(held_call[0][1], to_pixels(list(HELD), steps_tiny.image_spec, size=48))
+    assert torch.equal(held_call[0][1], to_pixels(list(HELD), tiny.image_spec, size=48))
     assert torch.equal(held_call[2]["generator_state"], torch.Generator().manual_seed(12_345).get_state())
     assert all(state["autocast"] for _, _, state, _ in calls["denoise_views"])  # the teacher runs in bf16 autocast
     pool_targets = pool_targets_call[3]
@@ -978,18 +960,18 @@ def test_the_pool_the_targets_and_the_loss(pooled, steps_tiny, steps_photos):
     for t, (args, _, _, returned) in enumerate(losses):
         features, target, weight = args
         assert weight == 0.5 and features.shape == (3, 36, 64)
-        assert torch.equal(target, pool_targets[D._epoch_indices(t, POOLED)].float())
+        assert torch.equal(target, pool_targets[distill_module._epoch_indices(t, POOLED)].float())
         assert pooled.log["loss_curve"][t]["loss"] == pytest.approx(float(returned["loss"].detach()), abs=1e-6)
 
 
-def test_heldout_cosines_and_progress(pooled, steps_tiny):
+def test_heldout_cosines_and_progress(pooled, tiny):
     curve = pooled.log["loss_curve"]
     assert [row["step"] for row in curve] == [1, 2, 3, 4]
     assert [row["step"] for row in curve if "heldout_cosine" in row] == [2, 4]
     held_targets = pooled.calls["_teacher_targets"][1][3]
     student = pooled.result.student
     with torch.no_grad():
-        features = final_patch_features(student, to_pixels(list(HELD), steps_tiny.image_spec, size=48)).float()
+        features = final_patch_features(student, to_pixels(list(HELD), tiny.image_spec, size=48)).float()
     expected = float(torch.nn.functional.cosine_similarity(features, held_targets, dim=-1).mean())
     assert curve[-1]["heldout_cosine"] == pytest.approx(expected, abs=1e-5)
     lines = [line for line in re.split(r"[\r\n]+", pooled.stderr) if line.strip()]
@@ -1003,8 +985,8 @@ FRESH = DistillSettings(registers=2, steps=51, pool=0, batch_size=1, views=2, ma
                         checkpoint_every=100, log_every=25, amp="bf16", register_std=None)
 
 
-def test_fresh_crops_and_targets_every_step(tmp_path, steps_tiny, steps_photos):
-    run = _run(steps_tiny, steps_photos, tmp_path / "fresh", FRESH, heldout=HELD[:1], progress=False)
+def test_fresh_crops_and_targets_every_step(tmp_path, tiny, photos):
+    run = _run(tiny, photos, tmp_path / "fresh", FRESH, heldout=HELD[:1], progress=False)
     log, calls = run.log, run.calls
     assert [row["step"] for row in log["loss_curve"]] == [1, 25, 50, 51]
     assert [row["step"] for row in log["loss_curve"] if "heldout_cosine" in row] == [50, 51]  # every 50 steps and the last
@@ -1013,13 +995,13 @@ def test_fresh_crops_and_targets_every_step(tmp_path, steps_tiny, steps_photos):
     crops = calls["_crops"]
     assert len(crops) == 51
     for t, (args, _, state, pixels) in enumerate(crops[:3]):  # each step's crops come from that step's generator
-        assert args[1:5] == (1, FRESH, steps_tiny.image_spec, 40) and pixels.shape == (1, 3, 40, 40)
+        assert args[1:5] == (1, FRESH, tiny.image_spec, 40) and pixels.shape == (1, 3, 40, 40)
         assert torch.equal(state["generator_state"], torch.Generator().manual_seed(5 * 1_000_003 + t).get_state())
     fresh_views = [c for c in calls["denoise_views"] if c[0][1].shape[0] == 1 and c[0][1].shape[-1] == 40][-51:]
     assert len(fresh_views) == 51
     for (args, kwargs, state, target), crop, loss in zip(fresh_views, crops, calls["_feature_loss"]):
-        assert args[0] is steps_tiny and torch.equal(args[1], crop[3]) and args[2] == FRESH.view_settings()
-        assert kwargs["image_spec"] == steps_tiny.image_spec and kwargs["generator"] is crop[0][5] and state["autocast"]
+        assert args[0] is tiny and torch.equal(args[1], crop[3]) and args[2] == FRESH.view_settings()
+        assert kwargs["image_spec"] == tiny.image_spec and kwargs["generator"] is crop[0][5] and state["autocast"]
         assert torch.equal(loss[0][1], target.float()) and loss[0][0].shape == (1, 25, 64)
     assert not (run.out / ".training").exists() and log["precision"] == "bf16 autocast"
     assert run.stderr == ""  # progress=False: no bars
@@ -1029,14 +1011,14 @@ def test_fresh_crops_and_targets_every_step(tmp_path, steps_tiny, steps_photos):
 PLAIN = DistillSettings(registers=2, steps=2, pool=2, batch_size=1, views=1, checkpoint_every=5, log_every=1, amp="off")
 
 
-def test_float32_run_and_a_finished_folder(tmp_path, steps_tiny, steps_photos):
+def test_float32_run_and_a_finished_folder(tmp_path, tiny, photos):
     out = tmp_path / "plain"
-    run = _run(steps_tiny, steps_photos, out, PLAIN, progress=False)
+    run = _run(tiny, photos, out, PLAIN, progress=False)
     assert run.log["precision"] == "float32" and run.log["settings"]["amp"] is False and run.log["settings"]["cpu_amp"] is False
     assert not any(state["autocast"] for _, _, state, _ in run.calls["denoise_views"])
-    fresh = _run(steps_tiny, steps_photos, tmp_path / "fresh32", DistillSettings(**{**PLAIN.to_dict(), "pool": 0, "steps": 1}), progress=False)
+    fresh = _run(tiny, photos, tmp_path / "fresh32", DistillSettings(**{**PLAIN.to_dict(), "pool": 0, "steps": 1}), progress=False)
     assert fresh.calls["denoise_views"] and not any(state["autocast"] for _, _, state, _ in fresh.calls["denoise_views"])
-    again = distill(steps_tiny, steps_photos, out, PLAIN, progress=False, resume=True)  # nothing to do
+    again = distill(tiny, photos, out, PLAIN, progress=False, resume=True)  # nothing to do
     assert again.out == out and again.log == run.log and again.student is None
     assert json.loads(json.dumps(to_jsonable(run.result.log))) == run.log and run.result.out == out
 
@@ -1046,51 +1028,39 @@ def _boom(*args, **kwargs):
 
 
 @pytest.mark.parametrize("where", ["_teacher_targets", "_feature_loss"])
-def test_a_failed_run_leaves_nothing_behind(tmp_path, steps_tiny, steps_photos, monkeypatch, where):
-    steps_tiny.model.train()
+def test_a_failed_run_leaves_nothing_behind(tmp_path, tiny, photos, monkeypatch, where):
+    tiny.model.train()
     try:
-        monkeypatch.setattr(D, where, _boom)
+        monkeypatch.setattr(distill_module, where, _boom)
         new = tmp_path / "new"
         with pytest.raises(RuntimeError, match="boom"):
-            distill(steps_tiny, steps_photos, new, PLAIN, progress=False)
-        assert not new.exists() and steps_tiny.model.training
+            distill(tiny, photos, new, PLAIN, progress=False)
+        assert not new.exists() and tiny.model.training
         existing = tmp_path / "existing"
         existing.mkdir()
         with pytest.raises(RuntimeError, match="boom"):
-            distill(steps_tiny, steps_photos, existing, PLAIN, progress=False)
-        assert existing.is_dir() and list(existing.iterdir()) == [] and steps_tiny.model.training
+            distill(tiny, photos, existing, PLAIN, progress=False)
+        assert existing.is_dir() and list(existing.iterdir()) == [] and tiny.model.training
     finally:
-        steps_tiny.model.eval()
+        tiny.model.eval()
 
 
-def test_bad_image_size_is_refused_with_a_multiple(tmp_path, steps_tiny, steps_photos):
+def test_bad_image_size_is_refused_with_a_multiple(tmp_path, tiny, photos):
     for size, fix in ((60, "e.g. 56"), (5, "e.g. 8")):
         with pytest.raises(SinklessError) as caught:
-            distill(steps_tiny, steps_photos, tmp_path / f"s{size}", DistillSettings(image_size=size, registers=2), progress=False)
+            distill(tiny, photos, tmp_path / f"s{size}", DistillSettings(image_size=size, registers=2), progress=False)
         assert (caught.value.problem, caught.value.fix) == (f"image_size {size} is not a multiple of the patch size 8", fix)
         assert not (tmp_path / f"s{size}").exists()
 
 
-def test_resume_accepts_a_new_step_budget_and_bookkeeping(tmp_path, steps_tiny, steps_photos, monkeypatch):
+def test_resume_accepts_a_new_step_budget_and_bookkeeping(tmp_path, tiny, photos, monkeypatch):
     settings = DistillSettings(registers=2, steps=4, pool=2, batch_size=1, views=1, checkpoint_every=2, log_every=1, amp="off")
-    calls = {"n": 0}
-    real = D._feature_loss
-
-    def interrupt_at_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(D, "_feature_loss", interrupt_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        distill(steps_tiny, steps_photos, out, settings, progress=False)
-    monkeypatch.setattr(D, "_feature_loss", real)
+    _distill_interrupted_at_step(3, monkeypatch, tiny, photos, out, settings)
     assert (out / ".training" / "checkpoint.pt").exists()
     interim = json.loads((out / ".training" / "train_log.json").read_text())  # the log while training
     assert interim["job"] == "distill" and interim["student"] == "Dinov2WithRegistersModel" and interim["steps_done"] == 2
     assert interim["data"]["pool"] == 2 and "job_key" not in interim and not any(key.isupper() or "XX" in key for key in interim)
     longer = DistillSettings(**{**settings.to_dict(), "steps": 5, "checkpoint_every": 3, "log_every": 2})
-    result = distill(steps_tiny, steps_photos, out, longer, progress=False, resume=True)
+    result = distill(tiny, photos, out, longer, progress=False, resume=True)
     assert result.log["resumed_from"] == [2] and result.log["steps_done"] == 5
