@@ -182,3 +182,38 @@ def test_capture_hooks_of_the_caller_see_one_call_in_the_per_image_mode(tiny):
         tiny.model(_pixels(batch=1))
     assert len(rec.calls(site)) == 1
     assert len(transform.cache) == 1
+
+
+def test_stage2_probe_script_scores_offsets_against_the_twin(tmp_path):
+    """scripts/dvt_stage2_probe.py (docs/RESULTS.md): a correction every image shares is found by the mean offset (share
+    100 %, cosine 1 to the twin), raw scores 0 % and Stage 1 100 %, and the block trains and is scored every --every steps."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    pattern = 3 * torch.randn(4, 4, 64, generator=g)  # the one position-tied correction of every image
+    folder = tmp_path / "stage1"
+    folder.mkdir()
+    for i in range(3):
+        raw = torch.randn(4, 4, 64, generator=g)
+        views = torch.randn(2, 4, 4, 64, generator=g)
+        save_file({"raw": raw, "clean": raw + pattern, "view_raw": views.half(), "view_clean": (views + pattern).half()},
+                  str(folder / f"{i:05d}_t{i}.safetensors"))
+    raw = torch.randn(2, 4, 4, 64, generator=g)
+    torch.save({"p_raw": raw, "p_clean": raw + pattern, "c_raw": raw.clone(), "c_clean": raw + pattern}, tmp_path / "held.pt")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "dvt_stage2_probe.py"
+    done = subprocess.run([sys.executable, str(script), str(folder), "unused", "--cache", str(tmp_path / "held.pt"), "--steps", "2",
+                           "--every", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    lines = {label: next(line for line in out if line.startswith(label)) for label in (
+        "raw ", "Stage 1 (the image's own)", "+ mean Stage-1 correction", "- held-out mean planted-minus-twin")}
+    assert "share    +0 %" in lines["raw "]
+    assert "share  +100 %" in lines["Stage 1 (the image's own)"]
+    assert "to the twin's Stage 1 1.0000  share  +100 %" in lines["+ mean Stage-1 correction"]
+    assert "images closer than raw 2/2" in lines["+ mean Stage-1 correction"]
+    assert "share    +0 %" in lines["- held-out mean planted-minus-twin"]  # planted and twin raw are equal here
+    assert sum(line.startswith("Stage 2, step") for line in out) == 2

@@ -1,15 +1,20 @@
 """One table: none / ttr / distilled rows of planted-vit, with planted-vit-clean's none row, per task and data.
 
-The rows come from compare.sh (cmp_*: none, ttr and distilled in one command); where a cmp_ file is missing,
-from the earlier separate runs (base_* for none / ttr, dist_* for distilled)."""
-import json, os
+    python benchmarks/results/registers/table.py [PREFIX ...]
+
+The rows come from compare.sh (PREFIX_*: none, ttr and distilled in one command; PREFIX defaults to cmp, the
+student of docs/RESULTS.md; more prefixes add one distilled column each, e.g. ``cmp cmp23 cmpN``); where a cmp_
+file is missing, from the earlier separate runs (base_* for none / ttr, dist_* for distilled)."""
+import json, os, sys
 here = os.path.dirname(os.path.abspath(__file__))
 runs = [("mini", "zeroseg", "zeroseg (miou)"), ("mini", "lost", "LOST keys, l2, median gram bias (corloc)"),
         ("mini", "probe", "probe foreground (miou)"), ("syn", "zeroseg", "zeroseg (miou)"),
         ("syn", "lost", "LOST keys, l2, median gram bias (corloc)"), ("syn", "lostv", "LOST values (corloc)"),
         ("syn", "probe", "probe classes (miou)")]
-print("| data | task (metric) | none | ttr | distilled | clean twin |")
-print("|---|---|---|---|---|---|")
+prefixes = sys.argv[1:] or ["cmp"]
+names = ["distilled"] if prefixes == ["cmp"] else [f"distilled ({p})" for p in prefixes]
+print(f"| data | task (metric) | none | ttr | {' | '.join(names)} | clean twin |")
+print("|---|---|---|---|" + "---|" * len(names) + "---|")
 for data, task, label in runs:
     def rows(prefix):
         path = os.path.join(here, f"{prefix}_{data}_{task}.json")
@@ -17,8 +22,13 @@ for data, task, label in runs:
             return {}
         d = json.load(open(path))
         return {r["fix"]: r[d["metric"]] for r in d["results"]}
-    base, dist, clean = rows("base"), rows("dist"), rows("clean")
-    if rows("cmp"):
-        base = dist = rows("cmp")
+    base, clean = rows("base"), rows("clean")
+    dists = []
+    for prefix in prefixes:
+        dist = rows(prefix) or rows("dist")
+        if rows(prefix) and prefix == prefixes[0] and prefix.startswith("cmp"):  # none and ttr from the same command
+            base = rows(prefix)
+        dists.append(dist.get("distilled"))
     f = lambda v: "–" if v is None else f"{v:.1f}"
-    print(f"| {'mini' if data == 'mini' else 'synthetic'} | {label} | {f(base.get('none'))} | {f(base.get('ttr'))} | {f(dist.get('distilled'))} | {f(clean.get('none'))} |")
+    print(f"| {'mini' if data == 'mini' else 'synthetic'} | {label} | {f(base.get('none'))} | {f(base.get('ttr'))} | "
+          f"{' | '.join(f(v) for v in dists)} | {f(clean.get('none'))} |")
