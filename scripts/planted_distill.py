@@ -121,6 +121,26 @@ def _norm_profile(model, pixels: torch.Tensor) -> list[dict]:
     return rows
 
 
+RINGS = ((0, 0), (1, 2), (3, 3), (4, None))  # distance of a patch from the grid's edge, in patches
+
+
+def _by_ring(features: dict[str, torch.Tensor], reference: torch.Tensor) -> list[dict]:
+    """The cosines to the reference and the gap closed per ring of patches: the edge (where planted-vit's plant
+    mostly fires), the rings the teacher's ±3-patch shifts fill with white, and the interior."""
+    side = int(reference.shape[1] ** 0.5)
+    index = torch.arange(side)
+    from_edge = torch.minimum(torch.minimum(index[:, None], index[None, :]),
+                              torch.minimum(side - 1 - index[:, None], side - 1 - index[None, :])).flatten()  # (P,)
+    rows = []
+    for low, high in RINGS:
+        keep = (from_edge >= low) & (from_edge <= (high if high is not None else side))
+        cos = {name: float(F.cosine_similarity(f[:, keep], reference[:, keep], dim=-1).mean()) for name, f in features.items()}
+        gap = cos["planted_teacher_denoised"] - cos["planted_raw"]
+        rows.append({"rings": f"{low}-{high if high is not None else 'centre'}", "patches": int(keep.sum()), **cos,
+                     "gap_closed": (cos["student_raw"] - cos["planted_raw"]) / gap if gap else None})
+    return rows
+
+
 def evaluate(args) -> dict:
     planted, clean = zoo.load("planted-vit"), zoo.load("planted-vit-clean")
     student = zoo.load(args.student)
@@ -153,6 +173,8 @@ def evaluate(args) -> dict:
         }
         ceiling, floor = entry["cosine_to_clean_denoised"]["planted_teacher_denoised"], entry["cosine_to_clean_denoised"]["planted_raw"]
         entry["gap_closed"] = (entry["cosine_to_clean_denoised"]["student_raw"] - floor) / (ceiling - floor)
+        entry["by_ring"] = _by_ring({"clean_raw": raw["clean"], "planted_raw": raw["planted"], "planted_teacher_denoised": teacher,
+                                     "student_raw": raw["student"]}, reference)
         result["sets"][name] = entry
     return result
 

@@ -1064,3 +1064,28 @@ def test_resume_accepts_a_new_step_budget_and_bookkeeping(tmp_path, tiny, photos
     longer = DistillSettings(**{**settings.to_dict(), "steps": 5, "checkpoint_every": 3, "log_every": 2})
     result = distill(tiny, photos, out, longer, progress=False, resume=True)
     assert result.log["resumed_from"] == [2] and result.log["steps_done"] == 5
+
+
+def test_planted_distill_eval_splits_the_gap_by_ring():
+    """scripts/planted_distill.py's `by_ring` (docs/RESULTS.md): the 16 x 16 grid's edge ring, rings 1-2, ring 3 and the
+    interior partition the patches; a student equal to the ceiling closes 100 % of every ring, one equal to raw 0 %."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "planted_distill.py"
+    spec = importlib.util.spec_from_file_location("planted_distill_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(2, 256, 8, generator=g)
+    raw = reference + torch.randn(2, 256, 8, generator=g)
+    ceiling = reference + 0.1 * torch.randn(2, 256, 8, generator=g)
+    for student, closed in ((ceiling, 1.0), (raw, 0.0)):
+        rows = script._by_ring({"clean_raw": raw, "planted_raw": raw, "planted_teacher_denoised": ceiling, "student_raw": student}, reference)
+        assert [r["rings"] for r in rows] == ["0-0", "1-2", "3-3", "4-centre"]
+        assert [r["patches"] for r in rows] == [60, 96, 36, 64]
+        assert all(abs(r["gap_closed"] - closed) < 1e-6 for r in rows)
+    edge_only = reference.clone()
+    edge_only[:, :16] += 5 * torch.randn(2, 16, 8, generator=g)  # the top row: part of the edge ring only
+    rows = script._by_ring({"clean_raw": raw, "planted_raw": raw, "planted_teacher_denoised": ceiling, "student_raw": edge_only}, reference)
+    assert rows[0]["student_raw"] < 0.9 and all(r["student_raw"] > 0.999 for r in rows[1:])
