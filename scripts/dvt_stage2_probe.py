@@ -8,7 +8,7 @@ TRAIN_STAGE1_DIR is the ``stage1/`` folder of a finished ``sinkless denoise --tr
 planted-vit-pos --view-pairs 8`` run (its raw / clean / view pairs); HELDOUT_DIR the held-out images. The
 held-out raw features of planted-vit-pos and the Stage-1 outputs of it and of its clean twin dinov2-s-focus
 (same seeded views, as ``python -m sinkless.denoise.measure stage2``) are computed once and cached
-(``--cache``). Then a Stage-2 block (identity start, DVT's AdamW / warm-up / cosine schedule, batch 8) is
+(``--cache``). Then a Stage-2 block (identity start; the optimiser, schedule and batch of ``train_denoiser``) is
 trained on the stored pairs and, every ``--every`` steps, applied to the held-out raw features: printed are
 its cosine to the twin's Stage-1 features (the yardstick), the share of Stage 1's gain it reaches, and its
 cosine to the image's own Stage-1 output. Before training it also prints two offsets that need no training:
@@ -19,7 +19,6 @@ planted-minus-twin difference subtracted (an oracle for any position-only correc
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -51,14 +50,17 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from sinkless.denoise.stage2 import Denoiser, DenoiserConfig
-    from sinkless.denoise.train import denoising_loss
+    from sinkless.denoise.train import DenoiserSettings, denoising_loss
+    from sinkless.training import TrainSettings, learning_rate
+
+    real = DenoiserSettings()  # `sinkless denoise --train-denoiser`'s defaults: the probe varies them one at a time
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage1_dir")
     parser.add_argument("heldout")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=real.lr)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--weight-decay", type=float, default=1e-5)
+    parser.add_argument("--weight-decay", type=float, default=real.weight_decay)
     parser.add_argument("--loss", choices=["dvt", "cos"], default="dvt", help="dvt: MSE + (1 - cos); cos: 1 - cos only")
     parser.add_argument("--no-view-pairs", action="store_true", help="train on the whole images only")
     parser.add_argument("--only", choices=["all", "pos"], default="all", help="pos: train the position embedding alone")
@@ -91,14 +93,15 @@ def main() -> None:
 
     denoiser = Denoiser(DenoiserConfig(dim=raw.shape[-1], grid=tuple(raw.shape[1:3])))
     params = [p for name, p in denoiser.named_parameters() if args.only == "all" or name == "pos_embed"]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # the schedule and optimiser of train_denoiser (sinkless.training): warm-up over 15 %, cosine to final_lr
+    schedule = TrainSettings(steps=args.steps, lr=args.lr, final_lr=real.final_lr, schedule="cosine",
+                             warmup=int(real.warmup * args.steps), weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=schedule.betas, eps=schedule.eps)
     generator = torch.Generator().manual_seed(0)
-    warmup = 0.15 * args.steps
     for t in range(1, args.steps + 1):
-        scale = t / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / (args.steps - warmup)))
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * scale
-        index = torch.randint(len(raw), (8,), generator=generator)
+            group["lr"] = learning_rate(schedule, t - 1)
+        index = torch.randint(len(raw), (real.batch,), generator=generator)
         pred = denoiser(raw[index])
         loss = denoising_loss(pred, clean[index]) if args.loss == "dvt" else 1 - F.cosine_similarity(pred, clean[index], dim=-1).mean()
         optimizer.zero_grad()

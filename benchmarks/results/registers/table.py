@@ -25,10 +25,10 @@ for data, task, label in runs:
     base, clean = rows("base"), rows("clean")
     dists = []
     for prefix in prefixes:
-        dist = rows(prefix) or rows("dist")
-        if rows(prefix) and prefix == prefixes[0] and prefix.startswith("cmp"):  # none and ttr from the same command
-            base = rows(prefix)
-        dists.append(dist.get("distilled"))
+        found = rows(prefix)
+        if found and prefix == prefixes[0] and prefix.startswith("cmp"):  # none and ttr from the same command
+            base = found
+        dists.append((found or rows("dist")).get("distilled"))
     f = lambda v: "–" if v is None else f"{v:.1f}"
     print(f"| {'mini' if data == 'mini' else 'synthetic'} | {label} | {f(base.get('none'))} | {f(base.get('ttr'))} | "
           f"{' | '.join(f(v) for v in dists)} | {f(clean.get('none'))} |")
