@@ -2,6 +2,8 @@
 
     python scripts/planted_distill.py init --json init.json          # add_registers(planted-vit, 4) at init
     python scripts/planted_distill.py eval STUDENT_DIR --json eval.json   # a `sinkless distill` result
+    python scripts/planted_distill.py ceiling [STUDENT_DIR ...] --json ceiling.json   # how much of the ceiling is shared views
+    python scripts/planted_distill.py fit STUDENT_DIR ... --images DIR --json fit.json   # students vs their target on training photos
 
 Held-out images: the 8 photos of the mini set (`--data mini`) at 224 px, and 48 crops (seed 777) of the
 bundled photos that are in no training set (astronaut, coffee, chelsea, rocket, camera, coins,
@@ -179,6 +181,58 @@ def evaluate(args) -> dict:
     return result
 
 
+def ceiling(args) -> dict:
+    """The yardstick's ceiling with the teacher's views drawn independently of the reference's.
+
+    ``evaluate``'s ceiling denoises planted-vit with the very views (seed 0) that the clean reference used, so
+    view-specific effects (which shifts filled which patches with white) agree; a student sees one view and can
+    at best learn the views' expectation. Here: planted-vit denoised with other seeds and with 40 views (near the
+    expectation), the clean twin likewise (the noise floor of the reference itself), and the given students."""
+    planted, clean = zoo.load("planted-vit"), zoo.load("planted-vit-clean")
+    students = {name: zoo.load(name) for name in args.students}
+    many = ViewSettings(views=40, max_shift=VIEWS.max_shift, fill=VIEWS.fill)
+    seed = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    result = {"views": VIEWS.__dict__, "many_views": many.__dict__, "sets": {}}
+    for name, images in _held_out().items():
+        pixels = to_pixels(images, planted.image_spec)
+        reference = denoise_views(clean, pixels, VIEWS, generator=seed(0))
+        row = {
+            "ceiling_same_views": _cos(denoise_views(planted, pixels, VIEWS, generator=seed(0)), reference),
+            "ceiling_other_views_seed1": _cos(denoise_views(planted, pixels, VIEWS, generator=seed(1)), reference),
+            "ceiling_other_views_seed2": _cos(denoise_views(planted, pixels, VIEWS, generator=seed(2)), reference),
+            "ceiling_40_views": _cos(denoise_views(planted, pixels, many, generator=seed(5)), reference),
+            "clean_other_views_seed1": _cos(denoise_views(clean, pixels, VIEWS, generator=seed(1)), reference),
+            "clean_40_views": _cos(denoise_views(clean, pixels, many, generator=seed(5)), reference),
+        }
+        with torch.no_grad():
+            row["planted_raw"] = _cos(final_patch_features(planted.model, pixels), reference)
+            for student, loaded in students.items():
+                row[student] = _cos(final_patch_features(loaded.model, pixels), reference)
+        floor = row["planted_raw"]
+        row["gap_closed_vs_40_view_ceiling"] = {s: (row[s] - floor) / (row["ceiling_40_views"] - floor) for s in students}
+        result["sets"][name] = row
+    return result
+
+
+def fit(args) -> dict:
+    """How well students reproduce their own teacher's target on (some of) their training photos: every
+    ``--every``-th image of ``--images`` in name order, ``--limit`` of them, whole, at 224 px."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    planted = zoo.load("planted-vit")
+    paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:: args.every][: args.limit]
+    pixels = to_pixels([Image.open(p).convert("RGB") for p in paths], planted.image_spec)
+    target = denoise_views(planted, pixels, VIEWS, generator=torch.Generator().manual_seed(0))
+    result = {"images": [p.name for p in paths], "views": VIEWS.__dict__}
+    with torch.no_grad():
+        result["planted_raw"] = _cos(final_patch_features(planted.model, pixels), target)
+        for name in args.students:
+            result[name] = _cos(final_patch_features(zoo.load(name).model, pixels), target)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -186,12 +240,21 @@ def main(argv=None) -> int:
     ev = sub.add_parser("eval")
     ev.add_argument("student")
     ev.add_argument("--json", required=True)
+    ce = sub.add_parser("ceiling")
+    ce.add_argument("students", nargs="*")
+    ce.add_argument("--json", required=True)
+    fi = sub.add_parser("fit")
+    fi.add_argument("students", nargs="+")
+    fi.add_argument("--images", required=True)
+    fi.add_argument("--every", type=int, default=4)
+    fi.add_argument("--limit", type=int, default=10)
+    fi.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    result = init(args) if args.what == "init" else evaluate(args)
+    result = {"init": init, "eval": evaluate, "ceiling": ceiling, "fit": fit}[args.what](args)
     with open(args.json, "w") as handle:
         json.dump(result, handle, indent=2)
-    print(json.dumps(result if args.what == "init" else {k: {kk: vv for kk, vv in v.items() if kk != "norms"} for k, v in result["sets"].items()}, indent=2))
+    print(json.dumps(result if args.what != "eval" else {k: {kk: vv for kk, vv in v.items() if kk != "norms"} for k, v in result["sets"].items()}, indent=2))
     return 0
 
 

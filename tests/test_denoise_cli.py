@@ -99,6 +99,11 @@ def test_bad_inputs_exit_2_and_write_nothing(images, tmp_path, capsys):
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(a_file / "sub"), *FAST], capsys, "cannot write")
     # a missing or foreign denoiser
     _fails(["compare", "--model", "planted-vit-tiny", "--fix", "dvt", "--denoiser", str(empty), "--task", "probe", "--data", "synthetic"], capsys, "no denoiser")
+    # --dvt-output belongs to the per-image mode of --fix dvt
+    _fails(["compare", "--model", "planted-vit-tiny", "--fix", "none", "--dvt-output", "clean", "--task", "probe", "--data", "synthetic"],
+           capsys, "--dvt-output applies to --fix dvt")
+    _fails(["compare", "--model", "planted-vit-tiny", "--fix", "dvt", "--denoiser", str(empty), "--dvt-output", "raw-minus-artifact",
+            "--task", "probe", "--data", "synthetic"], capsys, "not to a trained --denoiser")
     assert not any(p.name.startswith(".never") for p in tmp_path.iterdir())
 
 

@@ -217,3 +217,38 @@ def test_stage2_probe_script_scores_offsets_against_the_twin(tmp_path):
     assert "images closer than raw 2/2" in lines["+ mean Stage-1 correction"]
     assert "share    +0 %" in lines["- held-out mean planted-minus-twin"]  # planted and twin raw are equal here
     assert sum(line.startswith("Stage 2, step") for line in out) == 2
+
+
+def test_per_image_output_is_the_field_or_the_features_minus_g(tiny):
+    """--dvt-output: ``clean`` gives Stage 1's F, ``raw-minus-artifact`` the image's own features minus its fitted G."""
+    from sinkless.denoise import denoise_image
+    from sinkless.denoise.hook import stage1_transform
+
+    settings = Stage1Settings(views=2, steps=3, batch=64)
+    pixels = _pixels(batch=1)
+    result = denoise_image(tiny, pixels, settings)
+    with torch.no_grad():
+        plain = tiny.model(pixels).last_hidden_state
+    outputs = {}
+    for output in ("clean", "raw-minus-artifact"):
+        with FeatureTransform(tiny, stage1_transform(tiny, settings, output=output))(), torch.no_grad():
+            outputs[output] = tiny.model(pixels).last_hidden_state
+        assert torch.equal(outputs[output][:, :1], plain[:, :1])  # CLS untouched
+    assert torch.allclose(outputs["clean"][0, 1:], result.clean.reshape(64, 64), atol=1e-5)
+    assert torch.allclose(outputs["raw-minus-artifact"][0, 1:], (result.raw - result.artifact).reshape(64, 64), atol=1e-5)
+    assert torch.allclose(outputs["raw-minus-artifact"][0, 1:] + result.artifact.reshape(64, 64), plain[0, 1:], atol=1e-4)
+    with pytest.raises(SinklessError, match="unknown Stage-1 output 'smooth'"):
+        stage1_transform(tiny, settings, output="smooth")
+
+
+def test_dvt_output_option_in_compare(tiny, tmp_path):
+    from sinkless.tasks.compare import compare
+    from sinkless.tasks.fixes import make_fix
+
+    comparison, _ = compare(tiny, "probe", "synthetic", ["none", "dvt"], limit=2, progress=False,
+                            fix_options={"dvt": {"output": "raw-minus-artifact"}})
+    settings = {r.fix: r.settings for r in comparison.results}["dvt"]
+    assert settings["mode"] == "stage 1 per image" and settings["output"] == "raw-minus-artifact"
+    with pytest.raises(SinklessError, match="applies to the per-image mode"):
+        make_fix("dvt", tiny, [], denoiser=str(tmp_path), output="clean")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())

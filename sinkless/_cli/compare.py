@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="distilled: a finished `sinkless distill` folder (default: distil --model here on bundled photos that are not evaluation images; cached)")
     parser.add_argument("--denoiser", action="append", metavar="DIR",
                         help="dvt: a `sinkless denoise --train-denoiser` folder, repeatable (default: Stage 1 on every image, seconds each)")
+    parser.add_argument("--dvt-output", choices=["clean", "raw-minus-artifact"],
+                        help="dvt without --denoiser: what Stage 1 gives each image: clean (default, DVT's smooth field F) or "
+                             "raw-minus-artifact (the features minus the fitted position-tied map G, detail kept)")
     parser.add_argument("--split", help="Pascal VOC: the ImageSets/Main list to use (e.g. trainval)")
     parser.add_argument("--images", metavar="DIR", help="COCO: the image folder (default: found beside the JSON)")
     parser.add_argument("--out-dir", metavar="DIR", help="write qualitative pictures (boxes, masks) per fix and image")
@@ -90,6 +93,13 @@ def _fix_options(args: argparse.Namespace) -> dict:
             raise SinklessError(f"{flag} applies to --fix {fix}, which is not among the fixes compared", fix=f"add --fix {fix}, or drop {flag}")
         if value:
             options[fix] = {key: value}
+    if args.dvt_output:
+        if "dvt" not in fixes:
+            raise SinklessError("--dvt-output applies to --fix dvt, which is not among the fixes compared", fix="add --fix dvt, or drop --dvt-output")
+        if args.denoiser:
+            raise SinklessError("--dvt-output applies to Stage 1 on every image, not to a trained --denoiser",
+                                fix="drop --dvt-output, or drop --denoiser")
+        options.setdefault("dvt", {})["output"] = args.dvt_output
     if "registers" in fixes and not args.registers_model:
         raise SinklessError("--fix registers compares a model trained with registers: none given",
                             fix="pass --registers-model PATH (a `sinkless distill` folder, or a DINOv2-with-registers checkpoint)")

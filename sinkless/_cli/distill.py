@@ -48,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--register-std", type=float, default=1e-6, metavar="STD",
                         help="standard deviation of the new registers' initial values (default 1e-6, measured; PH-Reg's: "
                              "1/sqrt(width), about 0.05 for ViT-S)")
+    parser.add_argument("--mse-weight", type=float, default=1.0, metavar="W",
+                        help="loss = (1 - cosine) + W x MSE on the patch features (default 1, PH-Reg's; 0: cosine only)")
+    parser.add_argument("--augment", action="store_true",
+                        help="also train on each photo turned 90 and 180 degrees and colour-jittered (4x the images; "
+                             "for a few dozen photos, measured in docs/RESULTS.md)")
     parser.add_argument("--image-size", type=int, metavar="PX", help="side of the square training crops (default: the model's input size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     settings = DistillSettings(
         registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
         pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, amp=args.amp, part_lr=None if part_lr is None else tuple(part_lr), register_std=args.register_std, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
+        checkpoint_every=args.checkpoint_every, amp=args.amp, part_lr=None if part_lr is None else tuple(part_lr), register_std=args.register_std,
+        mse_weight=args.mse_weight, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
     )
     result = distill(args.model, args.images, args.out, settings, resume=args.resume, device=args.device, progress=not args.quiet)
     curve = result.log.get("loss_curve") or []

@@ -33,7 +33,7 @@ from sinkless.denoise.views import FEATURES, check_model
 from sinkless.errors import SinklessError
 from sinkless.hooks import Hooks
 
-__all__ = ["FeatureTransform", "denoiser_transform", "stage1_transform", "feature_site"]
+__all__ = ["FeatureTransform", "denoiser_transform", "stage1_transform", "feature_site", "STAGE1_OUTPUTS"]
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,18 @@ def denoiser_transform(denoiser: Denoiser) -> Transform:
     return transform
 
 
-def stage1_transform(loaded, settings: Stage1Settings = Stage1Settings(), *, progress: bool = False) -> Transform:
-    """The per-image mode: Stage 1 on each image seen (cached by the image's pixels), its clean features."""
+STAGE1_OUTPUTS = ("clean", "raw-minus-artifact")
+
+
+def stage1_transform(loaded, settings: Stage1Settings = Stage1Settings(), *, progress: bool = False, output: str = "clean") -> Transform:
+    """The per-image mode: Stage 1 on each image seen (cached by the image's pixels).
+
+    ``output``: ``clean`` (DVT's: the fitted field F at the image's patches, a smooth map) or
+    ``raw-minus-artifact`` (the image's own features minus the fitted position-tied map G: removes only
+    what every view shares at a grid position and keeps the features' detail; measured in docs/RESULTS.md).
+    """
+    if output not in STAGE1_OUTPUTS:
+        raise SinklessError(f"unknown Stage-1 output {output!r}", fix=f"choose from {', '.join(STAGE1_OUTPUTS)}")
     bare = copy.deepcopy(loaded)  # no hooks of the caller reach the fits' own forwards
     for module in bare.model.modules():  # nor hooks attached before the copy
         module._forward_hooks.clear()
@@ -132,7 +142,7 @@ def stage1_transform(loaded, settings: Stage1Settings = Stage1Settings(), *, pro
             key = hashlib.sha1(pixels[i].detach().float().cpu().numpy().tobytes()).hexdigest()
             if key not in cache:
                 result = denoise_image(bare, pixels[i : i + 1], settings, progress=progress)
-                cache[key] = result.clean
+                cache[key] = result.clean if output == "clean" else result.raw - result.artifact
                 log.debug("stage 1 on a %s image: %.1f s", result.grid, result.timings["total_s"])
             out.append(cache[key].to(tokens))
         return torch.stack(out)  # (B, h, w, D)

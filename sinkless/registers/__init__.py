@@ -8,12 +8,12 @@
 
 from sinkless.registers.add import add_registers, remove_registers
 from sinkless.registers.discovery import SWEEP, DiscoverySettings, discover
-from sinkless.registers.distill import DistillResult, DistillSettings, distill, training_photos
+from sinkless.registers.distill import DistillResult, DistillSettings, augmented, distill, training_photos
 from sinkless.registers.multiview import ViewSettings, denoise_views
 from sinkless.registers.ttr import MaxMode, RegisterNeurons, TestTimeRegisters, ZeroNeurons, load_neurons
 
 __all__ = [
     "discover", "DiscoverySettings", "SWEEP", "MaxMode", "RegisterNeurons", "TestTimeRegisters", "ZeroNeurons", "load_neurons",
     "add_registers", "remove_registers", "denoise_views", "ViewSettings", "distill", "DistillSettings", "DistillResult",
-    "training_photos",
+    "training_photos", "augmented",
 ]

@@ -141,14 +141,19 @@ def _distill_cached(loaded, images):
     other = zoo.load(str(folder))
     other.name = f"{loaded.name}+distilled"
     return other, str(folder)
-def _dvt(loaded, images, denoiser: str | list[str] | None = None) -> AbstractContextManager:
+def _dvt(loaded, images, denoiser: str | list[str] | None = None, output: str | None = None) -> AbstractContextManager:
     """Denoising ViTs (Yang et al. 2024): the Stage-2 denoiser(s) of `sinkless denoise --train-denoiser` folders
     (each on the features it was trained on: the final output by default, or the last layer's keys), or
-    without one Stage 1 on every image's final features (seconds per image: small sets)."""
+    without one Stage 1 on every image's final features (seconds per image: small sets), whose ``output`` is
+    DVT's clean field (``clean``, the default) or the features minus the fitted position-tied map
+    (``raw-minus-artifact``)."""
     from sinkless.denoise import Stage1Settings, apply_denoiser, load_denoiser
     from sinkless.denoise.hook import FeatureTransform, stage1_transform
 
     folders = [denoiser] if isinstance(denoiser, str) else list(denoiser or [])
+    if folders and output is not None:
+        raise SinklessError("the Stage-1 output choice applies to the per-image mode, not to a trained denoiser",
+                            fix="drop --dvt-output, or drop --denoiser to run Stage 1 on every image")
     if folders:
         models = [load_denoiser(folder) for folder in folders]
         contexts = [apply_denoiser(loaded, model)() for model in models]
@@ -164,9 +169,10 @@ def _dvt(loaded, images, denoiser: str | list[str] | None = None) -> AbstractCon
                 yield None
 
         return _Applied(all_of(), info)
-    settings = Stage1Settings()
-    info = {"mode": "stage 1 per image", "stage1_settings": settings.to_dict()}
-    return _Applied(FeatureTransform(loaded, stage1_transform(loaded, settings))(), info)
+    settings, output = Stage1Settings(), output or "clean"
+    transform = stage1_transform(loaded, settings, output=output)  # checks the output's name
+    info = {"mode": "stage 1 per image", "output": output, "stage1_settings": settings.to_dict()}
+    return _Applied(FeatureTransform(loaded, transform)(), info)
 
 
 FIXES: dict[str, FixFactory] = {

@@ -4,7 +4,8 @@
 
 The rows come from compare.sh (PREFIX_*: none, ttr and distilled in one command; PREFIX defaults to cmp, the
 student of docs/RESULTS.md; more prefixes add one distilled column each, e.g. ``cmp cmp23 cmpN``); where a cmp_
-file is missing, from the earlier separate runs (base_* for none / ttr, dist_* for distilled)."""
+file is missing, from the earlier separate runs (base_* for none / ttr, dist_* for distilled); a missing file of any
+other prefix is a "–" cell."""
 import json, os, sys
 here = os.path.dirname(os.path.abspath(__file__))
 runs = [("mini", "zeroseg", "zeroseg (miou)"), ("mini", "lost", "LOST keys, l2, median gram bias (corloc)"),
@@ -28,7 +29,9 @@ for data, task, label in runs:
         found = rows(prefix)
         if found and prefix == prefixes[0] and prefix.startswith("cmp"):  # none and ttr from the same command
             base = found
-        dists.append((found or rows("dist")).get("distilled"))
+        if not found and prefix == "cmp":  # only the default column falls back on the earlier separate runs
+            found = rows("dist")
+        dists.append(found.get("distilled"))  # a missing file of another prefix shows as "–", never as another run's
     f = lambda v: "–" if v is None else f"{v:.1f}"
     print(f"| {'mini' if data == 'mini' else 'synthetic'} | {label} | {f(base.get('none'))} | {f(base.get('ttr'))} | "
           f"{' | '.join(f(v) for v in dists)} | {f(clean.get('none'))} |")
