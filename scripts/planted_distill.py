@@ -219,13 +219,14 @@ def fit(args) -> dict:
     ``--every``-th image of ``--images`` in name order, ``--limit`` of them, whole, at 224 px."""
     from pathlib import Path
 
-    from PIL import Image
+    from sinkless.registers.distill import load_images
 
     planted = zoo.load("planted-vit")
-    paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:: args.every][: args.limit]
-    pixels = to_pixels([Image.open(p).convert("RGB") for p in paths], planted.image_spec)
+    images, names = load_images(args.images)  # what `sinkless distill --images` reads, in the same order
+    images, names = images[:: args.every][: args.limit], names[:: args.every][: args.limit]
+    pixels = to_pixels(images, planted.image_spec)
     target = denoise_views(planted, pixels, VIEWS, generator=torch.Generator().manual_seed(0))
-    result = {"images": [p.name for p in paths], "views": VIEWS.__dict__}
+    result = {"images": [Path(n).name for n in names], "views": VIEWS.__dict__}
     with torch.no_grad():
         result["planted_raw"] = _cos(final_patch_features(planted.model, pixels), target)
         for name in args.students:

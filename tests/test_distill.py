@@ -1066,9 +1066,8 @@ def test_resume_accepts_a_new_step_budget_and_bookkeeping(tmp_path, tiny, photos
     assert result.log["resumed_from"] == [2] and result.log["steps_done"] == 5
 
 
-def test_planted_distill_eval_splits_the_gap_by_ring():
-    """scripts/planted_distill.py's `by_ring` (docs/RESULTS.md): the 16 x 16 grid's edge ring, rings 1-2, ring 3 and the
-    interior partition the patches; a student equal to the ceiling closes 100 % of every ring, one equal to raw 0 %."""
+def _planted_distill_script():
+    """scripts/planted_distill.py as a fresh module (its monkeypatches stay in this copy)."""
     import importlib.util
     from pathlib import Path
 
@@ -1076,6 +1075,13 @@ def test_planted_distill_eval_splits_the_gap_by_ring():
     spec = importlib.util.spec_from_file_location("planted_distill_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_planted_distill_eval_splits_the_gap_by_ring():
+    """scripts/planted_distill.py's `by_ring` (docs/RESULTS.md): the 16 x 16 grid's edge ring, rings 1-2, ring 3 and the
+    interior partition the patches; a student equal to the ceiling closes 100 % of every ring, one equal to raw 0 %."""
+    script = _planted_distill_script()
     g = torch.Generator().manual_seed(0)
     reference = torch.randn(2, 256, 8, generator=g)
     raw = reference + torch.randn(2, 256, 8, generator=g)
@@ -1094,13 +1100,7 @@ def test_planted_distill_eval_splits_the_gap_by_ring():
 def test_planted_distill_ceiling_with_independent_views(monkeypatch, tmp_path):
     """scripts/planted_distill.py ceiling: with the same views the teacher of the reference model itself reaches cosine 1;
     with other seeds or 40 views it does not, and the gap closed is measured against the 40-view ceiling."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "planted_distill.py"
-    spec = importlib.util.spec_from_file_location("planted_distill_ceiling", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _planted_distill_script()
     tiny = zoo.load("planted-vit-tiny")  # planted-vit, its clean twin and the student all the same model here
     monkeypatch.setattr(script.zoo, "load", lambda name: tiny)
     monkeypatch.setattr(script, "_held_out", lambda: {"few": natural_crops(2, seed=5)})
