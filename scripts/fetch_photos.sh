@@ -3,20 +3,24 @@
 #
 #   bash scripts/fetch_photos.sh DIR            # writes DIR/*.jpg: 23 photos, longer side resized to 1280 px
 #   bash scripts/fetch_photos.sh --more DIR     # the same 23 and 15 more (38): the set of the 38-photo students
+#   bash scripts/fetch_photos.sh --many DIR     # the 38 and 141 small (~320 x 240) photos carved out of GCompris (179)
 #
 # None of them is in the evaluation sets (`--data mini`, the synthetic scenes, the bundled scikit-image
 # photos). Sources: mate-backgrounds 1.26.0 (GPL-2+ / CC), plasma-workspace-wallpapers 5.27.5 (LGPL / CC-BY-SA),
 # Debian 12; with --more also lomiri-wallpapers-16.04 / -20.04 20.04.0 (Ubuntu's free-culture wallpaper contest
-# photographs, CC-BY-SA) and one more plasma photo. Needs apt-get (download only: nothing is installed) and
+# photographs, CC-BY-SA) and one more plasma photo; with --many also gcompris-qt-data 3.1 (GPL-3+ / CC-BY-SA: photos
+# of monuments, animals, fish, objects, musicians from its activities; scripts/carve_photos.py). Needs apt-get (download only: nothing is installed) and
 # sinkless's Python environment (Pillow).
 set -euo pipefail
-more=0
+more=0 many=0
 if [[ "${1:-}" == "--more" ]]; then more=1; shift; fi
-out="${1:?usage: bash scripts/fetch_photos.sh [--more] DIR}"
+if [[ "${1:-}" == "--many" ]]; then more=1; many=1; shift; fi
+out="${1:?usage: bash scripts/fetch_photos.sh [--more|--many] DIR}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 packages=(mate-backgrounds plasma-workspace-wallpapers)
 if (( more )); then packages+=(lomiri-wallpapers-16.04 lomiri-wallpapers-20.04); fi
+if (( many )); then packages+=(gcompris-qt-data); fi
 (cd "$work" && apt-get download "${packages[@]}" >/dev/null 2>&1) \
   || { echo "apt-get download failed (needs Debian/Ubuntu package lists: apt-get update)" >&2; exit 2; }
 for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/x"; done
@@ -48,3 +52,4 @@ for name, path in sources:
     image.save(out / f"{name}.jpg", quality=95)
 print(f"wrote {len(sources)} photos to {out}")
 PY
+if (( many )); then python "$(dirname "$0")/carve_photos.py" "$work/x" "$out"; fi

@@ -268,12 +268,14 @@ def _cli(capsys, *argv):
         ("photos", ["--model", "minilm-tiny"], "text model"),
         ("photos", ["--model", "bert-folder"], "text model"),
         ("photos", ["--model", "planted-vit-tiny", "--steps", "0"], "--steps must be >= 1"),
-        ("photos", ["--model", "planted-vit-tiny", "--lr", "nan"], "lr must be a positive number"),
+        ("photos", ["--model", "planted-vit-tiny", "--lr", "nan"], "--lr must be a positive number"),
+        ("photos", ["--model", "planted-vit-tiny", "--mse-weight", "-1"], "--mse-weight must be >= 0"),
+        ("photos", ["--model", "planted-vit-tiny", "--max-shift", "-2"], "--max-shift must be a whole number of patches"),
         ("photos", ["--model", "planted-vit-tiny", "--image-size", "60"], "not a multiple of the patch size"),
         ("photos", ["--model", "planted-vit-tiny", "--part-lr", "positions"], "is not PART=MULTIPLIER"),
         ("photos", ["--model", "planted-vit-tiny", "--train", "registers", "--part-lr", "positions=0.1"], "not among the trained parts"),
         ("photos", ["--model", "planted-vit-tiny", "--part-lr", "positions=-1"], "must be a positive number"),
-        ("photos", ["--model", "planted-vit-tiny", "--register-std", "0"], "register_std must be a positive number"),
+        ("photos", ["--model", "planted-vit-tiny", "--register-std", "0"], "--register-std must be a positive number"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, photos, setup, argv, message):
@@ -1066,13 +1068,13 @@ def test_resume_accepts_a_new_step_budget_and_bookkeeping(tmp_path, tiny, photos
     assert result.log["resumed_from"] == [2] and result.log["steps_done"] == 5
 
 
-def _planted_distill_script():
-    """scripts/planted_distill.py as a fresh module (its monkeypatches stay in this copy)."""
+def _script(name: str = "planted_distill"):
+    """scripts/NAME.py as a fresh module (its monkeypatches stay in this copy)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "planted_distill.py"
-    spec = importlib.util.spec_from_file_location("planted_distill_script", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -1081,7 +1083,7 @@ def _planted_distill_script():
 def test_planted_distill_eval_splits_the_gap_by_ring():
     """scripts/planted_distill.py's `by_ring` (docs/RESULTS.md): the 16 x 16 grid's edge ring, rings 1-2, ring 3 and the
     interior partition the patches; a student equal to the ceiling closes 100 % of every ring, one equal to raw 0 %."""
-    script = _planted_distill_script()
+    script = _script()
     g = torch.Generator().manual_seed(0)
     reference = torch.randn(2, 256, 8, generator=g)
     raw = reference + torch.randn(2, 256, 8, generator=g)
@@ -1100,7 +1102,7 @@ def test_planted_distill_eval_splits_the_gap_by_ring():
 def test_planted_distill_ceiling_with_independent_views(monkeypatch, tmp_path):
     """scripts/planted_distill.py ceiling: with the same views the teacher of the reference model itself reaches cosine 1;
     with other seeds or 40 views it does not, and the gap closed is measured against the 40-view ceiling."""
-    script = _planted_distill_script()
+    script = _script()
     tiny = zoo.load("planted-vit-tiny")  # planted-vit, its clean twin and the student all the same model here
     monkeypatch.setattr(script.zoo, "load", lambda name: tiny)
     monkeypatch.setattr(script, "_held_out", lambda: {"few": natural_crops(2, seed=5)})
@@ -1166,3 +1168,47 @@ def test_augment_and_mse_weight_flags_reach_the_run(tmp_path, capsys, photos, mo
     assert log["distill_settings"]["augment"] is True and log["distill_settings"]["mse_weight"] == 0
     assert seen["n_images"] == 16 and log["data"]["n_images"] == 4 and log["data"]["n_augmented"] == 16
     assert all(row["loss"] == pytest.approx(1 - row["cosine"], abs=1e-6) for row in log["loss_curve"])  # cosine only
+
+
+def _encoded(image, fmt: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, quality=95)
+    return buffer.getvalue()
+
+
+def _photo_like(seed: int, size=(320, 240)):
+    """A smooth random field with fine texture: many colours, few equal neighbours (not 'drawn')."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC)).astype(float)
+    return Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
+
+
+def test_carve_photos_keeps_distinct_photos_of_photo_activities(tmp_path):
+    """scripts/carve_photos.py (`fetch_photos.sh --many`): JPEG and WebP pictures embedded in GCompris rcc blobs are
+    found; drawings, small pictures, near-repeats and non-photo activities are left out; no rcc files -> exit 2."""
+    from PIL import Image
+
+    carve = _script("carve_photos")
+    first, second = _photo_like(1), _photo_like(2)
+    drawn = Image.new("RGB", (320, 240), "white")
+    drawn.paste((200, 30, 30), (40, 40, 200, 160))
+    blob = (b"rcc header \xff\xd9 junk" + _encoded(first, "JPEG") + b"\x00" * 7 + _encoded(second, "WEBP") + b"tail"
+            + _encoded(drawn, "JPEG") + _encoded(_photo_like(3, (150, 120)), "JPEG") + _encoded(first, "JPEG"))
+    found = list(carve.embedded_pictures(blob))
+    assert [(image.format, image.size) for image in found] == [  # JPEGs in file order, then WebPs
+        ("JPEG", (320, 240)), ("JPEG", (320, 240)), ("JPEG", (150, 120)), ("JPEG", (320, 240)), ("WEBP", (320, 240))]
+    assert carve.looks_drawn(drawn) and not carve.looks_drawn(first) and not carve.looks_drawn(second)
+
+    rcc = tmp_path / "root" / "usr/share/gcompris-qt/rcc"
+    rcc.mkdir(parents=True)
+    (rcc / "erase.rcc").write_bytes(blob)
+    (rcc / "lang.rcc").write_bytes(_encoded(_photo_like(4), "JPEG"))  # not a photo activity
+    assert carve.main(tmp_path / "root", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gc_erase_000.jpg", "gc_erase_004.jpg"]
+    assert carve.main(tmp_path / "empty", tmp_path / "out2") == 2 and not (tmp_path / "out2").exists()

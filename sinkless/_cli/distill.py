@@ -11,6 +11,7 @@ seconds). Interrupted runs continue with --resume and end with the same weights.
 from __future__ import annotations
 
 import argparse
+import re
 
 from sinkless.devices import add_device_args
 from sinkless.errors import SinklessError
@@ -65,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sinkless.registers.distill import DistillSettings, distill
+    from sinkless.registers.distill import distill
 
     for flag in ("registers", "steps", "views", "batch_size", "train_blocks", "checkpoint_every"):
         value = getattr(args, flag)
@@ -78,12 +79,11 @@ def run(args: argparse.Namespace) -> int:
             part_lr.append((part.strip(), float(multiple)))
         except ValueError:
             raise SinklessError(f"--part-lr {item!r} is not PART=MULTIPLIER", fix="write e.g. --part-lr positions=0.1") from None
-    settings = DistillSettings(
-        registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
-        pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, amp=args.amp, part_lr=None if part_lr is None else tuple(part_lr), register_std=args.register_std,
-        mse_weight=args.mse_weight, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
-    )
+    try:
+        settings = _settings(args, part_lr)
+    except SinklessError as error:  # name the flag the user typed, not the settings field behind it
+        problem = re.sub(r"^([a-z_]+)(?= must)", lambda m: f"--{m[1].replace('_', '-')}" if m[1] in vars(args) else m[1], error.problem)
+        raise SinklessError(problem, fix=error.fix) from None
     result = distill(args.model, args.images, args.out, settings, resume=args.resume, device=args.device, progress=not args.quiet)
     curve = result.log.get("loss_curve") or []
     last = curve[-1] if curve else {}
@@ -94,3 +94,14 @@ def run(args: argparse.Namespace) -> int:
         print(", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in seconds.items()))
     print(f"wrote {args.out} (model folder + distill_log.json)")
     return 0
+
+
+def _settings(args: argparse.Namespace, part_lr: list | None):
+    from sinkless.registers.distill import DistillSettings
+
+    return DistillSettings(
+        registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
+        pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, amp=args.amp, part_lr=None if part_lr is None else tuple(part_lr), register_std=args.register_std,
+        mse_weight=args.mse_weight, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
+    )
