@@ -77,8 +77,11 @@ class TrainSettings:
             raise SinklessError(f"learning rate must be a positive number, got {self.lr}")
         if self.schedule not in _SCHEDULES:
             raise SinklessError(f"unknown schedule {self.schedule!r}", fix=f"choose one of {', '.join(_SCHEDULES)}")
-        if self.warmup < 0 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise SinklessError("warmup must be >= 0, checkpoint_every and log_every >= 1")
+        if self.warmup < 0:
+            raise SinklessError(f"warmup must be >= 0, got {self.warmup}")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise SinklessError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -268,6 +268,8 @@ def _cli(capsys, *argv):
         ("photos", ["--model", "minilm-tiny"], "text model"),
         ("photos", ["--model", "bert-folder"], "text model"),
         ("photos", ["--model", "planted-vit-tiny", "--steps", "0"], "--steps must be >= 1"),
+        ("photos", ["--model", "planted-vit-tiny", "--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
+        ("photos", ["--model", "planted-vit-tiny", "--registers", "0"], "--registers must be a whole number >= 1"),
         ("photos", ["--model", "planted-vit-tiny", "--lr", "nan"], "--lr must be a positive number"),
         ("photos", ["--model", "planted-vit-tiny", "--mse-weight", "-1"], "--mse-weight must be >= 0"),
         ("photos", ["--model", "planted-vit-tiny", "--max-shift", "-2"], "--max-shift must be a whole number of patches"),

@@ -68,10 +68,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sinkless.registers.distill import distill
 
-    for flag in ("registers", "steps", "views", "batch_size", "train_blocks", "checkpoint_every"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise SinklessError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     part_lr = None if args.part_lr is None else []
     for item in args.part_lr or ():
         part, _, multiple = item.partition("=")
