@@ -84,8 +84,8 @@ def _held_out() -> dict[str, list]:
     return {"mini": list(open_dataset("mini").images()), "crops": natural_crops(48, seed=777, names=HELD_OUT_PHOTOS)}
 
 
-def _key_gap(model, pixels: torch.Tensor, mask: torch.Tensor) -> float | None:
-    """Last-layer keys: mean cosine planted->other patches minus other->other (< 0: planted keys stand apart)."""
+def _key_similarity(model, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, P, P) cosine between the last layer's keys of every two patches."""
     adapter = adapter_for(model)
     site = adapter.key_site(adapter.num_layers(model) - 1)
     with hooks(model, capture=[site]) as rec, torch.no_grad():
@@ -93,13 +93,32 @@ def _key_gap(model, pixels: torch.Tensor, mask: torch.Tensor) -> float | None:
     keys = rec[site]
     layout = adapter.layout(model, keys.shape[1], tuple(pixels.shape[-2:]))
     unit = F.normalize(keys[:, layout.body].float(), dim=-1)  # (B, P, D)
+    return unit @ unit.transpose(1, 2)
+
+
+def _key_gap(model, pixels: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Last-layer keys: mean cosine planted->other patches minus other->other (< 0: planted keys stand apart)."""
+    similar = _key_similarity(model, pixels)
     planted, other = mask.float(), 1 - mask.float()  # (B, P)
-    similar = unit @ unit.transpose(1, 2)
     if planted.sum() == 0:
         return None
     to_others = (similar * planted[:, :, None] * other[:, None, :]).sum() / (planted.sum(1) * other.sum(1)).sum()
     among = (similar * other[:, :, None] * other[:, None, :]).sum() / (other.sum(1) ** 2).sum()
     return float(to_others - among)
+
+
+def _key_auc(model, pixels: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """How well the planted positions can be told apart in the last layer's keys: the AUC of "a patch's mean key
+    cosine to the image's other patches is lower" for planted vs other patches, pooled over images (0.5: not apart;
+    1: every planted patch is less similar to the rest than every other patch)."""
+    similar = _key_similarity(model, pixels)
+    p = similar.shape[1]
+    mean_to_rest = (similar.sum(2) - similar.diagonal(dim1=1, dim2=2)) / (p - 1)  # (B, P)
+    planted, other = mean_to_rest[mask], mean_to_rest[~mask]
+    if planted.numel() == 0 or other.numel() == 0:
+        return None
+    below = (planted[:, None] < other[None, :]).float().mean() + 0.5 * (planted[:, None] == other[None, :]).float().mean()
+    return float(below)
 
 
 def _norm_profile(model, pixels: torch.Tensor) -> list[dict]:
@@ -169,6 +188,10 @@ def evaluate(args) -> dict:
             "last_layer_key_gap_at_planted_positions": {
                 "planted_vit": _key_gap(planted.model, pixels, mask), "student": _key_gap(student.model, pixels, mask),
                 "clean": _key_gap(clean.model, pixels, mask),
+            },
+            "last_layer_key_auc_at_planted_positions": {
+                "planted_vit": _key_auc(planted.model, pixels, mask), "student": _key_auc(student.model, pixels, mask),
+                "clean": _key_auc(clean.model, pixels, mask),
             },
             "norms": {"planted_vit": _norm_profile(planted.model, pixels), "student": _norm_profile(student.model, pixels),
                       "clean": _norm_profile(clean.model, pixels)},

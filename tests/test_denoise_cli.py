@@ -107,6 +107,19 @@ def test_bad_inputs_exit_2_and_write_nothing(images, tmp_path, capsys):
     assert not any(p.name.startswith(".never") for p in tmp_path.iterdir())
 
 
+def test_compare_dvt_output_choices_are_the_stage1_outputs():
+    """The compare parser lists --dvt-output's choices literally (building it must not import the denoise package):
+    they must stay the outputs the hook accepts."""
+    import argparse
+
+    from sinkless.cli import _parser
+    from sinkless.denoise.hook import STAGE1_OUTPUTS
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    option = next(a for a in sub.choices["compare"]._actions if "--dvt-output" in a.option_strings)
+    assert tuple(option.choices) == STAGE1_OUTPUTS
+
+
 def _has_minilm() -> bool:
     from sinkless.zoo import package_file
 

@@ -1101,6 +1101,27 @@ def test_planted_distill_eval_splits_the_gap_by_ring():
     assert rows[0]["student_raw"] < 0.9 and all(r["student_raw"] > 0.999 for r in rows[1:])
 
 
+def test_planted_distill_key_auc_reads_apartness_from_the_key_similarities(monkeypatch):
+    """`_key_auc`: 1 when every planted patch is less similar to the rest than every other patch, 0.5 when the
+    planted patches are indistinguishable (ties count half), 0 when they are the most similar; None without a
+    planted patch. The diagonal (a patch with itself) does not count."""
+    script = _script()
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 1] = mask[1, 4] = True
+
+    def similarity(planted_value: float) -> torch.Tensor:
+        sim = torch.full((2, 6, 6), 0.5)
+        for b, i in ((0, 1), (1, 4)):
+            sim[b, i, :] = sim[b, :, i] = planted_value  # the planted patch's cosine to every other patch
+            sim[b, i, i] = 30.0  # a large self-similarity of the planted patch must not enter its mean
+        return sim
+
+    for planted_value, auc in ((0.1, 1.0), (0.5, 0.5), (0.9, 0.0)):
+        monkeypatch.setattr(script, "_key_similarity", lambda model, pixels, v=planted_value: similarity(v))
+        assert script._key_auc(None, None, mask) == pytest.approx(auc)
+    assert script._key_auc(None, None, torch.zeros(2, 6, dtype=torch.bool)) is None
+
+
 def test_planted_distill_ceiling_with_independent_views(monkeypatch, tmp_path):
     """scripts/planted_distill.py ceiling: with the same views the teacher of the reference model itself reaches cosine 1;
     with other seeds or 40 views it does not, and the gap closed is measured against the 40-view ceiling."""
