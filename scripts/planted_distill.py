@@ -4,6 +4,8 @@
     python scripts/planted_distill.py eval STUDENT_DIR --json eval.json   # a `sinkless distill` result
     python scripts/planted_distill.py ceiling [STUDENT_DIR ...] --json ceiling.json   # how much of the ceiling is shared views
     python scripts/planted_distill.py fit STUDENT_DIR ... --images DIR --json fit.json   # students vs their target on training photos
+    python scripts/planted_distill.py ablate STUDENT_DIR OUT_DIR --json ablate.json   # the student without its trained
+        # positions (OUT_DIR/original-positions) and without its registers (OUT_DIR/no-registers), for `sinkless compare`
 
 Held-out images: the 8 photos of the mini set (`--data mini`) at 224 px, and 48 crops (seed 777) of the
 bundled photos that are in no training set (astronaut, coffee, chelsea, rocket, camera, coins,
@@ -257,6 +259,39 @@ def fit(args) -> dict:
     return result
 
 
+def ablate(args) -> dict:
+    """Two variants of a distilled student of ``--model`` (default planted-vit), to tell which trained part moves a
+    task, each a folder for ``--distilled`` or ``--model``: the student with the model's own position embeddings
+    (``original-positions``) and the student without its register tokens (``no-registers``: every other weight,
+    trained or not, kept)."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    student, out = Path(args.student), Path(args.out)
+    if out.exists():
+        sys.exit(f"planted_distill.py ablate: {out} exists; choose a new folder")
+    if not (student / "model.safetensors").is_file():
+        sys.exit(f"planted_distill.py ablate: no model.safetensors in {student}; pass the --out folder of `sinkless distill`")
+    tensors = load_file(str(student / "model.safetensors"))
+    if "embeddings.register_tokens" not in tensors:
+        sys.exit(f"planted_distill.py ablate: {student} has no register tokens; pass the --out folder of `sinkless distill`")
+    original = zoo.load(args.model).model.embeddings.position_embeddings.detach()
+    trained = tensors["embeddings.position_embeddings"]
+    shutil.copytree(student, out / "original-positions")
+    save_file({**tensors, "embeddings.position_embeddings": original.clone().contiguous()},
+              str(out / "original-positions" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(student, out / "no-registers")
+    config = json.loads((student / "config.json").read_text())
+    (out / "no-registers" / "config.json").write_text(json.dumps({**config, "num_register_tokens": 0}, indent=2))
+    save_file({**tensors, "embeddings.register_tokens": tensors["embeddings.register_tokens"][:, :0].contiguous()},
+              str(out / "no-registers" / "model.safetensors"), metadata={"format": "pt"})
+    return {"student": str(student), "model": args.model, "original_positions": str(out / "original-positions"),
+            "no_registers": str(out / "no-registers"), "n_registers_dropped": int(tensors["embeddings.register_tokens"].shape[1]),
+            "position_table_relative_change": float((trained - original).norm() / original.norm())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -273,9 +308,14 @@ def main(argv=None) -> int:
     fi.add_argument("--every", type=int, default=4)
     fi.add_argument("--limit", type=int, default=10)
     fi.add_argument("--json", required=True)
+    ab = sub.add_parser("ablate")
+    ab.add_argument("student")
+    ab.add_argument("out")
+    ab.add_argument("--model", default="planted-vit", help="the model the student was distilled from")
+    ab.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    result = {"init": init, "eval": evaluate, "ceiling": ceiling, "fit": fit}[args.what](args)
+    result = {"init": init, "eval": evaluate, "ceiling": ceiling, "fit": fit, "ablate": ablate}[args.what](args)
     with open(args.json, "w") as handle:
         json.dump(result, handle, indent=2)
     print(json.dumps(result if args.what != "eval" else {k: {kk: vv for kk, vv in v.items() if kk != "norms"} for k, v in result["sets"].items()}, indent=2))

@@ -1122,6 +1122,28 @@ def test_planted_distill_key_auc_reads_apartness_from_the_key_similarities(monke
     assert script._key_auc(None, None, torch.zeros(2, 6, dtype=torch.bool)) is None
 
 
+def test_planted_distill_ablate_drops_exactly_the_trained_positions_or_the_registers(tiny, photos, tmp_path):
+    """scripts/planted_distill.py ablate: ``original-positions`` is the student with the model's own position table and
+    nothing else changed; ``no-registers`` is the student with no register tokens and every other weight kept."""
+    settings = DistillSettings(**FAST, train=("registers", "positions", "blocks"), part_lr=(("positions", 10.0),))
+    distill("planted-vit-tiny", str(photos), tmp_path / "student", settings, progress=False)
+    result = _script().ablate(types.SimpleNamespace(student=str(tmp_path / "student"), out=str(tmp_path / "abl"), model="planted-vit-tiny"))
+    assert result["position_table_relative_change"] > 0 and result["n_registers_dropped"] == 4
+    student = load_file(str(tmp_path / "student" / "model.safetensors"))
+    kept = load_file(str(tmp_path / "abl" / "original-positions" / "model.safetensors"))
+    assert torch.equal(kept["embeddings.position_embeddings"], tiny.model.embeddings.position_embeddings)
+    assert all(torch.equal(kept[k], v) for k, v in student.items() if k != "embeddings.position_embeddings")
+    bare = zoo.load(str(tmp_path / "abl" / "no-registers"))
+    trained = zoo.load(str(tmp_path / "student"))
+    assert bare.adapter.n_registers(bare.model) == 0 and trained.adapter.n_registers(trained.model) == 4
+    for name, value in trained.model.state_dict().items():
+        if name != "embeddings.register_tokens":
+            assert torch.equal(bare.model.state_dict()[name], value), name
+    pixels = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert bare.model(pixels).last_hidden_state.shape[1] == trained.model(pixels).last_hidden_state.shape[1] - 4
+
+
 def test_planted_distill_ceiling_with_independent_views(monkeypatch, tmp_path):
     """scripts/planted_distill.py ceiling: with the same views the teacher of the reference model itself reaches cosine 1;
     with other seeds or 40 views it does not, and the gap closed is measured against the 40-view ceiling."""
