@@ -98,9 +98,9 @@ def _key_similarity(model, pixels: torch.Tensor) -> torch.Tensor:
     return unit @ unit.transpose(1, 2)
 
 
-def _key_gap(model, pixels: torch.Tensor, mask: torch.Tensor) -> float | None:
-    """Last-layer keys: mean cosine planted->other patches minus other->other (< 0: planted keys stand apart)."""
-    similar = _key_similarity(model, pixels)
+def _key_gap(similar: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Last-layer keys (``similar``: ``_key_similarity``): mean cosine planted->other patches minus other->other (< 0:
+    planted keys stand apart)."""
     planted, other = mask.float(), 1 - mask.float()  # (B, P)
     if planted.sum() == 0:
         return None
@@ -109,11 +109,10 @@ def _key_gap(model, pixels: torch.Tensor, mask: torch.Tensor) -> float | None:
     return float(to_others - among)
 
 
-def _key_auc(model, pixels: torch.Tensor, mask: torch.Tensor) -> float | None:
-    """How well the planted positions can be told apart in the last layer's keys: the AUC of "a patch's mean key
-    cosine to the image's other patches is lower" for planted vs other patches, pooled over images (0.5: not apart;
-    1: every planted patch is less similar to the rest than every other patch)."""
-    similar = _key_similarity(model, pixels)
+def _key_auc(similar: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """How well the planted positions can be told apart in the last layer's keys (``similar``: ``_key_similarity``):
+    the AUC of "a patch's mean key cosine to the image's other patches is lower" for planted vs other patches, pooled
+    over images (0.5: not apart; 1: every planted patch is less similar to the rest than every other patch)."""
     p = similar.shape[1]
     mean_to_rest = (similar.sum(2) - similar.diagonal(dim1=1, dim2=2)) / (p - 1)  # (B, P)
     planted, other = mean_to_rest[mask], mean_to_rest[~mask]
@@ -178,6 +177,7 @@ def evaluate(args) -> dict:
         mask = planted_tokens(planted.model, pixels)[:, 1:]  # (B, P): where planted-vit's plant fires
         student_mask = planted_tokens(student.model, pixels)
         student_mask = student_mask[:, 1 + student.adapter.n_registers(student.model):]
+        keys = {k: _key_similarity(m.model, pixels) for k, m in (("planted_vit", planted), ("student", student), ("clean", clean))}
         entry = {
             "n_images": len(images),
             "cosine_to_clean_denoised": {
@@ -187,14 +187,8 @@ def evaluate(args) -> dict:
             "cosine_to_planted_teacher_target": {"planted_raw": _cos(raw["planted"], teacher), "student_raw": _cos(raw["student"], teacher)},
             "cosine_to_clean_raw": {"planted_raw": _cos(raw["planted"], raw["clean"]), "student_raw": _cos(raw["student"], raw["clean"])},
             "planted_patch_share": {"planted_vit": float(mask.float().mean()), "student": float(student_mask.float().mean())},
-            "last_layer_key_gap_at_planted_positions": {
-                "planted_vit": _key_gap(planted.model, pixels, mask), "student": _key_gap(student.model, pixels, mask),
-                "clean": _key_gap(clean.model, pixels, mask),
-            },
-            "last_layer_key_auc_at_planted_positions": {
-                "planted_vit": _key_auc(planted.model, pixels, mask), "student": _key_auc(student.model, pixels, mask),
-                "clean": _key_auc(clean.model, pixels, mask),
-            },
+            "last_layer_key_gap_at_planted_positions": {k: _key_gap(similar, mask) for k, similar in keys.items()},
+            "last_layer_key_auc_at_planted_positions": {k: _key_auc(similar, mask) for k, similar in keys.items()},
             "norms": {"planted_vit": _norm_profile(planted.model, pixels), "student": _norm_profile(student.model, pixels),
                       "clean": _norm_profile(clean.model, pixels)},
         }

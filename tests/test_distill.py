@@ -1101,7 +1101,7 @@ def test_planted_distill_eval_splits_the_gap_by_ring():
     assert rows[0]["student_raw"] < 0.9 and all(r["student_raw"] > 0.999 for r in rows[1:])
 
 
-def test_planted_distill_key_auc_reads_apartness_from_the_key_similarities(monkeypatch):
+def test_planted_distill_key_auc_reads_apartness_from_the_key_similarities():
     """`_key_auc`: 1 when every planted patch is less similar to the rest than every other patch, 0.5 when the
     planted patches are indistinguishable (ties count half), 0 when they are the most similar; None without a
     planted patch. The diagonal (a patch with itself) does not count."""
@@ -1117,9 +1117,8 @@ def test_planted_distill_key_auc_reads_apartness_from_the_key_similarities(monke
         return sim
 
     for planted_value, auc in ((0.1, 1.0), (0.5, 0.5), (0.9, 0.0)):
-        monkeypatch.setattr(script, "_key_similarity", lambda model, pixels, v=planted_value: similarity(v))
-        assert script._key_auc(None, None, mask) == pytest.approx(auc)
-    assert script._key_auc(None, None, torch.zeros(2, 6, dtype=torch.bool)) is None
+        assert script._key_auc(similarity(planted_value), mask) == pytest.approx(auc)
+    assert script._key_auc(similarity(0.1), torch.zeros(2, 6, dtype=torch.bool)) is None
 
 
 def test_planted_distill_ablate_drops_exactly_the_trained_positions_or_the_registers(tiny, photos, tmp_path):
@@ -1136,9 +1135,10 @@ def test_planted_distill_ablate_drops_exactly_the_trained_positions_or_the_regis
     bare = zoo.load(str(tmp_path / "abl" / "no-registers"))
     trained = zoo.load(str(tmp_path / "student"))
     assert bare.adapter.n_registers(bare.model) == 0 and trained.adapter.n_registers(trained.model) == 4
+    bare_state = bare.model.state_dict()
     for name, value in trained.model.state_dict().items():
         if name != "embeddings.register_tokens":
-            assert torch.equal(bare.model.state_dict()[name], value), name
+            assert torch.equal(bare_state[name], value), name
     pixels = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert bare.model(pixels).last_hidden_state.shape[1] == trained.model(pixels).last_hidden_state.shape[1] - 4
