@@ -264,15 +264,23 @@ def ablate(args) -> dict:
     from safetensors.torch import load_file, save_file
 
     student, out = Path(args.student), Path(args.out)
+
+    def fail(message: str):  # one line and exit 2, before anything is written
+        print(f"planted_distill.py ablate: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
     if out.exists():
-        sys.exit(f"planted_distill.py ablate: {out} exists; choose a new folder")
+        fail(f"{out} exists; choose a new folder")
     if not (student / "model.safetensors").is_file():
-        sys.exit(f"planted_distill.py ablate: no model.safetensors in {student}; pass the --out folder of `sinkless distill`")
+        fail(f"no model.safetensors in {student}; pass the --out folder of `sinkless distill`")
     tensors = load_file(str(student / "model.safetensors"))
-    if "embeddings.register_tokens" not in tensors:
-        sys.exit(f"planted_distill.py ablate: {student} has no register tokens; pass the --out folder of `sinkless distill`")
+    if "embeddings.register_tokens" not in tensors or tensors["embeddings.register_tokens"].shape[1] == 0:
+        fail(f"{student} has no register tokens; pass the --out folder of `sinkless distill`")
     original = zoo.load(args.model).model.embeddings.position_embeddings.detach()
     trained = tensors["embeddings.position_embeddings"]
+    if trained.shape != original.shape:
+        fail(f"{student} was not distilled from {args.model} (position table {tuple(trained.shape)} vs "
+             f"{tuple(original.shape)}); pass --model with the model it was distilled from")
     shutil.copytree(student, out / "original-positions")
     save_file({**tensors, "embeddings.position_embeddings": original.clone().contiguous()},
               str(out / "original-positions" / "model.safetensors"), metadata={"format": "pt"})

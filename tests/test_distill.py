@@ -1121,7 +1121,7 @@ def test_planted_distill_key_auc_reads_apartness_from_the_key_similarities():
     assert script._key_auc(similarity(0.1), torch.zeros(2, 6, dtype=torch.bool)) is None
 
 
-def test_planted_distill_ablate_drops_exactly_the_trained_positions_or_the_registers(tiny, photos, tmp_path):
+def test_planted_distill_ablate_drops_exactly_the_trained_positions_or_the_registers(tiny, photos, tmp_path, capsys):
     """scripts/planted_distill.py ablate: ``original-positions`` is the student with the model's own position table and
     nothing else changed; ``no-registers`` is the student with no register tokens and every other weight kept."""
     settings = DistillSettings(**FAST, train=("registers", "positions", "blocks"), part_lr=(("positions", 10.0),))
@@ -1142,6 +1142,19 @@ def test_planted_distill_ablate_drops_exactly_the_trained_positions_or_the_regis
     pixels = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert bare.model(pixels).last_hidden_state.shape[1] == trained.model(pixels).last_hidden_state.shape[1] - 4
+    # bad input: exit 2, one line, nothing written
+    script = _script()
+    capsys.readouterr()
+    for student, out, model, message in ((tmp_path / "nowhere", tmp_path / "x", "planted-vit-tiny", "no model.safetensors"),
+                                         (tmp_path / "abl" / "no-registers", tmp_path / "y", "planted-vit-tiny", "has no register tokens"),
+                                         (tmp_path / "student", tmp_path / "abl", "planted-vit-tiny", "exists"),
+                                         (tmp_path / "student", tmp_path / "z", "planted-vit", "was not distilled from planted-vit")):
+        with pytest.raises(SystemExit) as exited:
+            script.main(["ablate", str(student), str(out), "--model", model, "--json", str(tmp_path / "a.json")])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("planted_distill.py")]  # (loading may log too)
+        assert exited.value.code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+        assert not (tmp_path / "a.json").exists() and (out == tmp_path / "abl" or not out.exists())
 
 
 def test_planted_distill_ceiling_with_independent_views(monkeypatch, tmp_path):
