@@ -87,7 +87,8 @@ def _held_out() -> dict[str, list]:
 
 
 def _key_similarity(model, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, P, P) cosine between the last layer's keys of every two patches."""
+    """(B, P, P) cosine between the last layer's keys of every two patches (the eval adds `planted_vit_view_averaged`:
+    the same for `planted-vit`'s keys averaged over the teacher's views)."""
     adapter = adapter_for(model)
     site = adapter.key_site(adapter.num_layers(model) - 1)
     with hooks(model, capture=[site]) as rec, torch.no_grad():
@@ -173,11 +174,13 @@ def evaluate(args) -> dict:
         with torch.no_grad():
             raw = {k: final_patch_features(m.model, pixels) for k, m in (("planted", planted), ("clean", clean), ("student", student))}
         reference = denoise_views(clean, pixels, VIEWS, generator=generator())
-        teacher = denoise_views(planted, pixels, VIEWS, generator=generator())
+        teacher, teacher_keys = denoise_views(planted, pixels, VIEWS, generator=generator(), keys=True)
         mask = planted_tokens(planted.model, pixels)[:, 1:]  # (B, P): where planted-vit's plant fires
         student_mask = planted_tokens(student.model, pixels)
         student_mask = student_mask[:, 1 + student.adapter.n_registers(student.model):]
         keys = {k: _key_similarity(m.model, pixels) for k, m in (("planted_vit", planted), ("student", student), ("clean", clean))}
+        unit = F.normalize(teacher_keys, dim=-1)  # (B, P, D): the target of `distill --key-weight`
+        keys["planted_vit_view_averaged"] = unit @ unit.transpose(1, 2)
         entry = {
             "n_images": len(images),
             "cosine_to_clean_denoised": {

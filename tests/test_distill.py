@@ -117,6 +117,34 @@ def test_denoise_views_shapes_determinism_and_untouched_model(tiny):
         denoise_views(tiny, torch.randn(1, 3, 60, 64), settings)
 
 
+def test_denoise_views_keys_are_the_last_layer_keys_merged_like_the_features(tiny):
+    """``keys=True``: the same features as without, and the last layer's patch keys of every view merged back onto
+    the grid exactly as the features are (one view: the plain forward's keys)."""
+    from sinkless.hooks import hooks
+
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    adapter = tiny.adapter
+    site = adapter.key_site(adapter.num_layers(tiny.model) - 1)
+
+    def plain_keys(x):
+        with hooks(tiny.model, capture=[site]) as rec, torch.no_grad():
+            tiny.model(x)
+        return rec[site][:, 1:]  # (n, P, D): CLS dropped
+
+    features, keys = denoise_views(tiny, pixels, ViewSettings(views=1), keys=True)
+    assert torch.equal(features, denoise_views(tiny, pixels, ViewSettings(views=1)))
+    assert keys.shape == (2, 64, 64) and (keys - plain_keys(pixels)).abs().max().item() < 1e-5  # 8 x 8 patches of 8 px
+    settings = ViewSettings(views=4, max_shift=2)
+    views = [sample_views(settings, (8, 8), torch.Generator().manual_seed(s)) for s in (1, 2)]
+    features, keys = denoise_views(tiny, pixels, settings, views=views, keys=True)
+    assert torch.equal(features, denoise_views(tiny, pixels, settings, views=views))
+    per_view = plain_keys(render_views(pixels, views, 8, multiview._fill_values("white", tiny.image_spec))).view(2, 4, 8, 8, 64)
+    expected = merge_views(per_view, views).flatten(1, 2)
+    assert (keys - expected).abs().max().item() < 1e-5
+    assert not (keys - plain_keys(pixels)).abs().max().item() < 1e-3  # the views did change them
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())
+
+
 def test_bad_view_settings():
     for kwargs, message in (({"views": 0}, "views"), ({"max_shift": -1}, "max_shift"), ({"fill": "pink"}, "unknown fill")):
         with pytest.raises(SinklessError, match=message):
@@ -217,6 +245,52 @@ def test_interrupt_and_resume_give_the_same_weights(tmp_path, tiny, photos, monk
         distill(tiny, photos, resumed, settings, progress=False)
 
 
+def test_key_weight_pulls_the_students_keys_towards_the_averaged_keys(tmp_path, tiny, photos, monkeypatch):
+    """--key-weight: the teacher's pool gets view-averaged last-layer keys, the loss a key term; the keys of a student
+    trained with it end nearer those targets than a features-only student's (same seed, crops and views), its log
+    has the key cosine, and an interrupted run resumes to the same weights."""
+    seen = {}
+    real_targets = distill_module._teacher_targets
+
+    def targets(*args, **kwargs):
+        seen["targets"] = real_targets(*args, **kwargs)
+        seen["pixels"] = args[1]
+        return seen["targets"]
+
+    monkeypatch.setattr(distill_module, "_teacher_targets", targets)
+    settings = DistillSettings(**{**FAST, "steps": 30, "pool": 8, "checkpoint_every": 10, "lr": 1e-3, "train": ("registers", "blocks")})
+    plain = distill(tiny, photos, tmp_path / "plain", settings, progress=False)
+    plain_targets, plain_pixels = seen["targets"], seen["pixels"]
+    assert isinstance(plain_targets, torch.Tensor) and "key_cosine" not in plain.log["loss_curve"][-1]
+    keyed = distill(tiny, photos, tmp_path / "keyed", dataclasses.replace(settings, key_weight=5.0), progress=False)
+    features, key_targets = seen["targets"]  # (M, P, D) each
+    assert torch.equal(seen["pixels"], plain_pixels) and torch.equal(features, plain_targets)  # the same crops and feature targets
+    row = keyed.log["loss_curve"][-1]
+    assert row["loss"] == pytest.approx((1 - row["cosine"]) + row["mse"] + 5.0 * (1 - row["key_cosine"]), abs=1e-5)
+    assert keyed.log["distill_settings"]["key_weight"] == 5.0
+
+    def key_cosine(student):
+        with torch.no_grad():
+            _, keys = final_patch_features(student.model, seen["pixels"], student.adapter, keys=True)
+        return torch.nn.functional.cosine_similarity(keys, key_targets, dim=-1).mean().item()
+
+    with torch.no_grad():
+        _, teacher_keys = final_patch_features(tiny.model, seen["pixels"], tiny.adapter, keys=True)
+    before = torch.nn.functional.cosine_similarity(teacher_keys, key_targets, dim=-1).mean().item()
+    after_plain, after_keyed = key_cosine(zoo.load(str(tmp_path / "plain"))), key_cosine(zoo.load(str(tmp_path / "keyed")))
+    assert after_keyed > after_plain + 0.01 and after_keyed > before + 0.01, (before, after_plain, after_keyed)
+
+    fresh = distill(tiny, photos, tmp_path / "fresh", dataclasses.replace(settings, key_weight=5.0, pool=0, steps=2), progress=False)
+    assert all(0 < row["key_cosine"] <= 1 for row in fresh.log["loss_curve"])  # PH-Reg's fresh targets every step, keys too
+
+    short = dataclasses.replace(settings, key_weight=5.0, steps=8, checkpoint_every=3)
+    distill(tiny, photos, tmp_path / "straight", short, progress=False)
+    _distill_interrupted_at_step(5, monkeypatch, tiny, photos, tmp_path / "resumed", short)
+    distill(tiny, photos, tmp_path / "resumed", short, progress=False, resume=True)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_trainable_parts_are_a_setting(tmp_path, tiny, photos):
     out = tmp_path / "all"
     result = distill(tiny, photos, out, DistillSettings(**{**FAST, "steps": 2, "train": ("registers",)}), progress=False)
@@ -272,6 +346,8 @@ def _cli(capsys, *argv):
         ("photos", ["--model", "planted-vit-tiny", "--registers", "0"], "--registers must be a whole number >= 1"),
         ("photos", ["--model", "planted-vit-tiny", "--lr", "nan"], "--lr must be a positive number"),
         ("photos", ["--model", "planted-vit-tiny", "--mse-weight", "-1"], "--mse-weight must be >= 0"),
+        ("photos", ["--model", "planted-vit-tiny", "--key-weight", "-0.5"], "--key-weight must be >= 0"),
+        ("photos", ["--model", "planted-vit-tiny", "--key-weight", "inf"], "--key-weight must be >= 0"),
         ("photos", ["--model", "planted-vit-tiny", "--max-shift", "-2"], "--max-shift must be a whole number of patches"),
         ("photos", ["--model", "planted-vit-tiny", "--image-size", "60"], "not a multiple of the patch size"),
         ("photos", ["--model", "planted-vit-tiny", "--part-lr", "positions"], "is not PART=MULTIPLIER"),
@@ -645,6 +721,11 @@ def test_feature_loss_is_one_minus_cosine_plus_weighted_mse():
     assert out["cosine"].item() == pytest.approx(cosine, abs=1e-6) and out["mse"].item() == pytest.approx(mse, abs=1e-6)
     assert out["loss"].item() == pytest.approx(1 - cosine + 2 * mse, abs=1e-6)
     assert out["loss"].requires_grad and not out["cosine"].requires_grad and not out["mse"].requires_grad
+    keyed = distill_module._feature_loss(student, target, 2.0, student.flip(-1), target, 3.0)  # keys: cosines 1, 1, 0, 0
+    key_cosine = (1.0 + 1.0 + 0.0 + 0.0) / 4
+    assert keyed["key_cosine"].item() == pytest.approx(key_cosine, abs=1e-6) and not keyed["key_cosine"].requires_grad
+    assert keyed["loss"].item() == pytest.approx(1 - cosine + 2 * mse + 3 * (1 - key_cosine), abs=1e-6)
+    assert "key_cosine" not in out
     tiny = torch.full((1, 3, 4), 0.01)  # norms far below 1: still a cosine of exactly 1 for equal directions
     assert distill_module._feature_loss(tiny, tiny * 0.5, 0.0)["loss"].item() == pytest.approx(0.0, abs=1e-6)
     same = distill_module._feature_loss(target.to(torch.bfloat16), target.to(torch.bfloat16).float(), 1.0)
@@ -705,6 +786,9 @@ def test_each_refused_setting_names_itself_and_the_boundaries_pass():
     for bad in (-1.0, math.inf, math.nan):
         _refused(f"mse_weight must be >= 0, got {bad!r}", None, mse_weight=bad)
     assert DistillSettings(mse_weight=0).mse_weight == 0 and DistillSettings(mse_weight=0.5).mse_weight == 0.5
+    for bad in (-1.0, math.inf, math.nan, True, "1"):
+        _refused(f"key_weight must be >= 0, got {bad!r}", None, key_weight=bad)
+    assert DistillSettings().key_weight == 0 and DistillSettings(key_weight=2).key_weight == 2
     for bad in ((0.0, 1.0), (0.5, 1.5), (0.6, 0.5), (-0.1, 0.5)):
         _refused(f"crop_scale must satisfy 0 < low <= high <= 1, got {bad}", None, crop_scale=bad)
     DistillSettings(crop_scale=(0.5, 0.5))

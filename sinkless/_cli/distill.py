@@ -51,6 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              "1/sqrt(width), about 0.05 for ViT-S)")
     parser.add_argument("--mse-weight", type=float, default=1.0, metavar="W",
                         help="loss = (1 - cosine) + W x MSE on the patch features (default 1, PH-Reg's; 0: cosine only)")
+    parser.add_argument("--key-weight", type=float, default=0.0, metavar="W",
+                        help="add W x (1 - cosine) between the student's last-layer keys and the teacher's keys averaged over the "
+                             "same views (default 0, PH-Reg's features-only loss; ours, for tasks that read the keys: LOST, CLS "
+                             "attention; measured in docs/RESULTS.md)")
     parser.add_argument("--augment", action="store_true",
                         help="also train on each photo turned 90 and 180 degrees and colour-jittered (4x the images; "
                              "for a few dozen photos, measured in docs/RESULTS.md)")
@@ -99,5 +103,5 @@ def _settings(args: argparse.Namespace, part_lr: list | None):
         registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
         pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every, amp=args.amp, part_lr=None if part_lr is None else tuple(part_lr), register_std=args.register_std,
-        mse_weight=args.mse_weight, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
+        mse_weight=args.mse_weight, key_weight=args.key_weight, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
     )

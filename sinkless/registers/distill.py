@@ -6,7 +6,8 @@ Teacher: the frozen original model; its target for an image is its final-norm pa
 over shifted and flipped views (``sinkless.registers.multiview``), where position-tied artifacts wash
 out. Student: a copy with ``registers`` register tokens (``add_registers``, init N(0, 1/D) as in PH-Reg)
 whose registers, position embeddings, patch embedding and last block train (``train`` / ``train_blocks``
-give more), with loss (1 − cosine) + MSE on the patch features, AdamW, lr 1e-4 → 5e-6 exponentially,
+give more), with loss (1 − cosine) + MSE on the patch features (ours, optional: + ``key_weight`` · (1 − cosine) on the
+last layer's patch keys, against the teacher's keys averaged over the same views), AdamW, lr 1e-4 → 5e-6 exponentially,
 weight decay 0.01, batch 8 (PH-Reg's settings), through ``sinkless.training.train`` (seeded,
 checkpoints, exact ``resume``, bf16 autocast on CUDA).
 
@@ -93,6 +94,9 @@ class DistillSettings:
     part_lr: tuple[tuple[str, float], ...] | None = None
     register_std: float | None = 1e-6  # init of the new registers (ours, measured: better held-out features); None: 1/sqrt(D) (PH-Reg)
     mse_weight: float = 1.0
+    # ours: + key_weight x (1 - cosine) between the student's last-layer patch keys and the teacher's keys averaged over
+    # the same views (where an artifact's key stands apart, the averaged one does not: docs/RESULTS.md); 0: PH-Reg's loss
+    key_weight: float = 0.0
     augment: bool = False  # ours: each photo also turned 90° and 180° and colour-jittered (4x the images, ``augmented``)
     seed: int = 0
     checkpoint_every: int = 50
@@ -120,8 +124,10 @@ class DistillSettings:
             raise SinklessError(f"register_std must be a positive number, got {self.register_std!r}")
         if not isinstance(self.augment, bool):
             raise SinklessError(f"augment must be True or False, got {self.augment!r}")
-        if not (math.isfinite(self.mse_weight) and self.mse_weight >= 0):
-            raise SinklessError(f"mse_weight must be >= 0, got {self.mse_weight!r}")
+        for name in ("mse_weight", "key_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise SinklessError(f"{name} must be >= 0, got {value!r}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise SinklessError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
@@ -320,11 +326,19 @@ def _trainable(student: nn.Module, adapter: Adapter, parts: Sequence[str], train
     return chosen
 
 
-def _feature_loss(student_features: torch.Tensor, target: torch.Tensor, mse_weight: float) -> dict[str, torch.Tensor]:
+def _feature_loss(student_features: torch.Tensor, target: torch.Tensor, mse_weight: float,
+                  student_keys: torch.Tensor | None = None, key_target: torch.Tensor | None = None,
+                  key_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """(1 − cos) + mse_weight · MSE on the patch features, + key_weight · (1 − cos) on the last-layer keys if given."""
     features = student_features.float()  # (B, P, D)
     cosine = F.cosine_similarity(features, target, dim=-1, eps=1e-8).mean()
     mse = F.mse_loss(features, target)
-    return {"loss": (1 - cosine) + mse_weight * mse, "cosine": cosine.detach(), "mse": mse.detach()}
+    out = {"loss": (1 - cosine) + mse_weight * mse, "cosine": cosine.detach(), "mse": mse.detach()}
+    if student_keys is not None:
+        key_cosine = F.cosine_similarity(student_keys.float(), key_target, dim=-1, eps=1e-8).mean()
+        out["loss"] = out["loss"] + key_weight * (1 - key_cosine)
+        out["key_cosine"] = key_cosine.detach()
+    return out
 
 
 # -- output folder ---------------------------------------------------------------------------------
@@ -427,11 +441,14 @@ def distill(
     try:
         # teacher targets for the pool: deterministic from the seed, so a resumed run rebuilds the same ones
         t0 = time.perf_counter()
-        pool_pixels = pool_targets = None
+        pool_pixels = pool_targets = pool_keys = None
+        with_keys = settings.key_weight > 0
         if settings.pool:
             generator = torch.Generator().manual_seed(settings.seed * 7_919 + 1)
             pool_pixels = _crops(pictures, settings.pool, settings, spec, size, generator)  # (M, 3, S, S)
-            pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp)  # (M, P, D) on CPU
+            pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp, keys=with_keys)
+            if with_keys:
+                pool_targets, pool_keys = pool_targets  # (M, P, D) each, on CPU
         held_pixels = to_pixels(held, spec, size=size) if held else None  # (H, 3, S, S)
         held_targets = None
         if held_pixels is not None:
@@ -447,19 +464,24 @@ def distill(
                 student.train()
             return {"heldout_cosine": float(F.cosine_similarity(features, held_targets, dim=-1).mean())}
 
-        def batch(t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        def batch(t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             if pool_pixels is None:  # PH-Reg: fresh crops, fresh views, teacher every step
                 pixels = _crops(pictures, settings.batch_size, settings, spec, size, generator)
                 with torch.no_grad(), autocast(device, use_amp, cpu=True):
-                    target = denoise_views(loaded, pixels.to(device), views, generator=generator, image_spec=spec).float()
-                return pixels, target
+                    target = denoise_views(loaded, pixels.to(device), views, generator=generator, image_spec=spec, keys=with_keys)
+                target, key_target = target if with_keys else (target, None)
+                return pixels, target.float(), None if key_target is None else key_target.float()
             index = _epoch_indices(t, settings)
-            return pool_pixels[index], pool_targets[index]
+            return pool_pixels[index], pool_targets[index], None if pool_keys is None else pool_keys[index]
 
         def step(t: int, generator: torch.Generator) -> dict:
-            pixels, target = batch(t, generator)
-            features = final_patch_features(student, pixels.to(device), s_adapter)  # (B, P, D)
-            return _feature_loss(features, target.to(device).float(), settings.mse_weight)
+            pixels, target, key_target = batch(t, generator)
+            features = final_patch_features(student, pixels.to(device), s_adapter, keys=with_keys)  # (B, P, D), with keys a pair
+            if not with_keys:
+                return _feature_loss(features, target.to(device).float(), settings.mse_weight)
+            features, keys = features
+            return _feature_loss(features, target.to(device).float(), settings.mse_weight, keys, key_target.to(device).float(),
+                                 settings.key_weight)
 
         result = train(params, step, train_settings, out / STATE_DIR, meta=meta, resume=resume, progress=progress,
                        desc=f"distill {loaded.name}", on_log=evaluate, lr_scale=lr_scale or None)
@@ -508,11 +530,15 @@ def _epoch_indices(t: int, settings: DistillSettings) -> torch.Tensor:
 
 @torch.no_grad()
 def _teacher_targets(loaded, pixels: torch.Tensor, views: ViewSettings, generator: torch.Generator,
-                     device: torch.device, progress: bool, amp: bool = False) -> torch.Tensor:
-    """Multi-view denoised teacher features of every pool crop, one crop's views per forward: (M, P, D) on CPU."""
+                     device: torch.device, progress: bool, amp: bool = False,
+                     keys: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Multi-view denoised teacher features of every pool crop, one crop's views per forward: (M, P, D) on CPU
+    (``keys``: and the views' averaged last-layer keys, a pair)."""
     out = []
     for i in tqdm(range(pixels.shape[0]), desc="teacher targets", disable=not progress, dynamic_ncols=True):
         with autocast(device, amp, cpu=True):
-            target = denoise_views(loaded, pixels[i : i + 1].to(device), views, generator=generator, image_spec=loaded.image_spec)
-        out.append(target.float().cpu())
-    return torch.cat(out)
+            target = denoise_views(loaded, pixels[i : i + 1].to(device), views, generator=generator, image_spec=loaded.image_spec,
+                                   keys=keys)
+        out.append([x.float().cpu() for x in (target if keys else (target,))])
+    features, *key = (torch.cat(parts) for parts in zip(*out))
+    return (features, key[0]) if keys else features

@@ -131,12 +131,18 @@ def merge_views(features: torch.Tensor, views: Sequence[Views]) -> torch.Tensor:
     return total[:, shift : shift + h, shift : shift + w] / count[:, shift : shift + h, shift : shift + w]
 
 
-def final_patch_features(model: nn.Module, pixels: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
-    """(B, C, H, W) -> (B, P, D): the final-norm patch tokens (CLS and registers dropped), with autograd if enabled."""
+def final_patch_features(model: nn.Module, pixels: torch.Tensor, adapter: Adapter | None = None, *,
+                         keys: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) -> (B, P, D): the final-norm patch tokens (CLS and registers dropped), with autograd if enabled.
+
+    ``keys``: also the last layer's attention keys of the patch tokens from the same forward: a pair
+    (features, keys), both (B, P, D)."""
     adapter = adapter or adapter_for(model)
-    last = adapter.residual_site(adapter.num_layers(model) - 1)
+    last_layer = adapter.num_layers(model) - 1
+    last = adapter.residual_site(last_layer)
+    key_site = adapter.key_site(last_layer) if keys else None
     kwargs = {"interpolate_pos_encoding": True} if _accepts_interpolation(model) else {}
-    with hooks(model, capture=[last], detach=not torch.is_grad_enabled()) as rec:
+    with hooks(model, capture=[last, *([key_site] if keys else [])], detach=not torch.is_grad_enabled()) as rec:
         model(pixel_values=pixels, **kwargs)
     hidden = rec[last]  # (B, N, D) last residual stream
     if adapter.final_norm is not None:
@@ -144,6 +150,8 @@ def final_patch_features(model: nn.Module, pixels: torch.Tensor, adapter: Adapte
     grid = (pixels.shape[-2] // adapter.patch_size(model), pixels.shape[-1] // adapter.patch_size(model))
     layout = adapter.layout(model, hidden.shape[1], image_hw=tuple(pixels.shape[-2:]))
     assert layout.grid == grid, (layout, grid)
+    if keys:
+        return hidden[:, layout.body], rec[key_site][:, layout.body]  # (B, P, D) each
     return hidden[:, layout.body]  # (B, P, D)
 
 
@@ -172,7 +180,8 @@ def denoise_views(
     batch_size: int | None = None,
     views: Sequence[Views] | None = None,
     amp: str | bool = "off",
-) -> torch.Tensor:
+    keys: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Final-norm patch features of ``images`` averaged over ``settings.views`` shifted/flipped views: (B, P, D).
 
     ``model``: a sinkless ``Loaded`` or a supported HF vision model. ``images``: normalised pixels
@@ -184,6 +193,8 @@ def denoise_views(
     statistics at the model config's image size). ``amp``: ``off`` (default, float32), ``bf16``, or ``auto``
     (bf16 autocast where the hardware has native bf16, ``sinkless.devices.resolve_amp``; on an AMX CPU the
     10 views of a ViT-S/14 crop then cost ~3x less, with features within cosine 0.999 of float32's).
+    ``keys``: also the last layer's attention keys averaged over the same views (a pair (features, keys), both
+    (B, P, D)): where an artifact token's key stands apart from the others, its averaged key no longer does.
     """
     net, adapter, spec = _unwrap(model)
     if image_spec is None and spec is None:  # a bare HF model: its configured size, ImageNet statistics
@@ -211,12 +222,14 @@ def denoise_views(
     use_amp = resolve_amp(amp, pixels.device)
     k = len(views[0].offsets)
     per_forward = max(1, (batch_size or 1))  # images per forward; all K views of an image go together
-    merged = []
+    merged: list[list[torch.Tensor]] = []
     for start in range(0, b, per_forward):
         chunk = slice(start, min(start + per_forward, b))
         rendered = render_views(pixels[chunk], views[chunk], patch, fill)  # (b'·K, C, H, W)
         with autocast(pixels.device, use_amp, cpu=True):
-            features = final_patch_features(net, rendered, adapter).float()  # (b'·K, P, D)
-        features = features.view(-1, k, grid[0], grid[1], features.shape[-1])  # (b', K, h, w, D)
-        merged.append(merge_views(features, views[chunk]).flatten(1, 2))  # (b', P, D)
-    return torch.cat(merged)  # (B, P, D)
+            outputs = final_patch_features(net, rendered, adapter, keys=keys)
+        outputs = outputs if keys else (outputs,)  # (b'·K, P, D) each
+        merged.append([merge_views(x.float().view(-1, k, grid[0], grid[1], x.shape[-1]), views[chunk]).flatten(1, 2)
+                       for x in outputs])  # (b', P, D) each
+    features, *key = (torch.cat(parts) for parts in zip(*merged))  # (B, P, D)
+    return (features, key[0]) if keys else features
