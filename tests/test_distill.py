@@ -1312,6 +1312,17 @@ def test_augment_and_mse_weight_flags_reach_the_run(tmp_path, capsys, photos, mo
     assert all(row["loss"] == pytest.approx(1 - row["cosine"], abs=1e-6) for row in log["loss_curve"])  # cosine only
 
 
+def test_key_weight_flag_reaches_the_run(tmp_path, capsys, photos):
+    out = tmp_path / "student"
+    code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(out), "--registers", "2",
+                        "--steps", "2", "--views", "2", "--pool", "4", "--batch-size", "2", "--device", "cpu",
+                        "--mse-weight", "0", "--key-weight", "0.5")
+    assert code == 0, err
+    log = json.loads((out / "distill_log.json").read_text())
+    assert log["distill_settings"]["key_weight"] == 0.5
+    assert all(row["loss"] == pytest.approx((1 - row["cosine"]) + 0.5 * (1 - row["key_cosine"]), abs=1e-6) for row in log["loss_curve"])
+
+
 def _encoded(image, fmt: str) -> bytes:
     import io
 
