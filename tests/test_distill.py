@@ -145,6 +145,27 @@ def test_denoise_views_keys_are_the_last_layer_keys_merged_like_the_features(tin
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())
 
 
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "vit", "clip_vision", "siglip_vision"])
+def test_keys_of_every_vision_family(family):
+    """``keys=True`` on each supported vision family: one view's keys are the last layer's key projection at the patch
+    tokens (CLS and registers dropped, where the family has them), shaped like the features."""
+    from conftest import tiny_model
+    from sinkless.hooks import hooks
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    size = getattr(model.config, "vision_config", model.config).image_size  # the configured size: no interpolation
+    grid = size // adapter.patch_size(model)
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    features, keys = denoise_views(model, pixels, ViewSettings(views=1), keys=True)
+    site = adapter.key_site(adapter.num_layers(model) - 1)
+    with hooks(model, capture=[site]) as rec, torch.no_grad():
+        model(pixel_values=pixels)
+    body = adapter.layout(model, rec[site].shape[1], image_hw=tuple(pixels.shape[-2:])).body
+    assert keys.shape == features.shape == (2, grid * grid, features.shape[-1]) and grid > 1
+    assert (keys - rec[site][:, body]).abs().max().item() < 1e-5
+
+
 def test_bad_view_settings():
     for kwargs, message in (({"views": 0}, "views"), ({"max_shift": -1}, "max_shift"), ({"fill": "pink"}, "unknown fill")):
         with pytest.raises(SinklessError, match=message):
