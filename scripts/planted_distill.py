@@ -86,16 +86,9 @@ def _held_out() -> dict[str, list]:
     return {"mini": list(open_dataset("mini").images()), "crops": natural_crops(48, seed=777, names=HELD_OUT_PHOTOS)}
 
 
-def _key_similarity(model, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, P, P) cosine between the last layer's keys of every two patches (the eval adds `planted_vit_view_averaged`:
-    the same for `planted-vit`'s keys averaged over the teacher's views)."""
-    adapter = adapter_for(model)
-    site = adapter.key_site(adapter.num_layers(model) - 1)
-    with hooks(model, capture=[site]) as rec, torch.no_grad():
-        model(pixels)
-    keys = rec[site]
-    layout = adapter.layout(model, keys.shape[1], tuple(pixels.shape[-2:]))
-    unit = F.normalize(keys[:, layout.body].float(), dim=-1)  # (B, P, D)
+def _key_similarity(keys: torch.Tensor) -> torch.Tensor:
+    """(B, P, D) last-layer patch keys -> (B, P, P) cosine between the keys of every two patches."""
+    unit = F.normalize(keys.float(), dim=-1)
     return unit @ unit.transpose(1, 2)
 
 
@@ -171,16 +164,17 @@ def evaluate(args) -> dict:
     for name, images in _held_out().items():
         pixels = to_pixels(images, planted.image_spec)  # (B, 3, 224, 224)
         generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731  same views for every model
-        with torch.no_grad():
-            raw = {k: final_patch_features(m.model, pixels) for k, m in (("planted", planted), ("clean", clean), ("student", student))}
+        raw, keys = {}, {}  # final features and last-layer key similarities, one forward per model
+        for k, m in (("planted", planted), ("clean", clean), ("student", student)):
+            with torch.no_grad():
+                raw[k], model_keys = final_patch_features(m.model, pixels, keys=True)
+            keys["planted_vit" if k == "planted" else k] = _key_similarity(model_keys)
         reference = denoise_views(clean, pixels, VIEWS, generator=generator())
         teacher, teacher_keys = denoise_views(planted, pixels, VIEWS, generator=generator(), keys=True)
         mask = planted_tokens(planted.model, pixels)[:, 1:]  # (B, P): where planted-vit's plant fires
         student_mask = planted_tokens(student.model, pixels)
         student_mask = student_mask[:, 1 + student.adapter.n_registers(student.model):]
-        keys = {k: _key_similarity(m.model, pixels) for k, m in (("planted_vit", planted), ("student", student), ("clean", clean))}
-        unit = F.normalize(teacher_keys, dim=-1)  # (B, P, D): the target of `distill --key-weight`
-        keys["planted_vit_view_averaged"] = unit @ unit.transpose(1, 2)
+        keys["planted_vit_view_averaged"] = _key_similarity(teacher_keys)  # the target of `distill --key-weight`
         entry = {
             "n_images": len(images),
             "cosine_to_clean_denoised": {

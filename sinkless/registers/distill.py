@@ -477,11 +477,9 @@ def distill(
         def step(t: int, generator: torch.Generator) -> dict:
             pixels, target, key_target = batch(t, generator)
             features = final_patch_features(student, pixels.to(device), s_adapter, keys=with_keys)  # (B, P, D), with keys a pair
-            if not with_keys:
-                return _feature_loss(features, target.to(device).float(), settings.mse_weight)
-            features, keys = features
-            return _feature_loss(features, target.to(device).float(), settings.mse_weight, keys, key_target.to(device).float(),
-                                 settings.key_weight)
+            features, keys = features if with_keys else (features, None)
+            return _feature_loss(features, target.to(device).float(), settings.mse_weight, student_keys=keys,
+                                 key_target=None if key_target is None else key_target.to(device).float(), key_weight=settings.key_weight)
 
         result = train(params, step, train_settings, out / STATE_DIR, meta=meta, resume=resume, progress=progress,
                        desc=f"distill {loaded.name}", on_log=evaluate, lr_scale=lr_scale or None)
