@@ -312,6 +312,68 @@ def test_key_weight_pulls_the_students_keys_towards_the_averaged_keys(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_ttr_teacher_targets_are_the_features_of_the_model_with_test_time_registers(tmp_path, tiny, photos, monkeypatch):
+    """--teacher ttr: the pool's targets are the teacher's features with test-time registers on (neurons found on the
+    training images, recorded in the log), not the plain model's; the teacher is left exactly as it was; a neurons file
+    is used as given, without discovery; the log of a PH-Reg run says its teacher is the original."""
+    from sinkless.registers import TestTimeRegisters, load_neurons
+
+    seen = {}
+    real_targets = distill_module._teacher_targets
+
+    def targets(*args, **kwargs):
+        seen["pixels"], seen["targets"], seen["hooks"] = args[1], real_targets(*args, **kwargs), _hook_count(tiny.model)
+        return seen["targets"]
+
+    monkeypatch.setattr(distill_module, "_teacher_targets", targets)
+    discovery = importlib.import_module("sinkless.registers.discovery")
+    real_discover = discovery.discover
+
+    def discover(*args, **kwargs):
+        seen["found"] = real_discover(*args, **kwargs)
+        return seen["found"]
+
+    monkeypatch.setattr(discovery, "discover", discover)
+    hooks_before, state = _hook_count(tiny.model), copy.deepcopy(tiny.model.state_dict())
+    settings = DistillSettings(**{**FAST, "steps": 2, "views": 1, "image_size": 56, "teacher": "ttr", "amp": "off"})
+    run = distill(tiny, photos, tmp_path / "ttr", settings, progress=False)
+    teacher = run.log["teacher"]
+    assert teacher["kind"] == "ttr" and teacher["source"] == "found on 3 of the training images (1 more held out)"
+    neurons = {int(layer): ids for layer, ids in teacher["neurons"].items()}
+    assert neurons and seen["hooks"] > hooks_before  # the teacher ran with the registers' hooks on
+    assert _hook_count(tiny.model) == hooks_before and all(torch.equal(v, state[k]) for k, v in tiny.model.state_dict().items())
+    with torch.no_grad():
+        plain = final_patch_features(tiny.model, seen["pixels"], tiny.adapter)
+        with TestTimeRegisters(tiny, [(layer, n) for layer, ids in neurons.items() for n in ids]):
+            fixed = final_patch_features(tiny.model, seen["pixels"], tiny.adapter)
+    assert torch.allclose(seen["targets"], fixed, atol=1e-5)  # one view: the fixed model's own features
+    assert (seen["targets"] - plain).abs().max() > 1e-2  # ... which differ from the plain model's
+
+    file = seen["found"].save(tmp_path / "neurons.json")  # the file `sinkless fix --out` writes
+    assert load_neurons(file).by_layer() == neurons
+    monkeypatch.setattr(discovery, "discover", _boom)
+    given = distill(tiny, photos, tmp_path / "given", dataclasses.replace(settings, teacher_neurons=str(file)), progress=False)
+    assert given.log["teacher"] == {"kind": "ttr", "neurons": teacher["neurons"], "source": str(file)}
+    assert torch.allclose(seen["targets"], fixed, atol=1e-5)
+    assert distill(tiny, photos, tmp_path / "plain", dataclasses.replace(settings, teacher="original"),
+                   progress=False).log["teacher"] == {"kind": "original"}
+
+    hooked = []
+    real_views = distill_module.denoise_views
+
+    def views(*args, **kwargs):
+        hooked.append(_hook_count(tiny.model) > hooks_before)
+        return real_views(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "denoise_views", views)
+    distill(tiny, photos, tmp_path / "fresh", dataclasses.replace(settings, teacher_neurons=str(file), pool=0, steps=2), progress=False)
+    assert hooked == [True, True] and _hook_count(tiny.model) == hooks_before  # PH-Reg's fresh targets every step, fixed too
+
+
 def test_trainable_parts_are_a_setting(tmp_path, tiny, photos):
     out = tmp_path / "all"
     result = distill(tiny, photos, out, DistillSettings(**{**FAST, "steps": 2, "train": ("registers",)}), progress=False)
@@ -375,12 +437,20 @@ def _cli(capsys, *argv):
         ("photos", ["--model", "planted-vit-tiny", "--train", "registers", "--part-lr", "positions=0.1"], "not among the trained parts"),
         ("photos", ["--model", "planted-vit-tiny", "--part-lr", "positions=-1"], "must be a positive number"),
         ("photos", ["--model", "planted-vit-tiny", "--register-std", "0"], "--register-std must be a positive number"),
+        ("photos", ["--model", "planted-vit-tiny", "--teacher-neurons", "n.json"], "the teacher is not 'ttr'"),
+        ("photos", ["--model", "planted-vit-tiny", "--teacher", "ttr", "--teacher-neurons", "missing.json"], "register-neurons file not found"),
+        ("photos", ["--model", "planted-vit-tiny", "--teacher", "ttr", "--teacher-neurons", "bad.json"], "is not valid JSON"),
+        ("one_photo", ["--model", "planted-vit-tiny", "--teacher", "ttr"], "needs at least 2 training images"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, photos, setup, argv, message):
-    images = {"photos": photos, "empty_dir": tmp_path / "empty", "text_file": tmp_path / "notes.png"}[setup]
+    images = {"photos": photos, "empty_dir": tmp_path / "empty", "text_file": tmp_path / "notes.png", "one_photo": tmp_path / "one"}[setup]
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "one").mkdir()
+    Image.open(next(photos.iterdir())).save(tmp_path / "one" / "p.png")
+    (tmp_path / "bad.json").write_text("{not json")
+    argv = [str(tmp_path / a) if a.endswith(".json") else a for a in argv]
     if "minilm-tiny" in argv or "bert-folder" in argv:
         from conftest import tiny_model
 
@@ -442,6 +512,7 @@ def test_cli_end_to_end_and_compare(tmp_path, capsys, photos):
     assert code == 0, err
     rows = {r["fix"]: r for r in json.loads(result.read_text())["results"]}
     assert rows["distilled"]["fix_settings"]["n_registers"] == 4 and rows["distilled"]["fix_settings"]["teacher"] == "planted-vit-tiny"
+    assert rows["distilled"]["fix_settings"]["targets_from"] == "original"
     assert rows["registers"]["corloc"] == rows["distilled"]["corloc"]  # the same model under two names
     assert rows["registers"]["fix_settings"]["architecture"] == "Dinov2WithRegistersModel"
 
@@ -810,6 +881,11 @@ def test_each_refused_setting_names_itself_and_the_boundaries_pass():
     for bad in (-1.0, math.inf, math.nan, True, "1"):
         _refused(f"key_weight must be >= 0, got {bad!r}", None, key_weight=bad)
     assert DistillSettings().key_weight == 0 and DistillSettings(key_weight=2).key_weight == 2
+    for bad in ("TTR", "views", None):
+        _refused(f"unknown teacher {bad!r}", "choose from original, ttr", teacher=bad)
+    _refused("teacher_neurons is given but the teacher is not 'ttr'", "set teacher='ttr' (--teacher ttr), or drop the neurons file",
+             teacher_neurons="n.json")
+    assert DistillSettings(teacher="ttr", teacher_neurons="n.json").teacher_neurons == "n.json"  # read when the run starts
     for bad in ((0.0, 1.0), (0.5, 1.5), (0.6, 0.5), (-0.1, 0.5)):
         _refused(f"crop_scale must satisfy 0 < low <= high <= 1, got {bad}", None, crop_scale=bad)
     DistillSettings(crop_scale=(0.5, 0.5))
@@ -1017,7 +1093,8 @@ def test_the_log_holds_the_job_data_settings_and_seconds(pooled, tiny, photos):
     assert log["views"] == json.loads(json.dumps(to_jsonable(dataclasses.asdict(POOLED.view_settings()))))
     assert log["precision"] == "bf16 autocast" and log["settings"]["amp"] is True and log["settings"]["cpu_amp"] is True
     assert "job_key" not in log and not any("job_key" in key.lower() for key in log)
-    assert set(log) == {"sinkless_version", "job", "model", "student", "data", "distill_settings", "trainable", "settings",
+    assert log["teacher"] == {"kind": "original"}
+    assert set(log) == {"sinkless_version", "job", "model", "student", "data", "distill_settings", "teacher", "trainable", "settings",
                         "steps_done", "finished", "seconds", "resumed_from", "device", "torch_threads", "loss_curve", "out",
                         "cpu_seconds_this_run", "views", "precision"}
     student = copy.deepcopy(pooled.result.student)
@@ -1342,6 +1419,28 @@ def test_key_weight_flag_reaches_the_run(tmp_path, capsys, photos):
     log = json.loads((out / "distill_log.json").read_text())
     assert log["distill_settings"]["key_weight"] == 0.5
     assert all(row["loss"] == pytest.approx((1 - row["cosine"]) + 0.5 * (1 - row["key_cosine"]), abs=1e-6) for row in log["loss_curve"])
+
+
+def test_teacher_flags_reach_the_run(tmp_path, capsys, photos):
+    """--teacher ttr finds the neurons on the training images; --teacher-neurons FILE uses that file's."""
+    common = ["--model", "planted-vit-tiny", "--images", str(photos), "--registers", "2", "--steps", "1", "--views", "1",
+              "--pool", "2", "--batch-size", "2", "--teacher", "ttr"]
+    code, _, err = _cli(capsys, *common, "--out", str(tmp_path / "found"))
+    assert code == 0, err
+    log = json.loads((tmp_path / "found" / "distill_log.json").read_text())
+    assert log["distill_settings"]["teacher"] == "ttr" and log["teacher"]["source"].startswith("found on 3 of the training images")
+    from sinkless.registers.ttr import RegisterNeurons
+
+    file = RegisterNeurons(model="planted-vit-tiny", neurons=[{"layer": 1, "neuron": 3, "score": 1.0}], top_k=1).save(tmp_path / "n.json")
+    code, _, err = _cli(capsys, *common, "--teacher-neurons", str(file), "--out", str(tmp_path / "given"))
+    assert code == 0, err
+    log = json.loads((tmp_path / "given" / "distill_log.json").read_text())
+    assert log["teacher"] == {"kind": "ttr", "neurons": {"1": [3]}, "source": str(file)}
+    result = tmp_path / "cmp.json"
+    code = cli.main(["compare", "--model", "planted-vit-tiny", "--data", "synthetic", "--limit", "1", "--task", "lost",
+                     "--fix", "distilled", "--distilled", str(tmp_path / "given"), "--json", str(result)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(result.read_text())["results"][0]["fix_settings"]["targets_from"] == "ttr"  # compare says which teacher
 
 
 def _encoded(image, fmt: str) -> bytes:

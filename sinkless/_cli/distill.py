@@ -5,7 +5,9 @@ target. The student (the model + registers) trains its registers, position embed
 and last block (PH-Reg's choice; --train picks other parts), the two embeddings at 0.1 x the learning rate
 (measured: at the full rate they wreck held-out features when training on a few thousand crops; --part-lr). OUT becomes a model folder (`--model OUT` anywhere in sinkless; DINOv2 students also load
 with plain transformers as Dinov2WithRegistersModel) with distill_log.json (loss curve, settings, data,
-seconds). Interrupted runs continue with --resume and end with the same weights.
+seconds). Interrupted runs continue with --resume and end with the same weights. --teacher ttr takes the targets
+from the model with test-time registers instead of the plain model (ours: the training-free fix, learned into
+ordinary trained registers).
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="add W x (1 - cosine) between the student's last-layer keys and the teacher's keys averaged over the "
                              "same views (default 0, PH-Reg's features-only loss; ours, for tasks that read the keys: LOST, CLS "
                              "attention; measured in docs/RESULTS.md)")
+    parser.add_argument("--teacher", choices=("original", "ttr"), default="original",
+                        help="whose features the student learns: the frozen model's, averaged over --views views (default, "
+                             "PH-Reg's), or the frozen model's with test-time registers (ttr: the training-free fix baked into "
+                             "trained registers; with --views 1 its plain features; ours, measured in docs/RESULTS.md)")
+    parser.add_argument("--teacher-neurons", metavar="FILE",
+                        help="with --teacher ttr: the register neurons (a `sinkless fix --out FILE` file; default: found on "
+                             "the training images)")
     parser.add_argument("--augment", action="store_true",
                         help="also train on each photo turned 90 and 180 degrees and colour-jittered (4x the images; "
                              "for a few dozen photos, measured in docs/RESULTS.md)")
@@ -103,5 +112,5 @@ def _settings(args: argparse.Namespace, part_lr: list | None):
         registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
         pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every, amp=args.amp, part_lr=None if part_lr is None else tuple(part_lr), register_std=args.register_std,
-        mse_weight=args.mse_weight, key_weight=args.key_weight, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
+        mse_weight=args.mse_weight, key_weight=args.key_weight, teacher=args.teacher, teacher_neurons=args.teacher_neurons, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
     )

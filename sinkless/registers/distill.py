@@ -11,6 +11,12 @@ last layer's patch keys, against the teacher's keys averaged over the same views
 weight decay 0.01, batch 8 (PH-Reg's settings), through ``sinkless.training.train`` (seeded,
 checkpoints, exact ``resume``, bf16 autocast on CUDA).
 
+Ours, optional: ``teacher="ttr"`` takes the targets from the frozen model with test-time registers (Jiang et
+al. 2025: its register neurons' activations moved into an extra token; neurons from a `sinkless fix` file or found
+on the training images) instead of the plain model, so the student learns the training-free fix's features and
+carries them in ordinary trained registers that plain transformers loads (with ``views=1`` the fixed model's own
+features, no averaging). PH-Reg's teacher (``"original"``) stays the default.
+
 Unlike PH-Reg, which recomputes the 10-view teacher target for every training crop, the default here
 computes targets once for a pool of ``pool`` random crops and trains over it for several epochs: on a
 CPU the teacher's views would otherwise cost 10x the student's forward at every step. ``pool=0`` gives
@@ -26,6 +32,7 @@ Shapes: B batch, P patches, D width.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -64,6 +71,7 @@ log = logging.getLogger(__name__)
 LOG_NAME = "distill_log.json"
 STATE_DIR = ".training"
 PARTS = ("registers", "positions", "patch_embed", "blocks", "final_norm", "all")
+TEACHERS = ("original", "ttr")
 
 
 DEFAULT_PART_LR = (("positions", 0.1), ("patch_embed", 0.1))  # docs/RESULTS.md, "Registers by training": the sweep
@@ -97,6 +105,11 @@ class DistillSettings:
     # ours: + key_weight x (1 - cosine) between the student's last-layer patch keys and the teacher's keys averaged over
     # the same views (where an artifact's key stands apart, the averaged one does not: docs/RESULTS.md); 0: PH-Reg's loss
     key_weight: float = 0.0
+    # ours: whose features are the target. "original": the frozen model (PH-Reg). "ttr": the frozen model with test-time
+    # registers (Jiang et al. 2025; neurons from ``teacher_neurons``, a `sinkless fix` file, or found on the training
+    # images): the training-free fix's features become the student's, in ordinary trained registers (docs/REGISTERS.md)
+    teacher: str = "original"
+    teacher_neurons: str | None = None
     augment: bool = False  # ours: each photo also turned 90° and 180° and colour-jittered (4x the images, ``augmented``)
     seed: int = 0
     checkpoint_every: int = 50
@@ -122,6 +135,10 @@ class DistillSettings:
         if self.register_std is not None and not (isinstance(self.register_std, (int, float)) and math.isfinite(self.register_std)
                                                   and self.register_std > 0):
             raise SinklessError(f"register_std must be a positive number, got {self.register_std!r}")
+        if self.teacher not in TEACHERS:
+            raise SinklessError(f"unknown teacher {self.teacher!r}", fix=f"choose from {', '.join(TEACHERS)}")
+        if self.teacher_neurons is not None and self.teacher != "ttr":
+            raise SinklessError("teacher_neurons is given but the teacher is not 'ttr'", fix="set teacher='ttr' (--teacher ttr), or drop the neurons file")
         if not isinstance(self.augment, bool):
             raise SinklessError(f"augment must be True or False, got {self.augment!r}")
         for name in ("mse_weight", "key_weight"):
@@ -414,6 +431,7 @@ def distill(
         raise SinklessError(f"image_size {size} is not a multiple of the patch size {patch}", fix=f"e.g. {size // patch * patch or patch}")
     use_amp = resolve_amp(settings.amp, device)
     train_settings = settings.train_settings(use_amp)
+    teacher_fix, teacher_info = _teacher_fix(loaded, pictures, names, settings, progress)  # before any file is written
     started, cpu_started = time.perf_counter(), time.process_time()
 
     home, was_training = next(teacher.parameters()).device, teacher.training
@@ -431,7 +449,7 @@ def distill(
         data["n_augmented"] = len(pictures)
     meta = {
         "job": "distill", "model": loaded.name, "student": type(student).__name__, "data": data,
-        "distill_settings": settings.to_dict(), "trainable": {"parts": list(settings.train), "parameters": sum(p.numel() for p in params.values())},
+        "distill_settings": settings.to_dict(), "teacher": teacher_info, "trainable": {"parts": list(settings.train), "parameters": sum(p.numel() for p in params.values())},
         # what a checkpoint must match to be resumed (the step budget and bookkeeping may change, as in training.py)
         "job_key": {"model": loaded.name, "source": loaded.source, "data": data,
                     "settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "log_every")}},
@@ -446,13 +464,15 @@ def distill(
         if settings.pool:
             generator = torch.Generator().manual_seed(settings.seed * 7_919 + 1)
             pool_pixels = _crops(pictures, settings.pool, settings, spec, size, generator)  # (M, 3, S, S)
-            pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp, keys=with_keys)
+            with teacher_fix:
+                pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp, keys=with_keys)
             if with_keys:
                 pool_targets, pool_keys = pool_targets  # (M, P, D) each, on CPU
         held_pixels = to_pixels(held, spec, size=size) if held else None  # (H, 3, S, S)
         held_targets = None
         if held_pixels is not None:
-            held_targets = _teacher_targets(loaded, held_pixels, views, torch.Generator().manual_seed(12_345), device, False, use_amp)
+            with teacher_fix:
+                held_targets = _teacher_targets(loaded, held_pixels, views, torch.Generator().manual_seed(12_345), device, False, use_amp)
         teacher_seconds = time.perf_counter() - t0
 
         def evaluate(t: int, row: dict) -> dict | None:
@@ -467,7 +487,7 @@ def distill(
         def batch(t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             if pool_pixels is None:  # PH-Reg: fresh crops, fresh views, teacher every step
                 pixels = _crops(pictures, settings.batch_size, settings, spec, size, generator)
-                with torch.no_grad(), autocast(device, use_amp, cpu=True):
+                with torch.no_grad(), autocast(device, use_amp, cpu=True), teacher_fix:
                     target = denoise_views(loaded, pixels.to(device), views, generator=generator, image_spec=spec, keys=with_keys)
                 target, key_target = target if with_keys else (target, None)
                 return pixels, target.float(), None if key_target is None else key_target.float()
@@ -506,6 +526,36 @@ def distill(
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     log.info("wrote the distilled model to %s (%.0f s)", out, time.perf_counter() - started)
     return DistillResult(out, log_data, student)
+
+
+DISCOVERY_IMAGES = 64  # training images the test-time-register teacher's neurons are found on (every 4th held out)
+
+
+def _teacher_fix(loaded, pictures: Sequence[Image.Image], names: Sequence[str], settings: DistillSettings,
+                 progress: bool) -> tuple[contextlib.AbstractContextManager, dict]:
+    """What the teacher runs under while it computes targets, and what the log records of it: nothing (PH-Reg), or
+    test-time registers whose neurons come from ``settings.teacher_neurons`` or are found on the training images."""
+    if settings.teacher == "original":
+        return contextlib.nullcontext(), {"kind": "original"}
+    from sinkless.registers.discovery import discover
+    from sinkless.registers.ttr import TestTimeRegisters, load_neurons
+    from sinkless.scan.inputs import ImageInput
+
+    if settings.teacher_neurons is not None:
+        neurons, source = load_neurons(settings.teacher_neurons), str(settings.teacher_neurons)
+    else:
+        items = [ImageInput(name, image) for name, image in zip(names, pictures)][:DISCOVERY_IMAGES]
+        if len(items) < 2:
+            raise SinklessError("the test-time-register teacher needs at least 2 training images to find its register neurons on",
+                                fix="pass more images, or a neurons file from `sinkless fix --out FILE` (--teacher-neurons)")
+        held = set(range(3, len(items), 4)) or {len(items) - 1}
+        chosen, heldout = ([item for i, item in enumerate(items) if (i in held) == side] for side in (False, True))
+        neurons = discover(loaded, chosen, heldout, progress=progress)
+        source = f"found on {len(chosen)} of the training images ({len(heldout)} more held out)"
+    fix = TestTimeRegisters(loaded, neurons)  # checks the neurons against the model
+    if not fix.layers:
+        log.warning("no register neurons in %s: the teacher is the plain model (as --teacher original)", source)
+    return fix, {"kind": "ttr", "neurons": {str(layer): ids for layer, ids in neurons.by_layer().items()}, "source": source}
 
 
 def _register_std(settings: DistillSettings, model: nn.Module) -> float:

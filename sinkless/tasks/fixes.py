@@ -114,7 +114,8 @@ def _distilled(loaded, images, distilled: str | None = None) -> AbstractContextM
     log_file = Path(other.source) / "distill_log.json" if other.source else None
     if log_file is not None and log_file.exists():
         record = json.loads(log_file.read_text())
-        info.update(teacher=record.get("model"), steps=record.get("steps_done"), training_images=record.get("data", {}).get("images"))
+        info.update(teacher=record.get("model"), steps=record.get("steps_done"), training_images=record.get("data", {}).get("images"),
+                    targets_from=(record.get("teacher") or {"kind": "original"}).get("kind"))  # original (PH-Reg) or ttr
     return _Applied(_Swap(other), info)
 
 
