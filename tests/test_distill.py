@@ -374,6 +374,27 @@ def test_ttr_teacher_targets_are_the_features_of_the_model_with_test_time_regist
     assert hooked == [True, True] and _hook_count(tiny.model) == hooks_before  # PH-Reg's fresh targets every step, fixed too
 
 
+@pytest.mark.parametrize("family", ["vit", "clip_vision", "siglip_vision"])
+def test_distill_a_model_object_of_each_hooked_family_with_the_ttr_teacher(tmp_path, photos, family):
+    """A model object (no name, no processor) of each family without a register class distils with the test-time
+    register teacher into a folder sinkless loads with its registers; the object is left as it was."""
+    from conftest import tiny_model
+    from sinkless.pretrained import as_loaded
+    from sinkless.registers.ttr import RegisterNeurons
+
+    model = tiny_model(family)
+    state, hooks_before = copy.deepcopy(model.state_dict()), _hook_count(model)
+    name = as_loaded(model, processor=False).name
+    file = RegisterNeurons(model=name, neurons=[{"layer": 0, "neuron": 1, "score": 1.0}], top_k=1).save(tmp_path / "n.json")
+    settings = DistillSettings(registers=2, steps=2, pool=2, batch_size=2, views=1, teacher="ttr", teacher_neurons=str(file), amp="off")
+    for i, given in enumerate((model, as_loaded(model, processor=False))):  # the bare object; a Loaded with no preprocessing
+        run = distill(given, photos, tmp_path / f"out{i}", settings, progress=False)
+        assert run.log["teacher"]["neurons"] == {"0": [1]} and math.isfinite(run.log["loss_curve"][-1]["loss"])
+        student = zoo.load(str(tmp_path / f"out{i}"))
+        assert type(student.model).__name__ == type(model).__name__ and student.adapter.n_registers(student.model) == 2
+    assert _hook_count(model) == hooks_before and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_trainable_parts_are_a_setting(tmp_path, tiny, photos):
     out = tmp_path / "all"
     result = distill(tiny, photos, out, DistillSettings(**{**FAST, "steps": 2, "train": ("registers",)}), progress=False)

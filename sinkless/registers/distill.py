@@ -57,6 +57,7 @@ from sinkless.adapters import Adapter, adapter_for
 from sinkless.devices import autocast, resolve_amp, resolve_device
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES, ImageSpec, expand_paths, load_image, to_pixels
+from sinkless.pretrained import _image_spec_from, as_loaded
 from sinkless.registers.add import add_registers, register_parameter_name
 from sinkless.registers.multiview import ViewSettings, denoise_views, final_patch_features
 from sinkless.training import TrainSettings, train
@@ -405,7 +406,7 @@ def distill(
     heldout=None,
     heldout_every: int = 50,
 ) -> DistillResult:
-    """Self-distil registers into ``model`` (zoo name, hub id, folder or ``Loaded``) on ``images`` into ``out``.
+    """Self-distil registers into ``model`` (zoo name, hub id, folder, ``Loaded`` or a HF model object) on ``images`` into ``out``.
 
     ``images``: paths / folders / globs or PIL images (natural photographs; not your evaluation images).
     Everything is validated before the long work starts. With ``resume`` an interrupted run continues
@@ -422,9 +423,14 @@ def distill(
     device = resolve_device(device)
     pictures, names = load_images(images)
     held = load_images(heldout)[0] if heldout is not None else []
-    loaded = zoo.load(model) if isinstance(model, str) else model
+    loaded = zoo.load(model) if isinstance(model, str) else as_loaded(model)  # a name / folder, a Loaded or a model object
     teacher, adapter, spec = loaded.model, loaded.adapter, loaded.image_spec
     student = add_registers(teacher, settings.registers, std=_register_std(settings, teacher), seed=settings.seed)  # checks the family
+    if spec is None:  # wrapped with processor=False: the config's size and ImageNet statistics, as denoise_views does
+        spec = _image_spec_from(None, teacher.config, adapter)
+        log.warning("%s came without image preprocessing: crops of %d px normalised with ImageNet statistics (pass its "
+                    "image processor to as_loaded to use its own)", loaded.name, spec.size)
+        loaded = dataclasses.replace(loaded, image_spec=spec)
     size = settings.image_size or spec.size
     patch = adapter.patch_size(teacher)
     if size % patch:
