@@ -131,14 +131,14 @@ def find_register_neurons(model, inputs, processor=None, *, heldout=None, progre
     ``threshold`` (absolute outlier threshold). Save the result with ``.save(path)``.
     """
     from sinkless.registers import DiscoverySettings, discover
+    from sinkless.registers.inputs import split_heldout
 
     loaded = zoo.load(model) if isinstance(model, str) else as_loaded(model, processor)
     items = as_inputs(inputs, loaded.modality)
     if heldout is None:
         if len(items) < 2:
             raise SinklessError("need at least 2 inputs (one is held out to check the fix)", fix="pass more inputs, or heldout=")
-        held = items[3::4] or items[-1:]
-        items = [item for item in items if item not in held]
+        items, held = split_heldout(items)
     else:
         held = as_inputs(heldout, loaded.modality)
     names = {f.name for f in dataclasses.fields(DiscoverySettings)}

@@ -437,8 +437,8 @@ def distill(
         raise SinklessError(f"image_size {size} is not a multiple of the patch size {patch}", fix=f"e.g. {size // patch * patch or patch}")
     use_amp = resolve_amp(settings.amp, device)
     train_settings = settings.train_settings(use_amp)
-    teacher_fix, teacher_info = _teacher_fix(loaded, pictures, names, settings, progress)  # before any file is written
     started, cpu_started = time.perf_counter(), time.process_time()
+    teacher_fix, teacher_info = _teacher_fix(loaded, pictures, names, settings, progress)  # before any file is written
 
     home, was_training = next(teacher.parameters()).device, teacher.training
     teacher.to(device).eval()  # used under no_grad only; put back where it was at the end
@@ -467,17 +467,16 @@ def distill(
         t0 = time.perf_counter()
         pool_pixels = pool_targets = pool_keys = None
         with_keys = settings.key_weight > 0
-        if settings.pool:
-            generator = torch.Generator().manual_seed(settings.seed * 7_919 + 1)
-            pool_pixels = _crops(pictures, settings.pool, settings, spec, size, generator)  # (M, 3, S, S)
-            with teacher_fix:
-                pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp, keys=with_keys)
-            if with_keys:
-                pool_targets, pool_keys = pool_targets  # (M, P, D) each, on CPU
         held_pixels = to_pixels(held, spec, size=size) if held else None  # (H, 3, S, S)
         held_targets = None
-        if held_pixels is not None:
-            with teacher_fix:
+        with teacher_fix:
+            if settings.pool:
+                generator = torch.Generator().manual_seed(settings.seed * 7_919 + 1)
+                pool_pixels = _crops(pictures, settings.pool, settings, spec, size, generator)  # (M, 3, S, S)
+                pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp, keys=with_keys)
+                if with_keys:
+                    pool_targets, pool_keys = pool_targets  # (M, P, D) each, on CPU
+            if held_pixels is not None:
                 held_targets = _teacher_targets(loaded, held_pixels, views, torch.Generator().manual_seed(12_345), device, False, use_amp)
         teacher_seconds = time.perf_counter() - t0
 
@@ -544,6 +543,7 @@ def _teacher_fix(loaded, pictures: Sequence[Image.Image], names: Sequence[str], 
     if settings.teacher == "original":
         return contextlib.nullcontext(), {"kind": "original"}
     from sinkless.registers.discovery import discover
+    from sinkless.registers.inputs import split_heldout
     from sinkless.registers.ttr import TestTimeRegisters, load_neurons
     from sinkless.scan.inputs import ImageInput
 
@@ -554,8 +554,7 @@ def _teacher_fix(loaded, pictures: Sequence[Image.Image], names: Sequence[str], 
         if len(items) < 2:
             raise SinklessError("the test-time-register teacher needs at least 2 training images to find its register neurons on",
                                 fix="pass more images, or a neurons file from `sinkless fix --out FILE` (--teacher-neurons)")
-        held = set(range(3, len(items), 4)) or {len(items) - 1}
-        chosen, heldout = ([item for i, item in enumerate(items) if (i in held) == side] for side in (False, True))
+        chosen, heldout = split_heldout(items)
         neurons = discover(loaded, chosen, heldout, progress=progress)
         source = f"found on {len(chosen)} of the training images ({len(heldout)} more held out)"
     fix = TestTimeRegisters(loaded, neurons)  # checks the neurons against the model

@@ -10,7 +10,7 @@ from sinkless.images import natural_crops
 from sinkless.scan.inputs import ImageInput, TextInput, resolve_inputs
 from sinkless.zoo import Loaded
 
-__all__ = ["discovery_inputs", "text_passages"]
+__all__ = ["discovery_inputs", "split_heldout", "text_passages"]
 
 
 def text_passages(n: int, *, start: int = 0, words: int = 80) -> list[TextInput]:
@@ -27,6 +27,12 @@ def text_passages(n: int, *, start: int = 0, words: int = 80) -> list[TextInput]
     return passages
 
 
+def split_heldout(items: Sequence) -> tuple[list, list]:
+    """(discovery, held-out) of the user's inputs: every 4th is held out (the last one when there are fewer than 4)."""
+    heldout = list(items[3::4]) or list(items[-1:])
+    return [item for item in items if item not in heldout], heldout
+
+
 def discovery_inputs(
     loaded: Loaded, inputs: Sequence[str], texts: Sequence[str], n_inputs: int, n_heldout: int
 ) -> tuple[list, list]:
@@ -35,9 +41,7 @@ def discovery_inputs(
         items = resolve_inputs(inputs, texts, loaded.modality)
         if len(items) < 2:
             raise SinklessError("need at least 2 inputs (one is held out to check the fix)", fix="pass more files")
-        heldout = items[3::4] or items[-1:]
-        chosen = [item for item in items if item not in heldout]
-        return chosen, heldout
+        return split_heldout(items)
     if loaded.modality is Modality.VISION:
         return (
             [ImageInput(f"crop{i}", im) for i, im in enumerate(natural_crops(n_inputs, seed=0))],
