@@ -3,13 +3,14 @@
 
     python scripts/dvt_stage2_probe.py TRAIN_STAGE1_DIR HELDOUT_DIR [--lr 5e-4] [--steps 300] [--weight-decay 1e-5]
         [--loss dvt|cos] [--no-view-pairs] [--only pos] [--every 100] [--cache held.pt]
+        [--model planted-vit-pos --twin dinov2-s-focus] [--features output|keys]
 
 TRAIN_STAGE1_DIR is the ``stage1/`` folder of a finished ``sinkless denoise --train-denoiser --model
 planted-vit-pos --view-pairs 8`` run (its raw / clean / view pairs); HELDOUT_DIR the held-out images. The
-held-out raw features of planted-vit-pos and the Stage-1 outputs of it and of its clean twin dinov2-s-focus
-(same seeded views, as ``python -m sinkless.denoise.measure stage2``) are computed once and cached
-(``--cache``). Then a Stage-2 block (identity start; the optimiser, schedule and batch of ``train_denoiser``) is
-trained on the stored pairs and, every ``--every`` steps, applied to the held-out raw features: printed are
+held-out raw features of the model (default planted-vit-pos) and the Stage-1 outputs of it and of its clean
+twin (default dinov2-s-focus; same seeded views, as ``python -m sinkless.denoise.measure stage2``) are
+computed once and cached (``--cache``; one cache per model, twin and features). Then a Stage-2 block
+(identity start; the optimiser, schedule and batch of ``train_denoiser``) is trained on the stored pairs and, every ``--every`` steps, applied to the held-out raw features: printed are
 its cosine to the twin's Stage-1 features (the yardstick), the share of Stage 1's gain it reaches, and its
 cosine to the image's own Stage-1 output. Before training it also prints two offsets that need no training:
 the mean Stage-1 correction of the training images added at each position, and the held-out images' own mean
@@ -29,8 +30,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a, b, dim=-1).mean())
 
 
-def held_out(folder: str, cache: Path) -> dict[str, torch.Tensor]:
-    """(N, h, w, D) raw planted-vit-pos, its Stage 1, the twin's raw and Stage 1 on the held-out images (cached)."""
+def held_out(folder: str, cache: Path, model: str = "planted-vit-pos", twin: str = "dinov2-s-focus",
+             features: str = "output") -> dict[str, torch.Tensor]:
+    """(N, h, w, D) the model's raw features, its Stage 1, the twin's raw and Stage 1 on the held-out images (cached)."""
     if cache.exists():
         return torch.load(cache)
     from sinkless import zoo
@@ -38,8 +40,9 @@ def held_out(folder: str, cache: Path) -> dict[str, torch.Tensor]:
     from sinkless.denoise.stage1 import Stage1Settings
     from sinkless.denoise.train import collect_images
 
-    planted, twin = zoo.load("planted-vit-pos"), zoo.load("dinov2-s-focus")
-    rows = [paired_stage1(planted, twin, image, Stage1Settings()) for _, image in collect_images([folder])]
+    planted, clean = zoo.load(model), zoo.load(twin)
+    settings = Stage1Settings(features=features)
+    rows = [paired_stage1(planted, clean, image, settings) for _, image in collect_images([folder])]
     held = {"p_raw": torch.stack([r["a"]["raw"] for r in rows]), "p_clean": torch.stack([r["a"]["clean"] for r in rows]),
             "c_raw": torch.stack([r["b"]["raw"] for r in rows]), "c_clean": torch.stack([r["b"]["clean"] for r in rows])}
     torch.save(held, cache)
@@ -66,10 +69,13 @@ def main() -> None:
     parser.add_argument("--only", choices=["all", "pos"], default="all", help="pos: train the position embedding alone")
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--cache", default="dvt_stage2_probe_held.pt")
+    parser.add_argument("--model", default="planted-vit-pos", help="the model the Stage-1 pairs are of")
+    parser.add_argument("--twin", default="dinov2-s-focus", help="its clean twin (the yardstick's model)")
+    parser.add_argument("--features", default="output", choices=["output", "keys"], help="the features the pairs hold")
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    held = held_out(args.heldout, Path(args.cache))
+    held = held_out(args.heldout, Path(args.cache), args.model, args.twin, args.features)
     raw_h, own_h, twin_h = held["p_raw"], held["p_clean"], held["c_clean"]
     base, stage1 = _cos(raw_h, twin_h), _cos(own_h, twin_h)
 

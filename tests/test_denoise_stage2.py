@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,57 @@ def test_dvt_output_option_in_compare(tiny, tmp_path):
     with pytest.raises(SinklessError, match="applies to the per-image mode"):
         make_fix("dvt", tiny, [], denoiser=str(tmp_path), output="clean")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())
+
+
+def test_measure_stage2_fits_stage1_on_the_features_the_denoiser_reads(tmp_path, monkeypatch):
+    """``python -m sinkless.denoise.measure stage2``: Stage 1 runs on the denoiser's own features (a keys denoiser is
+    scored in key space), and an identity-start denoiser scores exactly the raw features (share 0)."""
+    from PIL import Image
+
+    from sinkless.denoise import measure
+
+    seen = []
+    real = measure.paired_stage1
+
+    def spy(first, second, image, settings):
+        seen.append(settings.features)
+        return real(first, second, image, settings)
+
+    monkeypatch.setattr(measure, "paired_stage1", spy)
+    save_denoiser(Denoiser(DenoiserConfig(dim=64, grid=(8, 8), features="keys", model="planted-vit-tiny")), tmp_path / "d")
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    result = measure.measure_stage2(str(tmp_path / "d"), "planted-vit-tiny", "planted-vit-tiny", [image],
+                                    Stage1Settings(views=2, steps=3, batch=64))
+    assert seen == ["keys"] and result["features"] == "keys"
+    mean = result["mean_cosine_to_twin_stage1"]
+    assert mean["stage2"] == pytest.approx(mean["raw"], abs=1e-6)
+    assert mean["stage1"] != pytest.approx(mean["raw"], abs=1e-6)
+    planted = result["planted_tokens"]  # planted-vit-tiny carries a content plant: its tokens' outlier statistics per stage
+    assert planted["images_with_planted_tokens"] == 1 and planted["stage2"] == pytest.approx(planted["raw"], abs=1e-5)
+
+
+def test_a_keys_denoiser_reaches_what_lost_and_zero_shot_segmentation_read(tiny, tmp_path):
+    """``compare --fix dvt --denoiser KEYS``: the task sees the denoised last-layer keys (LOST reads them) and the CLS
+    attention computed from them (zero-shot segmentation reads it); an output denoiser leaves both as they are."""
+    from sinkless.tasks._features import extract, prepare
+    from sinkless.tasks.fixes import make_fix
+    from sinkless.tasks.synthetic import render_scene
+
+    prepared = prepare(render_scene(0).image, tiny, 64)
+    plain = extract(tiny, prepared, features="keys", cls_attention=True)
+    h, w = plain.layout.grid
+    torch.manual_seed(0)
+    for features in ("keys", "output"):
+        denoiser = Denoiser(DenoiserConfig(dim=64, grid=(h, w), features=features, model="planted-vit-tiny")).eval()
+        with torch.no_grad():
+            denoiser.pos_embed.normal_()
+        save_denoiser(denoiser, tmp_path / features)
+    with make_fix("dvt", tiny, [], denoiser=str(tmp_path / "keys")):
+        keyed = extract(tiny, prepared, features="keys", cls_attention=True)
+    with torch.no_grad():
+        expected = load_denoiser(tmp_path / "keys")(plain.features.reshape(1, h, w, 64)).reshape(h * w, 64)
+    assert torch.allclose(keyed.features, expected, atol=1e-5)
+    assert not torch.allclose(keyed.cls_attention, plain.cls_attention, atol=1e-4)
+    with make_fix("dvt", tiny, [], denoiser=str(tmp_path / "output")):
+        out = extract(tiny, prepared, features="keys", cls_attention=True)
+    assert torch.equal(out.features, plain.features) and torch.equal(out.cls_attention, plain.cls_attention)

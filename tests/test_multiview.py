@@ -235,3 +235,21 @@ def test_denoise_views_refuses_what_is_neither_a_model_nor_a_loaded(thing):
     with pytest.raises(SinklessError) as caught:
         denoise_views(thing, torch.zeros(1, 3, 28, 28))
     assert caught.value.problem == f"expected a model or a sinkless Loaded, got {type(thing).__name__}"
+
+
+def test_denoise_views_of_a_bare_model_reads_pil_images_at_its_configured_size():
+    """A HF model without a sinkless Loaded: PIL images are sized by its config and normalised with ImageNet
+    statistics (pretrained's rule for a model without a processor), exactly as with that spec passed in."""
+    import numpy as np
+    from PIL import Image
+
+    from sinkless.images import IMAGENET_MEAN, IMAGENET_STD
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    image = Image.fromarray((np.random.default_rng(0).random((70, 90, 3)) * 255).astype("uint8"))
+    settings = ViewSettings(views=3, max_shift=1)
+    bare = denoise_views(model, [image], settings)
+    spec = ImageSpec(size=56, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch_size=14)
+    given = denoise_views(model, [image], settings, image_spec=spec)
+    assert bare.shape == (1, 16, 32) and torch.equal(bare, given)

@@ -9,7 +9,9 @@
   from raw features even without artifacts), and how close Stage 1 stays to the raw twin features.
 - ``planted``: planted-vit vs planted-vit-clean: the same cosines, and whether the planted tokens are
   still outliers in norm (at the output) and in key space (Stage 1 run on the last layer's keys).
-- ``stage2``: a trained denoiser on held-out images: the share of Stage 1's improvement it reaches.
+- ``stage2``: a trained denoiser on held-out images: the share of Stage 1's improvement it reaches, with Stage 1
+  fitted on the features the denoiser reads (output or keys); for a model with a content plant (planted-vit) also
+  whether its planted tokens are still outliers after each stage.
 
 Shapes: h x w grid, D width.
 """
@@ -17,6 +19,7 @@ Shapes: h x w grid, D width.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sinkless.denoise.stage1 import Stage1Settings, fit, image_pixels
+from sinkless.errors import SinklessError
 from sinkless.denoise.views import feature_reader, make_views
 
 __all__ = ["correlation", "paired_stage1", "measure_pos", "measure_planted", "measure_stage2"]
@@ -153,7 +157,10 @@ def measure_stage2(denoiser_dir: str, model: str, twin: str, images, settings: S
 
     planted, clean = zoo.load(model), zoo.load(twin)
     denoiser = load_denoiser(denoiser_dir)
-    rows = []
+    # Stage 1 on the features the denoiser was trained on (the final output, or the last layer's keys, ...)
+    settings = dataclasses.replace(settings, features=denoiser.config.features, layer=denoiser.config.layer)
+    content_plant = _carries_content_plant(planted.model)
+    rows, outliers = [], []
     for image in images:
         pair = paired_stage1(planted, clean, image, settings)
         p, c = pair["a"], pair["b"]
@@ -161,10 +168,30 @@ def measure_stage2(denoiser_dir: str, model: str, twin: str, images, settings: S
             s2 = denoiser(p["raw"][None])[0]
         rows.append({"raw": _cos(p["raw"], c["clean"]), "stage1": _cos(p["clean"], c["clean"]), "stage2": _cos(s2, c["clean"]),
                      "stage2_to_stage1": _cos(s2, p["clean"]), "raw_to_stage1": _cos(p["raw"], p["clean"])})
+        if content_plant:  # planted-vit: are its planted tokens still outliers after each stage?
+            from sinkless.planted import planted_tokens
+
+            pixels = image_pixels(planted, image)
+            mask = planted_tokens(planted.model, pixels)[0, 1:].reshape(p["raw"].shape[:2])  # (h, w)
+            if mask.any():
+                outliers.append({stage: _outlier_stats(x, mask) for stage, x in (("raw", p["raw"]), ("stage1", p["clean"]), ("stage2", s2))})
     mean = {k: _mean(rows, k) for k in rows[0]}
     gain1, gain2 = mean["stage1"] - mean["raw"], mean["stage2"] - mean["raw"]
-    return {"model": model, "twin": twin, "denoiser": denoiser_dir, "n_images": len(rows), "mean_cosine_to_twin_stage1": mean,
-            "share_of_stage1_gain": gain2 / gain1 if gain1 else None, "per_image": rows}
+    result = {"model": model, "twin": twin, "denoiser": denoiser_dir, "features": settings.features, "n_images": len(rows),
+              "mean_cosine_to_twin_stage1": mean, "share_of_stage1_gain": gain2 / gain1 if gain1 else None}
+    if outliers:
+        result["planted_tokens"] = {"images_with_planted_tokens": len(outliers)} | {
+            stage: {k: sum(o[stage][k] for o in outliers) / len(outliers) for k in outliers[0][stage]} for stage in ("raw", "stage1", "stage2")}
+    return result | {"per_image": rows}
+
+
+def _carries_content_plant(model) -> bool:
+    from sinkless.planted import ground_truth
+
+    try:
+        return ground_truth(model).role == "planted"
+    except SinklessError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

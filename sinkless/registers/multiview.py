@@ -35,7 +35,7 @@ from sinkless.adapters import Adapter, adapter_for
 from sinkless.devices import autocast, resolve_amp
 from sinkless.errors import SinklessError
 from sinkless.hooks import hooks
-from sinkless.images import IMAGENET_MEAN, IMAGENET_STD, ImageSpec, to_pixels
+from sinkless.images import ImageSpec, to_pixels
 
 __all__ = ["ViewSettings", "Views", "sample_views", "render_views", "merge_views", "final_patch_features", "denoise_views", "FILLS"]
 
@@ -198,8 +198,9 @@ def denoise_views(
     """
     net, adapter, spec = _unwrap(model)
     if image_spec is None and spec is None:  # a bare HF model: its configured size, ImageNet statistics
-        size = int(getattr(getattr(net.config, "vision_config", net.config), "image_size", 224) or 224)
-        spec = ImageSpec(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, patch_size=adapter.patch_size(net))
+        from sinkless.pretrained import _image_spec_from
+
+        spec = _image_spec_from(None, net.config, adapter)
     spec = image_spec or spec
     if not isinstance(images, torch.Tensor):
         images = list(images)
