@@ -820,6 +820,11 @@ def test_trainable_parameters_of_each_part(tiny):
     assert chosen(["blocks"], 2) == layer(2) | layer(3)
     assert chosen(["registers", "blocks"], 4) == {"embeddings.register_tokens"} | layer(0) | layer(1) | layer(2) | layer(3)
     assert chosen(["all"]) == set(everything)
+    assert chosen(["last_block"]) == layer(3)  # the last block alone, whatever --train-blocks says
+    assert chosen(["blocks", "last_block"], 3) == layer(1) | layer(2) | layer(3)
+    parts = distill_module._trainable(student, adapter, ["blocks", "last_block"], 3)  # the last block is its own part
+    assert {n for n, (_, part) in parts.items() if part == "last_block"} == layer(3)
+    assert {n for n, (_, part) in parts.items() if part == "blocks"} == layer(1) | layer(2)
     with pytest.raises(SinklessError, match="train_blocks=5 but the model has 4 blocks"):
         distill_module.trainable_parameters(student, adapter, ["blocks"], 5)
 
@@ -912,7 +917,7 @@ def test_each_refused_setting_names_itself_and_the_boundaries_pass():
     DistillSettings(crop_scale=(0.5, 0.5))
     DistillSettings(crop_scale=(1.0, 1.0))
     DistillSettings(register_std=None)
-    parts = "choose from registers, positions, patch_embed, blocks, final_norm, all"
+    parts = "choose from registers, positions, patch_embed, blocks, last_block, final_norm, all"
     _refused("unknown trainable parts ['wings']", parts, train=("registers", "wings"))
     _refused("unknown trainable parts (none given)", parts, train=())
     _refused("part_lr names 'all', which is not among the trained parts ['all']", None, train=("all",), part_lr=(("all", 0.5),))

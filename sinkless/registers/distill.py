@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "distill_log.json"
 STATE_DIR = ".training"
-PARTS = ("registers", "positions", "patch_embed", "blocks", "final_norm", "all")
+PARTS = ("registers", "positions", "patch_embed", "blocks", "last_block", "final_norm", "all")
 TEACHERS = ("original", "ttr")
 
 
@@ -323,6 +323,7 @@ def _trainable(student: nn.Module, adapter: Adapter, parts: Sequence[str], train
     if train_blocks > n_layers:
         raise SinklessError(f"train_blocks={train_blocks} but the model has {n_layers} blocks")
     blocks = tuple(adapter.block(i) + "." for i in range(n_layers - train_blocks, n_layers))
+    last = adapter.block(n_layers - 1) + "."
     register = register_parameter_name(student)
 
     def part(name: str) -> str | None:
@@ -330,6 +331,7 @@ def _trainable(student: nn.Module, adapter: Adapter, parts: Sequence[str], train
             ("registers", name == register),
             ("positions", name.startswith(embeddings + ".") and "position_embedding" in name),
             ("patch_embed", name.startswith(adapter.patch_embed + ".")),
+            ("last_block", name.startswith(last)),  # before "blocks": the last block as a part of its own (its own lr)
             ("blocks", name.startswith(blocks)),
             ("final_norm", adapter.final_norm is not None and name.startswith(adapter.final_norm + ".")),
         )
