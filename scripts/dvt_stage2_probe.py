@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Why DVT's Stage 2 does not generalise here: variants of the block trained in-process (docs/RESULTS.md, Denoising ViTs).
+"""How far DVT's Stage 2 generalises: variants of the block trained in-process (docs/RESULTS.md, Denoising ViTs).
 
     python scripts/dvt_stage2_probe.py TRAIN_STAGE1_DIR HELDOUT_DIR [--lr 5e-4] [--steps 300] [--weight-decay 1e-5]
         [--loss dvt|cos] [--no-view-pairs] [--only pos] [--every 100] [--cache held.pt]
@@ -10,11 +10,12 @@ planted-vit-pos --view-pairs 8`` run (its raw / clean / view pairs); HELDOUT_DIR
 held-out raw features of the model (default planted-vit-pos) and the Stage-1 outputs of it and of its clean
 twin (default dinov2-s-focus; same seeded views, as ``python -m sinkless.denoise.measure stage2``) are
 computed once and cached (``--cache``; one cache per model, twin and features). Then a Stage-2 block
-(identity start; the optimiser, schedule and batch of ``train_denoiser``) is trained on the stored pairs and, every ``--every`` steps, applied to the held-out raw features: printed are
-its cosine to the twin's Stage-1 features (the yardstick), the share of Stage 1's gain it reaches, and its
-cosine to the image's own Stage-1 output. Before training it also prints two offsets that need no training:
-the mean Stage-1 correction of the training images added at each position, and the held-out images' own mean
-planted-minus-twin difference subtracted (an oracle for any position-only correction).
+(identity start; the optimiser, schedule and batch of ``train_denoiser``) is trained on the stored pairs and,
+every ``--every`` steps, applied to the held-out raw features: printed are its cosine to the twin's Stage-1
+features (the yardstick), the share of Stage 1's gain it reaches, and its cosine to the image's own Stage-1
+output. Before training it also prints two offsets that need no training: the mean Stage-1 correction of the
+training images added at each position, and the held-out images' own mean planted-minus-twin difference
+subtracted (an oracle for any position-only correction).
 """
 
 from __future__ import annotations

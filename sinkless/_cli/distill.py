@@ -43,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-blocks", type=int, default=1, metavar="K", help="train the last K blocks (default 1)")
     parser.add_argument("--train", metavar="PARTS", default="registers,positions,patch_embed,blocks",
                         help="comma-separated parts to train, from registers, positions, patch_embed, blocks (the last --train-blocks), "
-                             "last_block (the last block as a part of its own, for its own --part-lr), final_norm, all (default: PH-Reg's registers,positions,patch_embed,blocks)")
+                             "last_block (the last block as a part of its own, for its own --part-lr), final_norm, all "
+                             "(default: PH-Reg's registers,positions,patch_embed,blocks)")
     parser.add_argument("--train-all", action="store_true", help="train every weight (same as --train all)")
     parser.add_argument("--part-lr", action="append", default=None, metavar="PART=MULT",
                         help="a trained part's learning rate as a multiple of --lr, e.g. blocks=0.5 (repeatable; "

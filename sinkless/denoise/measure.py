@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from sinkless.denoise.stage1 import Stage1Settings, fit, image_pixels
-from sinkless.errors import SinklessError
 from sinkless.denoise.views import feature_reader, make_views
+from sinkless.errors import SinklessError
 
 __all__ = ["correlation", "paired_stage1", "measure_pos", "measure_planted", "measure_stage2"]
 
