@@ -2,7 +2,7 @@
 """How far DVT's Stage 2 generalises: variants of the block trained in-process (docs/RESULTS.md, Denoising ViTs).
 
     python scripts/dvt_stage2_probe.py TRAIN_STAGE1_DIR HELDOUT_DIR [--lr 5e-4] [--steps 300] [--weight-decay 1e-5]
-        [--loss dvt|cos] [--no-view-pairs] [--only pos] [--every 100] [--cache held.pt]
+        [--loss dvt|cos] [--no-view-pairs] [--only pos] [--every 100] [--batch 8] [--cache held.pt]
         [--model planted-vit-pos --twin dinov2-s-focus] [--features output|keys]
 
 TRAIN_STAGE1_DIR is the ``stage1/`` folder of a finished ``sinkless denoise --train-denoiser --model
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--no-view-pairs", action="store_true", help="train on the whole images only")
     parser.add_argument("--only", choices=["all", "pos"], default="all", help="pos: train the position embedding alone")
     parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=real.batch, help="pairs per step (default: train_denoiser's)")
     parser.add_argument("--cache", default="dvt_stage2_probe_held.pt")
     parser.add_argument("--model", default="planted-vit-pos", help="the model the Stage-1 pairs are of")
     parser.add_argument("--twin", default="dinov2-s-focus", help="its clean twin (the yardstick's model)")
@@ -108,7 +109,7 @@ def main() -> None:
     for t in range(1, args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(schedule, t - 1)
-        index = torch.randint(len(raw), (real.batch,), generator=generator)
+        index = torch.randint(len(raw), (args.batch,), generator=generator)
         pred = denoiser(raw[index])
         loss = denoising_loss(pred, clean[index]) if args.loss == "dvt" else 1 - F.cosine_similarity(pred, clean[index], dim=-1).mean()
         optimizer.zero_grad()
