@@ -111,15 +111,22 @@ def _outlier_stats(features: torch.Tensor, mask: torch.Tensor) -> dict:
     }
 
 
+def _planted_mask(planted, image) -> torch.Tensor:
+    """(h, w) bool: the patches of ``image`` where ``planted``'s content plant fires (planted-vit: CLS, then patches)."""
+    from sinkless.planted import planted_tokens
+
+    pixels = image_pixels(planted, image)
+    patch = planted.adapter.patch_size(planted.model)
+    return planted_tokens(planted.model, pixels)[0, 1:].reshape(pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+
+
 def measure_planted(images, settings: Stage1Settings = Stage1Settings()) -> dict:
     from sinkless import zoo
-    from sinkless.planted import planted_tokens
 
     planted, twin = zoo.load("planted-vit"), zoo.load("planted-vit-clean")
     rows = []
     for image in images:
-        pixels = image_pixels(planted, image)
-        mask = planted_tokens(planted.model, pixels)[0, 1:].reshape(pixels.shape[-2] // 14, pixels.shape[-1] // 14)  # (h, w)
+        mask = _planted_mask(planted, image)
         row = {"planted_tokens": int(mask.sum())}
         for features in ("output", "keys"):
             pair = paired_stage1(planted, twin, image, Stage1Settings(**{**settings.to_dict(), "features": features}))
@@ -169,10 +176,7 @@ def measure_stage2(denoiser_dir: str, model: str, twin: str, images, settings: S
         rows.append({"raw": _cos(p["raw"], c["clean"]), "stage1": _cos(p["clean"], c["clean"]), "stage2": _cos(s2, c["clean"]),
                      "stage2_to_stage1": _cos(s2, p["clean"]), "raw_to_stage1": _cos(p["raw"], p["clean"])})
         if content_plant:  # planted-vit: are its planted tokens still outliers after each stage?
-            from sinkless.planted import planted_tokens
-
-            pixels = image_pixels(planted, image)
-            mask = planted_tokens(planted.model, pixels)[0, 1:].reshape(p["raw"].shape[:2])  # (h, w)
+            mask = _planted_mask(planted, image)
             if mask.any():
                 outliers.append({stage: _outlier_stats(x, mask) for stage, x in (("raw", p["raw"]), ("stage1", p["clean"]), ("stage2", s2))})
     mean = {k: _mean(rows, k) for k in rows[0]}
@@ -181,7 +185,7 @@ def measure_stage2(denoiser_dir: str, model: str, twin: str, images, settings: S
               "mean_cosine_to_twin_stage1": mean, "share_of_stage1_gain": gain2 / gain1 if gain1 else None}
     if outliers:
         result["planted_tokens"] = {"images_with_planted_tokens": len(outliers)} | {
-            stage: {k: sum(o[stage][k] for o in outliers) / len(outliers) for k in outliers[0][stage]} for stage in ("raw", "stage1", "stage2")}
+            stage: {k: _mean([o[stage] for o in outliers], k) for k in outliers[0][stage]} for stage in ("raw", "stage1", "stage2")}
     return result | {"per_image": rows}
 
 

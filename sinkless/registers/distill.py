@@ -552,7 +552,7 @@ def _teacher_fix(loaded, pictures: Sequence[Image.Image], names: Sequence[str], 
     if settings.teacher_neurons is not None:
         neurons, source = load_neurons(settings.teacher_neurons), str(settings.teacher_neurons)
     else:
-        items = [ImageInput(name, image) for name, image in zip(names, pictures)][:DISCOVERY_IMAGES]
+        items = [ImageInput(name, image) for name, image in zip(names[:DISCOVERY_IMAGES], pictures[:DISCOVERY_IMAGES])]
         if len(items) < 2:
             raise SinklessError("the test-time-register teacher needs at least 2 training images to find its register neurons on",
                                 fix="pass more images, or a neurons file from `sinkless fix --out FILE` (--teacher-neurons)")
