@@ -290,7 +290,7 @@ def train(
             smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{smoothed:.4g}", lr=f"{lr:.2e}")
-            if (t + 1) % settings.log_every == 0 or t + 1 == settings.steps or t == start_step:
+            if (t + 1) % settings.log_every == 0 or t + 1 == settings.steps or t == 0:  # the same rows whether or not the run was resumed
                 row = {"step": t + 1, "lr": lr, **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()}}
                 if on_log is not None:
                     row.update(on_log(t + 1, row) or {})

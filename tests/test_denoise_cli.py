@@ -42,11 +42,13 @@ def test_stage1_writes_features_figures_and_log(images, tmp_path, capsys):
 def test_train_denoiser_and_compare_with_it(images, tmp_path, capsys):
     out = tmp_path / "den"
     code = main(["-q", "denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(images), "--out", str(out),
-                 *FAST, "--train-steps", "4", "--batch-size", "2", "--device", "cpu"])
+                 *FAST, "--train-steps", "4", "--batch-size", "2", "--device", "cpu", "--holdout", "1", "--select", "best"])
     assert code == 0
     assert {"denoiser.safetensors", "config.json", "train_log.json"} <= {p.name for p in out.iterdir()}
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps_done"] == 4 and log["stage1_settings"]["views"] == 3
+    assert log["selected"]["rule"] == "best" and log["selected"]["step"] in (1, 4)  # the rows logged: the first step and the last
+    assert f"kept the weights of step {log['selected']['step']} of 4" in capsys.readouterr().out
     code = main(["-q", "compare", "--model", "planted-vit-tiny", "--fix", "none", "--fix", "dvt", "--denoiser", str(out),
                  "--task", "probe", "--data", "synthetic", "--limit", "4"])
     assert code == 0
@@ -85,6 +87,9 @@ def test_bad_inputs_exit_2_and_write_nothing(images, tmp_path, capsys):
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--resume"], capsys, "--train-denoiser")
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--view-pairs", "2"], capsys, "--view-pairs only applies")
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--init", "dvt"], capsys, "--init only applies")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--select", "best"], capsys, "--select only applies")
+    _fails(["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(images), "--out", str(out), "--select", "best"],
+           capsys, "add --holdout N")
     assert not out.exists()
     # an unwritable --out
     if os.geteuid() != 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -307,3 +309,70 @@ def test_a_keys_denoiser_reaches_what_lost_and_zero_shot_segmentation_read(tiny,
     with make_fix("dvt", tiny, [], denoiser=str(tmp_path / "output")):
         out = extract(tiny, prepared, features="keys", cls_attention=True)
     assert torch.equal(out.features, plain.features) and torch.equal(out.cls_attention, plain.cls_attention)
+
+
+def test_select_best_keeps_the_best_held_out_step_and_resumes_exactly(tiny, tmp_path):
+    from PIL import Image
+
+    from sinkless.denoise.train import _holdout
+
+    rng = torch.Generator().manual_seed(1)
+    images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(5)]
+    stage1 = Stage1Settings(views=3, steps=8, batch=128)
+    # a large learning rate, so the held-out score moves from row to row and the best row is not simply the last
+    settings = DenoiserSettings(steps=40, batch=2, lr=3e-2, checkpoint_every=15, holdout=2, view_pairs=0, select="best")
+    summary = train_denoiser(tiny, images, tmp_path / "best", settings, stage1, device="cpu", progress=False)
+    rows = [r for r in summary["loss_curve"] if "holdout_cosine" in r]
+    assert [r["step"] for r in rows] == [1, 10, 20, 30, 40]  # every logged row is scored
+    top = max(rows, key=lambda r: r["holdout_cosine"])
+    assert summary["selected"] == {"rule": "best", "step": top["step"], "holdout_cosine": top["holdout_cosine"]}
+    # what was saved is that step's block: its held-out cosine is the row's (recomputed from the saved file)
+    from safetensors.torch import load_file
+
+    targets = [load_file(str(p)) for p in sorted((tmp_path / "best" / "stage1").glob("*.safetensors"))]
+    raw, clean = torch.stack([t["raw"] for t in targets[3:]]), torch.stack([t["clean"] for t in targets[3:]])
+    saved = load_denoiser(tmp_path / "best")
+    assert _holdout(saved, raw, clean)["cosine_denoised_to_stage1"] == pytest.approx(top["holdout_cosine"], abs=1e-6)
+    assert summary["holdout"]["cosine_denoised_to_stage1"] == pytest.approx(top["holdout_cosine"], abs=1e-6)
+
+    # the same run with "last" trains identically and keeps step 40
+    last = train_denoiser(tiny, images, tmp_path / "last", dataclasses.replace(settings, select="last"), stage1, device="cpu", progress=False)
+    assert last["selected"]["step"] == 40 and [r["holdout_cosine"] for r in last["loss_curve"]] == [r["holdout_cosine"] for r in summary["loss_curve"]]
+
+
+def test_select_best_resume_from_a_mid_run_checkpoint(tiny, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sinkless import training
+
+    rng = torch.Generator().manual_seed(1)  # the data of the test above: the best row is step 30 of 40
+    images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(5)]
+    stage1 = Stage1Settings(views=3, steps=8, batch=128)
+    settings = DenoiserSettings(steps=40, batch=2, lr=3e-2, checkpoint_every=10, holdout=2, view_pairs=0, select="best")
+    whole = train_denoiser(tiny, images, tmp_path / "whole", settings, stage1, device="cpu", progress=False)
+    assert whole["selected"]["step"] == 30  # so the choice below was made before the interruption and kept in the checkpoint
+
+    real_learning_rate = training.learning_rate
+
+    def interrupt(settings_, step):  # Ctrl-C as step 35 begins: the checkpoint of step 30 stays
+        if step == 35:
+            raise KeyboardInterrupt
+        return real_learning_rate(settings_, step)
+
+    monkeypatch.setattr(training, "learning_rate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_denoiser(tiny, images, tmp_path / "cut", settings, stage1, device="cpu", progress=False)
+    monkeypatch.setattr(training, "learning_rate", real_learning_rate)
+    assert not (tmp_path / "cut" / "denoiser.safetensors").exists()
+    resumed = train_denoiser(tiny, images, tmp_path / "cut", settings, stage1, device="cpu", progress=False, resume=True)
+    assert resumed["resumed_from"] == [30]
+    assert resumed["selected"] == whole["selected"]
+    a, b = load_denoiser(tmp_path / "whole"), load_denoiser(tmp_path / "cut")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_select_settings_are_checked():
+    with pytest.raises(SinklessError, match="holdout"):
+        DenoiserSettings(select="best")
+    with pytest.raises(SinklessError, match="unknown selection"):
+        DenoiserSettings(select="first", holdout=1)

@@ -52,7 +52,7 @@ def test_loss_goes_down_and_log_written(tmp_path):
 def test_interrupt_and_resume_give_the_same_weights(tmp_path):
     settings = TrainSettings(steps=30, lr=1e-2, checkpoint_every=7, log_every=5)
     model, step = _problem()
-    train(_params(model), step, settings, tmp_path / "straight", progress=False)
+    straight = train(_params(model), step, settings, tmp_path / "straight", progress=False)
 
     model2, step2 = _problem()
 
@@ -68,6 +68,7 @@ def test_interrupt_and_resume_give_the_same_weights(tmp_path):
     assert result.resumed_from == [14]  # interrupted inside step 17: the checkpoint of step 14 stays
     for (name, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
         assert torch.equal(a, b), f"{name}: max diff {(a - b).abs().max():.3g}"
+    assert result.curve == straight.curve  # the same rows (an on_log evaluation sees the same steps), the same values
 
 
 def test_existing_checkpoint_needs_resume_and_matching_settings(tmp_path):

@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="per image, K of its Stage-1 crops also train the block (their features -> F at their centres; default 8, 0: only the whole image)")
     stage2.add_argument("--init", choices=["identity", "dvt"], default=None,
                         help="the block's start: identity (default: zero position embedding and output projections) or dvt (the reference's random init)")
+    stage2.add_argument("--select", choices=["last", "best"], default=None,
+                        help="weights to keep: the last step's (default) or best: those of the step closest to the --holdout images' Stage-1 targets")
     stage2.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N images of --images")
     stage2.add_argument("--resume", action="store_true", help="continue an interrupted training run in --out")
     add_device_args(parser)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.images:
             raise SinklessError("--train-denoiser needs --images DIR", fix="pass a folder of training images")
         settings = DenoiserSettings(**_given(args, {"train_steps": "steps", "batch_size": "batch", "lr": "lr", "holdout": "holdout", "view_pairs": "view_pairs",
-                                                      "init": "init"}))
+                                                      "init": "init", "select": "select"}))
         summary = train_from_folder(args.model, args.images, args.out, settings, stage1, resume=args.resume, device=args.device,
                                     dtype=args.dtype, limit=args.limit, progress=not args.quiet)
         timing = summary["stage1_timing"]
@@ -88,11 +90,13 @@ def run(args: argparse.Namespace) -> int:
         if summary.get("holdout"):
             h = summary["holdout"]
             print(f"held out ({h['n_images']} images): cosine to the Stage-1 features raw {h['cosine_raw_to_stage1']:.4f} -> denoised {h['cosine_denoised_to_stage1']:.4f}")
+        if summary["selected"]["rule"] == "best":
+            print(f"kept the weights of step {summary['selected']['step']} of {summary['steps_done']} (best on the held-out images)")
         print(f"wrote {args.out}/denoiser.safetensors, config.json, train_log.json")
         return 0
     stray = [flag for flag, value in (("--images", args.images), ("--resume", args.resume), ("--train-steps", args.train_steps),
                                       ("--holdout", args.holdout), ("--limit", args.limit),
-                                      ("--view-pairs", args.view_pairs), ("--init", args.init)) if value not in (None, False)]
+                                      ("--view-pairs", args.view_pairs), ("--init", args.init), ("--select", args.select)) if value not in (None, False)]
     if stray:
         raise SinklessError(f"{stray[0]} only applies with --train-denoiser", fix="add --train-denoiser, or drop it")
     if not args.inputs:

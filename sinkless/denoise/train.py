@@ -43,6 +43,7 @@ __all__ = ["DenoiserSettings", "train_denoiser", "collect_images", "check_writab
 log = logging.getLogger(__name__)
 
 TARGETS = "stage1"
+SELECT = ("last", "best")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class DenoiserSettings:
     checkpoint_every: int = 200
     init: str = "identity"  # identity (the block starts as the identity) or dvt (DVT's random init); see stage2.Denoiser
     view_pairs: int = 8  # per training image, this many of its Stage-1 crops join as (raw, F at their centres) pairs
+    select: str = "last"  # which weights to keep: the last step's, or (best) those of the logged step closest to the held-out targets
+
+    # The held-out images are scored every ``log_every`` steps (each row of the loss curve gets
+    # ``holdout_cosine``, the block's cosine to their own Stage-1 targets, which needs no clean twin);
+    # ``select="best"`` keeps the weights of the row with the highest one (docs/RESULTS.md: on 179 photos the
+    # score rises, then stays flat; the tenth session saw the share on other, 224-px crops peak early).
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "checkpoint_every"):
@@ -72,6 +79,11 @@ class DenoiserSettings:
         if not isinstance(self.view_pairs, int) or self.view_pairs < 0:
             raise SinklessError(f"view_pairs must be a whole number >= 0, got {self.view_pairs!r}")
         check_init(self.init)
+        if self.select not in SELECT:
+            raise SinklessError(f"unknown selection {self.select!r}", fix=f"choose one of {', '.join(SELECT)}")
+        if self.select == "best" and self.holdout < 1:
+            raise SinklessError("--select best picks the step on held-out images, and none are held out",
+                                fix="add --holdout N (N of the training images, not the evaluation ones)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,19 +212,62 @@ def train_denoiser(
         "job": "dvt-stage2", "model": loaded.name, "n_images": len(images), "n_train": n_train, "n_pairs": len(train_raw), "images": [n for n, _ in images],
         "denoiser": config.to_dict(), "denoiser_settings": settings.to_dict(), "stage1_settings": stage1.to_dict(),
     }
-    meta["job_key"] = {k: v for k, v in meta.items() if k != "denoiser_settings"} | {"settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every")}}
-    result = train(dict(denoiser.named_parameters()), step, train_settings, out, meta=meta, resume=resume, progress=progress, desc="stage 2")
+    meta["job_key"] = {k: v for k, v in meta.items() if k != "denoiser_settings"} | {"settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "select")}}
+    held_raw, held_clean = raw[n_train:], clean[n_train:]
+    best = _BestState(dict(denoiser.named_parameters()))
+
+    def score(t: int, row: dict) -> dict | None:
+        if not settings.holdout:
+            return None
+        denoiser.eval()
+        cosine = _holdout(denoiser, held_raw, held_clean)["cosine_denoised_to_stage1"]
+        denoiser.train()
+        best.offer(t, cosine)
+        return {"holdout_cosine": cosine}
+
+    result = train(dict(denoiser.named_parameters()), step, train_settings, out, meta=meta, resume=resume, progress=progress, desc="stage 2",
+                   on_log=score, extra_state={"best": best} if settings.holdout else None)
+    if settings.select == "best":
+        best.restore()
     denoiser.eval()
     summary = result.to_dict()
+    summary["selected"] = {"rule": settings.select, "step": best.step if settings.select == "best" else result.steps_done,
+                           "holdout_cosine": best.score if settings.select == "best" else None}
     summary["stage1_timing"] = {"images_fitted_now": len(seconds), "seconds_per_image": sum(seconds) / len(seconds) if seconds else None,
                                 "total_s": stage1_done - started}
     summary["holdout"] = _holdout(denoiser, raw[n_train:], clean[n_train:]) if settings.holdout else None
     summary["total_s"] = time.perf_counter() - started
     summary["sinkless_version"] = __version__
-    save_denoiser(denoiser, out, extra={"trained_on": meta["images"][:n_train], "steps": settings.steps})
+    save_denoiser(denoiser, out, extra={"trained_on": meta["images"][:n_train], "steps": settings.steps, "selected_step": summary["selected"]["step"]})
     atomic_write_json(out / LOG, summary)
     log.info("denoiser written to %s (%s, %s)", out, WEIGHTS, CONFIG)
     return summary
+
+
+class _BestState:
+    """The parameters at the best held-out score so far; checkpointed with the run, so ``--resume`` picks the same step."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]) -> None:
+        self.params = params
+        self.step: int | None = None
+        self.score = -math.inf
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def offer(self, step: int, score: float) -> None:
+        if score > self.score:  # the earliest of equal scores stays
+            self.step, self.score = step, score
+            self.saved = {name: p.detach().cpu().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(self.saved[name].to(p))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "score": self.score, "saved": self.saved}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.score, self.saved = state["step"], state["score"], state["saved"]
 
 
 @torch.no_grad()
