@@ -244,7 +244,10 @@ def train(
                 params[name].copy_(state["params"][name].to(params[name]))
         optimizer.load_state_dict(state["optimizer"])
         for name, obj in extra.items():
-            obj.load_state_dict(state["extra"][name])
+            if name in state["extra"]:
+                obj.load_state_dict(state["extra"][name])
+            else:  # a checkpoint written before this state was kept (an older sinkless)
+                log.warning("the checkpoint in %s holds no %r state: it starts afresh from step %d", out, name, int(state["step"]))
         result.steps_done = int(state["step"])
         result.curve = list(state["curve"])
         result.seconds = float(state["seconds"])

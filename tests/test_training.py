@@ -104,3 +104,28 @@ def test_lr_scale_moves_only_the_named_parameters_faster(tmp_path):
     assert moved["0.weight"] == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(ValueError, match="not trained"):
         train(_params(model), step, settings, tmp_path / "b", lr_scale={"nope": 2.0}, progress=False)
+
+
+def test_a_checkpoint_without_an_extra_state_resumes_with_a_warning(tmp_path, caplog):
+    """A job that starts checkpointing a new state (e.g. the DVT block's best-so-far) still resumes older checkpoints."""
+
+    class Counter:
+        def __init__(self):
+            self.n = 7
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    model, step = _problem()
+    train(_params(model), step, TrainSettings(steps=4, lr=1e-2, checkpoint_every=2), tmp_path, progress=False)
+    counter = Counter()
+    with caplog.at_level("WARNING", logger="sinkless.training"):
+        result = train(_params(model), step, TrainSettings(steps=6, lr=1e-2, checkpoint_every=2), tmp_path, progress=False,
+                       resume=True, extra_state={"counter": counter})
+    assert result.resumed_from == [4] and counter.n == 7
+    assert "holds no 'counter' state" in caplog.text
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert state["extra"] == {"counter": {"n": 7}}  # saved from now on
