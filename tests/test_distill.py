@@ -1511,3 +1511,16 @@ def test_carve_photos_keeps_distinct_photos_of_photo_activities(tmp_path):
     assert carve.main(tmp_path / "root", tmp_path / "out") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gc_erase_000.jpg", "gc_erase_004.jpg"]
     assert carve.main(tmp_path / "empty", tmp_path / "out2") == 2 and not (tmp_path / "out2").exists()
+
+
+def test_distill_teacher_choices_are_the_library_teachers():
+    """The distill parser lists --teacher's choices literally (building it must not import torch-heavy modules):
+    they must stay the teachers ``distill`` accepts."""
+    import argparse
+
+    from sinkless.cli import _parser
+    from sinkless.registers.distill import TEACHERS
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    option = next(a for a in sub.choices["distill"]._actions if "--teacher" in a.option_strings)
+    assert tuple(option.choices) == TEACHERS
