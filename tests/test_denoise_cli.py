@@ -88,6 +88,7 @@ def test_bad_inputs_exit_2_and_write_nothing(images, tmp_path, capsys):
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--view-pairs", "2"], capsys, "--view-pairs only applies")
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--init", "dvt"], capsys, "--init only applies")
     _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--select", "best"], capsys, "--select only applies")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), "--target", "clean"], capsys, "--target only applies")
     _fails(["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(images), "--out", str(out), "--select", "best"],
            capsys, "add --holdout N")
     assert not out.exists()

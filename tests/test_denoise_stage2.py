@@ -376,3 +376,60 @@ def test_select_settings_are_checked():
         DenoiserSettings(select="best")
     with pytest.raises(SinklessError, match="unknown selection"):
         DenoiserSettings(select="first", holdout=1)
+
+
+def test_raw_minus_artifact_target_is_the_input_minus_the_images_G(tiny, tmp_path):
+    """``--target raw-minus-artifact``: the block learns each input's own features minus its image's fitted G (for
+    the whole image and for each stored crop, which sees G at the same grid positions); the config records it."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from sinkless.denoise.train import _stage1_targets
+
+    rng = torch.Generator().manual_seed(3)
+    images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(3)]
+    stage1 = Stage1Settings(views=4, steps=8, batch=128)
+    settings = DenoiserSettings(steps=3, batch=2, checkpoint_every=3, view_pairs=2, target="raw-minus-artifact")
+    summary = train_denoiser(tiny, images, tmp_path / "g", settings, stage1, device="cpu", progress=False)
+    assert summary["denoiser"]["target"] == "raw-minus-artifact" and load_denoiser(tmp_path / "g").config.target == "raw-minus-artifact"
+    stored = [load_file(str(p)) for p in sorted((tmp_path / "g" / "stage1").glob("*.safetensors"))]
+    assert all(set(t) >= {"raw", "clean", "artifact", "view_raw", "view_clean"} for t in stored)
+    raw, target, _, pairs = _stage1_targets(tiny, images, tmp_path / "g" / "stage1", stage1, False, 2, "raw-minus-artifact")
+    for i, t in enumerate(stored):
+        assert torch.equal(target[i], t["raw"] - t["artifact"]) and not torch.equal(target[i], t["clean"])
+        assert torch.allclose(pairs[i][1].float(), t["view_raw"].float() - t["artifact"], atol=2e-2)  # float16 storage
+    _, clean, _, _ = _stage1_targets(tiny, images, tmp_path / "g" / "stage1", stage1, False, 2, "clean")  # the same fits, DVT's target
+    assert all(torch.equal(clean[i], t["clean"]) for i, t in enumerate(stored))
+
+    # a Stage-1 folder written before G was kept: a clear error for this target only
+    for path in (tmp_path / "g" / "stage1").glob("*.safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v for k, v in load_file(str(path)).items() if k != "artifact"}, str(path))
+    with pytest.raises(SinklessError, match="no fitted artifact"):
+        _stage1_targets(tiny, images, tmp_path / "g" / "stage1", stage1, False, 2, "raw-minus-artifact")
+    with pytest.raises(SinklessError, match="unknown denoiser target"):
+        DenoiserSettings(target="smooth")
+
+
+def test_measure_stage2_scores_a_raw_minus_artifact_denoiser_against_features_minus_g(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sinkless.denoise import measure
+
+    pairs = []
+    real = measure.paired_stage1
+
+    def spy(first, second, image, settings):
+        pairs.append(real(first, second, image, settings))
+        return pairs[-1]
+
+    monkeypatch.setattr(measure, "paired_stage1", spy)
+    save_denoiser(Denoiser(DenoiserConfig(dim=64, grid=(8, 8), model="planted-vit-tiny", target="raw-minus-artifact")), tmp_path / "d")
+    image = Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype("uint8"))
+    result = measure.measure_stage2(str(tmp_path / "d"), "planted-vit-tiny", "planted-vit-tiny", [image], Stage1Settings(views=2, steps=3, batch=64))
+    p, c = pairs[0]["a"], pairs[0]["b"]
+    cos = lambda x, y: float(torch.nn.functional.cosine_similarity(x, y, dim=-1).mean())  # noqa: E731
+    assert result["target"] == "raw-minus-artifact"
+    assert result["mean_cosine_to_twin_stage1"]["stage1"] == pytest.approx(cos(p["raw"] - p["artifact"], c["raw"] - c["artifact"]), abs=1e-6)
+    assert result["mean_cosine_to_twin_stage1"]["raw"] == pytest.approx(cos(p["raw"], c["raw"] - c["artifact"]), abs=1e-6)

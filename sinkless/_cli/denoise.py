@@ -55,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="per image, K of its Stage-1 crops also train the block (their features -> F at their centres; default 8, 0: only the whole image)")
     stage2.add_argument("--init", choices=["identity", "dvt"], default=None,
                         help="the block's start: identity (default: zero position embedding and output projections) or dvt (the reference's random init)")
+    stage2.add_argument("--target", choices=["clean", "raw-minus-artifact"], default=None,
+                        help="what the block learns to output: clean (default: Stage 1's field F, as DVT) or raw-minus-artifact "
+                             "(its input minus the image's fitted position-tied map G: removes what sits at grid positions, keeps detail)")
     stage2.add_argument("--select", choices=["last", "best"], default=None,
                         help="weights to keep: the last step's (default) or best: those of the step closest to the --holdout images' Stage-1 targets")
     stage2.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N images of --images")
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.images:
             raise SinklessError("--train-denoiser needs --images DIR", fix="pass a folder of training images")
         settings = DenoiserSettings(**_given(args, {"train_steps": "steps", "batch_size": "batch", "lr": "lr", "holdout": "holdout", "view_pairs": "view_pairs",
-                                                      "init": "init", "select": "select"}))
+                                                      "init": "init", "select": "select", "target": "target"}))
         summary = train_from_folder(args.model, args.images, args.out, settings, stage1, resume=args.resume, device=args.device,
                                     dtype=args.dtype, limit=args.limit, progress=not args.quiet)
         timing = summary["stage1_timing"]
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     stray = [flag for flag, value in (("--images", args.images), ("--resume", args.resume), ("--train-steps", args.train_steps),
                                       ("--holdout", args.holdout), ("--limit", args.limit),
-                                      ("--view-pairs", args.view_pairs), ("--init", args.init), ("--select", args.select)) if value not in (None, False)]
+                                      ("--view-pairs", args.view_pairs), ("--init", args.init), ("--select", args.select), ("--target", args.target)) if value not in (None, False)]
     if stray:
         raise SinklessError(f"{stray[0]} only applies with --train-denoiser", fix="add --train-denoiser, or drop it")
     if not args.inputs:

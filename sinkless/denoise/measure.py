@@ -158,7 +158,8 @@ def measure_planted(images, settings: Stage1Settings = Stage1Settings()) -> dict
 
 
 def measure_stage2(denoiser_dir: str, model: str, twin: str, images, settings: Stage1Settings = Stage1Settings()) -> dict:
-    """On held-out images: cosine to the twin's Stage-1 features of raw, Stage 1 and Stage 2 outputs; the share of Stage 1's gain."""
+    """On held-out images: cosine to the twin's Stage-1 features of raw, Stage 1 and Stage 2 outputs; the share of Stage 1's gain.
+    Stage 1's output is what the denoiser learned: F, or for a ``raw-minus-artifact`` denoiser each model's features - G."""
     from sinkless import zoo
     from sinkless.denoise.stage2 import load_denoiser
 
@@ -171,6 +172,8 @@ def measure_stage2(denoiser_dir: str, model: str, twin: str, images, settings: S
     for image in images:
         pair = paired_stage1(planted, clean, image, settings)
         p, c = pair["a"], pair["b"]
+        if denoiser.config.target == "raw-minus-artifact":  # Stage 1's output as that denoiser learned it, for both models
+            p, c = ({**x, "clean": x["raw"] - x["artifact"]} for x in (p, c))
         with torch.no_grad():
             s2 = denoiser(p["raw"][None])[0]
         rows.append({"raw": _cos(p["raw"], c["clean"]), "stage1": _cos(p["clean"], c["clean"]), "stage2": _cos(s2, c["clean"]),
@@ -181,7 +184,8 @@ def measure_stage2(denoiser_dir: str, model: str, twin: str, images, settings: S
                 outliers.append({stage: _outlier_stats(x, mask) for stage, x in (("raw", p["raw"]), ("stage1", p["clean"]), ("stage2", s2))})
     mean = {k: _mean(rows, k) for k in rows[0]}
     gain1, gain2 = mean["stage1"] - mean["raw"], mean["stage2"] - mean["raw"]
-    result = {"model": model, "twin": twin, "denoiser": denoiser_dir, "features": settings.features, "n_images": len(rows),
+    result = {"model": model, "twin": twin, "denoiser": denoiser_dir, "features": settings.features, "target": denoiser.config.target,
+              "n_images": len(rows),
               "mean_cosine_to_twin_stage1": mean, "share_of_stage1_gain": gain2 / gain1 if gain1 else None}
     if outliers:
         result["planted_tokens"] = {"images_with_planted_tokens": len(outliers)} | {

@@ -59,6 +59,7 @@ class DenoiserConfig:
     features: str = "output"  # see sinkless.denoise.views.FEATURES
     layer: int = -1
     model: str = ""  # the model it was trained for (a zoo name, hub id or folder)
+    target: str = "clean"  # what it learned to output: Stage 1's clean field F, or raw-minus-artifact (the features - G)
 
     @property
     def n_heads(self) -> int:

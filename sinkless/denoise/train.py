@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 TARGETS = "stage1"
 SELECT = ("last", "best")
+# clean: DVT's target, F at the input's patch centres (it also smooths what the views do not agree on);
+# raw-minus-artifact: the input's own features minus the image's fitted position-tied map G (removes only
+# what sits at grid positions in every view, keeps the detail; see docs/DENOISE.md)
+TARGET_KINDS = ("clean", "raw-minus-artifact")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class DenoiserSettings:
     checkpoint_every: int = 200
     init: str = "identity"  # identity (the block starts as the identity) or dvt (DVT's random init); see stage2.Denoiser
     view_pairs: int = 8  # per training image, this many of its Stage-1 crops join as (raw, F at their centres) pairs
+    target: str = "clean"  # what the block learns to output: Stage 1's clean field F (DVT), or raw-minus-artifact: its input - G
     select: str = "last"  # which weights to keep: the last step's, or (best) those of the logged step closest to the held-out targets
 
     # The held-out images are scored every ``log_every`` steps (each row of the loss curve gets
@@ -79,6 +84,8 @@ class DenoiserSettings:
         if not isinstance(self.view_pairs, int) or self.view_pairs < 0:
             raise SinklessError(f"view_pairs must be a whole number >= 0, got {self.view_pairs!r}")
         check_init(self.init)
+        if self.target not in TARGET_KINDS:
+            raise SinklessError(f"unknown denoiser target {self.target!r}", fix=f"choose one of {', '.join(TARGET_KINDS)}")
         if self.select not in SELECT:
             raise SinklessError(f"unknown selection {self.select!r}", fix=f"choose one of {', '.join(SELECT)}")
         if self.select == "best" and self.holdout < 1:
@@ -125,9 +132,10 @@ def _target_path(folder: Path, index: int, name: str) -> Path:
 
 
 def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, progress: bool,
-                    view_pairs: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(N, h, w, D) raw and clean features of every image, fitted now or read back from ``folder``, and per
-    image ``view_pairs`` crops' (raw, clean) features ((K, h, w, D) each, float16)."""
+                    view_pairs: int = 0, target: str = "clean") -> tuple[torch.Tensor, torch.Tensor, list[float], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(N, h, w, D) raw features and ``target`` features of every image, fitted now or read back from ``folder``,
+    and per image ``view_pairs`` crops' (raw, target) features ((K, h, w, D) each, float16). The files keep raw,
+    F ("clean") and G ("artifact"), so either target is made from the same fits."""
     from safetensors.torch import load_file, save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,12 +156,19 @@ def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, prog
             tensors = load_file(str(path))
         else:
             result = denoise_image(loaded, image, settings, view_pairs=view_pairs)
-            tensors = {"raw": result.raw.contiguous(), "clean": result.clean.contiguous()}
+            tensors = {"raw": result.raw.contiguous(), "clean": result.clean.contiguous(), "artifact": result.artifact.contiguous()}
             if view_pairs:
                 tensors |= {"view_raw": result.view_raw.half().contiguous(), "view_clean": result.view_clean.half().contiguous()}
             with atomic_path(path, suffix=".safetensors") as tmp:
                 save_file(tensors, str(tmp), metadata={"image": name, "seconds": f"{result.timings['total_s']:.3f}"})
             seconds.append(result.timings["total_s"])
+        if target == "raw-minus-artifact":
+            if "artifact" not in tensors:
+                raise SinklessError(f"{path} holds no fitted artifact G (written by an older sinkless)",
+                                    fix="train with --target clean, or use a new --out folder (Stage 1 is fitted again)")
+            tensors["clean"] = tensors["raw"] - tensors["artifact"]  # (h, w, D)
+            if view_pairs:  # every crop is a model input on the same grid: the same G at its positions
+                tensors["view_clean"] = (tensors["view_raw"].float() - tensors["artifact"]).half()
         raws.append(tensors["raw"])
         cleans.append(tensors["clean"])
         if view_pairs:
@@ -187,7 +202,7 @@ def train_denoiser(
     device = resolve_device(device)
     loaded.model.to(device)
     started = time.perf_counter()
-    raw, clean, seconds, pairs = _stage1_targets(loaded, images, out / TARGETS, stage1, progress, settings.view_pairs)
+    raw, clean, seconds, pairs = _stage1_targets(loaded, images, out / TARGETS, stage1, progress, settings.view_pairs, settings.target)
     stage1_done = time.perf_counter()
     n_train = len(images) - settings.holdout
     raw, clean = raw.to(device), clean.to(device)  # (N, h, w, D)
@@ -195,7 +210,8 @@ def train_denoiser(
     # stored in float16 (the crops come so from stage1/) and widened to float32 per batch
     train_raw = torch.cat([raw[:n_train].half(), *(r.to(device) for r, _ in pairs[:n_train])]) if pairs else raw[:n_train]
     train_clean = torch.cat([clean[:n_train].half(), *(c.to(device) for _, c in pairs[:n_train])]) if pairs else clean[:n_train]
-    config = DenoiserConfig(dim=raw.shape[-1], grid=tuple(raw.shape[1:3]), features=stage1.features, layer=stage1.layer, model=loaded.name)
+    config = DenoiserConfig(dim=raw.shape[-1], grid=tuple(raw.shape[1:3]), features=stage1.features, layer=stage1.layer, model=loaded.name,
+                            target=settings.target)
     torch.manual_seed(settings.seed)
     denoiser = Denoiser(config, init=settings.init).to(device)
 
@@ -212,7 +228,7 @@ def train_denoiser(
         "job": "dvt-stage2", "model": loaded.name, "n_images": len(images), "n_train": n_train, "n_pairs": len(train_raw), "images": [n for n, _ in images],
         "denoiser": config.to_dict(), "denoiser_settings": settings.to_dict(), "stage1_settings": stage1.to_dict(),
     }
-    meta["job_key"] = {k: v for k, v in meta.items() if k != "denoiser_settings"} | {"settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "select")}}
+    meta["job_key"] = _job_key(meta, settings)
     held_raw, held_clean = raw[n_train:], clean[n_train:]
     best = _BestState(dict(denoiser.named_parameters()))
 
@@ -242,6 +258,19 @@ def train_denoiser(
     atomic_write_json(out / LOG, summary)
     log.info("denoiser written to %s (%s, %s)", out, WEIGHTS, CONFIG)
     return summary
+
+
+def _job_key(meta: dict, settings: DenoiserSettings) -> dict:
+    """What a checkpoint must match to be resumed: the data, model and training settings, less the step budget and
+    the choice of the kept step (neither changes a step), and less a default target (so checkpoints written before
+    targets were a setting still resume)."""
+
+    def keep(d: dict) -> dict:
+        return {k: v for k, v in d.items() if not (k == "target" and v == "clean")}
+
+    fixed = {k: v for k, v in meta.items() if k not in ("denoiser_settings", "denoiser")}
+    return fixed | {"denoiser": keep(meta["denoiser"]),
+                    "settings": keep({k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "select")})}
 
 
 class _BestState:
