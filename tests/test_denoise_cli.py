@@ -113,9 +113,9 @@ def test_bad_inputs_exit_2_and_write_nothing(images, tmp_path, capsys):
     assert not any(p.name.startswith(".never") for p in tmp_path.iterdir())
 
 
-def test_compare_dvt_output_choices_are_the_stage1_outputs():
-    """The compare parser lists --dvt-output's choices literally (building it must not import the denoise package):
-    they must stay the outputs the hook accepts."""
+def test_literal_choices_are_the_library_values():
+    """The parsers list choices literally (building them must not import the denoise package): compare's --dvt-output
+    must stay the outputs the hook accepts, denoise's --target and --select the values the training accepts."""
     import argparse
 
     from sinkless.cli import _parser
@@ -124,6 +124,10 @@ def test_compare_dvt_output_choices_are_the_stage1_outputs():
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     option = next(a for a in sub.choices["compare"]._actions if "--dvt-output" in a.option_strings)
     assert tuple(option.choices) == STAGE1_OUTPUTS
+    from sinkless.denoise.train import SELECT, TARGET_KINDS
+
+    denoise = {flag: a for a in sub.choices["denoise"]._actions for flag in a.option_strings}
+    assert tuple(denoise["--target"].choices) == TARGET_KINDS and tuple(denoise["--select"].choices) == SELECT
 
 
 def _has_minilm() -> bool:

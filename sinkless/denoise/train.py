@@ -149,6 +149,16 @@ def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, prog
                                 fix="resume with the same command line as the first run, or use a new --out folder")
     else:
         atomic_write_json(manifest, wanted)
+    if target == "raw-minus-artifact":  # before any fitting: every stored fit must hold G
+        from safetensors import safe_open
+
+        for i, (name, _) in enumerate(images):
+            path = _target_path(folder, i, name)
+            if path.exists():
+                with safe_open(str(path), "pt") as handle:
+                    if "artifact" not in handle.keys():
+                        raise SinklessError(f"{path} holds no fitted artifact G (written by an older sinkless)",
+                                            fix="train with --target clean, or use a new --out folder (Stage 1 is fitted again)")
     raws, cleans, seconds, pairs = [], [], [], []
     for i, (name, image) in enumerate(tqdm(images, desc="stage 1 targets", disable=not progress)):
         path = _target_path(folder, i, name)
@@ -163,9 +173,6 @@ def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, prog
                 save_file(tensors, str(tmp), metadata={"image": name, "seconds": f"{result.timings['total_s']:.3f}"})
             seconds.append(result.timings["total_s"])
         if target == "raw-minus-artifact":
-            if "artifact" not in tensors:
-                raise SinklessError(f"{path} holds no fitted artifact G (written by an older sinkless)",
-                                    fix="train with --target clean, or use a new --out folder (Stage 1 is fitted again)")
             tensors["clean"] = tensors["raw"] - tensors["artifact"]  # (h, w, D)
             if view_pairs:  # every crop is a model input on the same grid: the same G at its positions
                 tensors["view_clean"] = (tensors["view_raw"].float() - tensors["artifact"]).half()
