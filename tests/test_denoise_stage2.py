@@ -124,11 +124,16 @@ def test_apply_denoiser_checks_width(tiny):
         apply_denoiser(tiny, wrong)
 
 
-def test_train_denoiser_end_to_end_and_resume(tiny, tmp_path):
+def _noise_images(seed: int, n: int) -> list[tuple[str, object]]:
+    """``n`` seeded noise images of 48 x 40 px as ``(name, PIL image)`` pairs, the training input of ``train_denoiser``."""
     from PIL import Image
 
-    rng = torch.Generator().manual_seed(0)
-    images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(4)]
+    rng = torch.Generator().manual_seed(seed)
+    return [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(n)]
+
+
+def test_train_denoiser_end_to_end_and_resume(tiny, tmp_path):
+    images = _noise_images(0, 4)
     stage1 = Stage1Settings(views=3, steps=8, batch=128)
     settings = DenoiserSettings(steps=6, batch=2, checkpoint_every=3, holdout=1, view_pairs=5)
     summary = train_denoiser(tiny, images, tmp_path / "den", settings, stage1, device="cpu", progress=False)
@@ -311,13 +316,10 @@ def test_a_keys_denoiser_reaches_what_lost_and_zero_shot_segmentation_read(tiny,
     assert torch.equal(out.features, plain.features) and torch.equal(out.cls_attention, plain.cls_attention)
 
 
-def test_select_best_keeps_the_best_held_out_step_and_resumes_exactly(tiny, tmp_path):
-    from PIL import Image
-
+def test_select_best_keeps_the_best_held_out_step(tiny, tmp_path):
     from sinkless.denoise.train import _holdout
 
-    rng = torch.Generator().manual_seed(1)
-    images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(5)]
+    images = _noise_images(1, 5)
     stage1 = Stage1Settings(views=3, steps=8, batch=128)
     # a large learning rate, so the held-out score moves from row to row and the best row is not simply the last
     settings = DenoiserSettings(steps=40, batch=2, lr=3e-2, checkpoint_every=15, holdout=2, view_pairs=0, select="best")
@@ -341,12 +343,9 @@ def test_select_best_keeps_the_best_held_out_step_and_resumes_exactly(tiny, tmp_
 
 
 def test_select_best_resume_from_a_mid_run_checkpoint(tiny, tmp_path, monkeypatch):
-    from PIL import Image
-
     from sinkless import training
 
-    rng = torch.Generator().manual_seed(1)  # the data of the test above: the best row is step 30 of 40
-    images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(5)]
+    images = _noise_images(1, 5)  # the data of the test above: the best row is step 30 of 40
     stage1 = Stage1Settings(views=3, steps=8, batch=128)
     settings = DenoiserSettings(steps=40, batch=2, lr=3e-2, checkpoint_every=10, holdout=2, view_pairs=0, select="best")
     whole = train_denoiser(tiny, images, tmp_path / "whole", settings, stage1, device="cpu", progress=False)
@@ -381,13 +380,11 @@ def test_select_settings_are_checked():
 def test_raw_minus_artifact_target_is_the_input_minus_the_images_G(tiny, tmp_path):
     """``--target raw-minus-artifact``: the block learns each input's own features minus its image's fitted G (for
     the whole image and for each stored crop, which sees G at the same grid positions); the config records it."""
-    from PIL import Image
     from safetensors.torch import load_file
 
     from sinkless.denoise.train import _stage1_targets
 
-    rng = torch.Generator().manual_seed(3)
-    images = [(f"im{i}", Image.fromarray((torch.rand(40, 48, 3, generator=rng) * 255).byte().numpy())) for i in range(3)]
+    images = _noise_images(3, 3)
     stage1 = Stage1Settings(views=4, steps=8, batch=128)
     settings = DenoiserSettings(steps=3, batch=2, checkpoint_every=3, view_pairs=2, target="raw-minus-artifact")
     summary = train_denoiser(tiny, images, tmp_path / "g", settings, stage1, device="cpu", progress=False)
