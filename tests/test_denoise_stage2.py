@@ -340,6 +340,9 @@ def test_select_best_keeps_the_best_held_out_step(tiny, tmp_path):
     # the same run with "last" trains identically and keeps step 40
     last = train_denoiser(tiny, images, tmp_path / "last", dataclasses.replace(settings, select="last"), stage1, device="cpu", progress=False)
     assert last["selected"]["step"] == 40 and [r["holdout_cosine"] for r in last["loss_curve"]] == [r["holdout_cosine"] for r in summary["loss_curve"]]
+    # and reports the kept (last) block's held-out cosine, which the last logged row scored
+    assert last["selected"]["holdout_cosine"] == last["holdout"]["cosine_denoised_to_stage1"]
+    assert last["selected"]["holdout_cosine"] == pytest.approx(last["loss_curve"][-1]["holdout_cosine"], abs=1e-6)
 
 
 def test_select_best_resume_from_a_mid_run_checkpoint(tiny, tmp_path, monkeypatch):

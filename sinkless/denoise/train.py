@@ -254,11 +254,12 @@ def train_denoiser(
         best.restore()
     denoiser.eval()
     summary = result.to_dict()
+    summary["holdout"] = _holdout(denoiser, held_raw, held_clean) if settings.holdout else None  # of the kept block
     summary["selected"] = {"rule": settings.select, "step": best.step if settings.select == "best" else result.steps_done,
-                           "holdout_cosine": best.score if settings.select == "best" else None}
+                           "holdout_cosine": best.score if settings.select == "best"
+                           else summary["holdout"]["cosine_denoised_to_stage1"] if settings.holdout else None}
     summary["stage1_timing"] = {"images_fitted_now": len(seconds), "seconds_per_image": sum(seconds) / len(seconds) if seconds else None,
                                 "total_s": stage1_done - started}
-    summary["holdout"] = _holdout(denoiser, held_raw, held_clean) if settings.holdout else None
     summary["total_s"] = time.perf_counter() - started
     summary["sinkless_version"] = __version__
     save_denoiser(denoiser, out, extra={"trained_on": meta["images"][:n_train], "steps": settings.steps, "selected_step": summary["selected"]["step"]})

@@ -58,6 +58,12 @@ def check_model(loaded) -> None:
             f"{loaded.name} is a {loaded.adapter.modality.value} model; denoising (DVT) needs a vision transformer",
             fix="use a ViT such as dinov2-s-focus, planted-vit, planted-vit-pos or a DINOv2/ViT hub id",
         )
+    if "spatial_shapes" in inspect.signature(type(loaded.model).forward).parameters:
+        raise SinklessError(
+            f"{loaded.name} ({type(loaded.model).__name__}) takes patchified inputs of any aspect ratio (NaFlex), not a pixel grid; "
+            "denoising (DVT) crops and resizes pixel images and is not supported for such models",
+            fix="use a ViT that takes pixel_values on a fixed patch grid (DINOv2, ViT, CLIP, SigLIP)",
+        )
 
 
 def sample_boxes(

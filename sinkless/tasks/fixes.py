@@ -142,6 +142,8 @@ def _distill_cached(loaded, images):
     other = zoo.load(str(folder))
     other.name = f"{loaded.name}+distilled"
     return other, str(folder)
+
+
 def _dvt(loaded, images, denoiser: str | list[str] | None = None, output: str | None = None) -> AbstractContextManager:
     """Denoising ViTs (Yang et al. 2024): the Stage-2 denoiser(s) of `sinkless denoise --train-denoiser` folders
     (each on the features it was trained on: the final output by default, or the last layer's keys), or
