@@ -565,7 +565,8 @@ def test_compare_distils_when_no_folder_is_given(tmp_path, monkeypatch, tiny):
 
     def spy(exclude=()):
         seen["excluded"] = len(exclude)
-        return real(exclude)[:2]
+        seen["photos"] = real(exclude)[:2]
+        return seen["photos"]
 
     monkeypatch.setattr(distill_module, "training_photos", spy)
     runs = []
@@ -575,6 +576,7 @@ def test_compare_distils_when_no_folder_is_given(tmp_path, monkeypatch, tiny):
     row = comparison.results[1]
     assert seen["excluded"] == 2 and row.settings["n_registers"] == 4 and "distilled-planted-vit-tiny" in row.settings["distilled"]
     assert fixes.FIXES["distilled"] is fixes._distilled and runs == [1]
+    assert row.settings["training_images"] == [name for name, _ in seen["photos"]]  # the log names the bundled photos
     again, _ = compare(tiny, "zeroseg", "synthetic", ["distilled"], limit=2, progress=False)  # from the cache, same model
     assert again.results[0].per_image == row.per_image and runs == [1]
 
@@ -1046,6 +1048,8 @@ def test_load_images_errors_order_and_pil(tmp_path, photos):
     gray, rgba = Image.new("L", (8, 8), 7), Image.new("RGBA", (9, 9), (1, 2, 3, 4))
     images, names = distill_module.load_images([gray, rgba])
     assert names == ["image0", "image1"] and [im.mode for im in images] == ["RGB", "RGB"] and images[1].size == (9, 9)
+    images, names = distill_module.load_images([("brick", gray), ("moon", rgba)])  # named pairs (compare's bundled photos)
+    assert names == ["brick", "moon"] and [im.mode for im in images] == ["RGB", "RGB"] and images[0].size == (8, 8)
 
 
 # -- one tiny distillation, watched --------------------------------------------------------------------

@@ -196,12 +196,15 @@ class DistillResult:
 
 # -- data ------------------------------------------------------------------------------------------
 def load_images(images: str | os.PathLike | Sequence) -> tuple[list[Image.Image], list[str]]:
-    """Training images and their names from paths / folders / globs, or PIL images; a clear error for none."""
+    """Training images and their names from paths / folders / globs, PIL images (named ``image0``, ...) or
+    ``(name, PIL image)`` pairs; a clear error for none."""
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     images = list(images or [])
     if images and all(isinstance(item, Image.Image) for item in images):
         return [im.convert("RGB") for im in images], [f"image{i}" for i in range(len(images))]
+    if images and all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Image.Image) for item in images):
+        return [im.convert("RGB") for _, im in images], [str(name) for name, _ in images]
     if not images:
         raise SinklessError("no training images given", fix="pass --images DIR_OR_GLOB with natural photographs (not your evaluation images)")
     paths = expand_paths([str(item) for item in images], IMAGE_SUFFIXES)

@@ -137,7 +137,7 @@ def _distill_cached(loaded, images):
     log.info("distilling %s on %d bundled photos (not among the evaluation images); cached for later runs", loaded.name, len(photos))
     device = next(loaded.model.parameters()).device
     # into a subfolder: the cache holds its build folder locked, and distill's own staged write locks its output folder
-    entry = zoo.cached(name, key, lambda tmp: distill(loaded, [im for _, im in photos], tmp / "model", settings, device=device, progress=True))
+    entry = zoo.cached(name, key, lambda tmp: distill(loaded, photos, tmp / "model", settings, device=device, progress=True))
     folder = entry / "model"
     other = zoo.load(str(folder))
     other.name = f"{loaded.name}+distilled"
