@@ -39,7 +39,7 @@ def test_stage1_writes_features_figures_and_log(images, tmp_path, capsys):
     assert "im0:" in capsys.readouterr().out
 
 
-def test_train_denoiser_and_compare_with_it(images, tmp_path, capsys):
+def test_train_denoiser_and_compare_with_it(images, tmp_path, capsys, caplog):
     out = tmp_path / "den"
     code = main(["-q", "denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(images), "--out", str(out),
                  *FAST, "--train-steps", "4", "--batch-size", "2", "--device", "cpu", "--holdout", "1", "--select", "best"])
@@ -52,7 +52,40 @@ def test_train_denoiser_and_compare_with_it(images, tmp_path, capsys):
     code = main(["-q", "compare", "--model", "planted-vit-tiny", "--fix", "none", "--fix", "dvt", "--denoiser", str(out),
                  "--task", "probe", "--data", "synthetic", "--limit", "4"])
     assert code == 0
-    assert "dvt" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "dvt" in captured.out and "leaves what" not in caplog.text  # the probe reads the output this denoiser rewrites
+    # LOST reads the last layer's keys, which an output denoiser does not touch: said once, and in the row's settings
+    code = main(["-q", "compare", "--model", "planted-vit-tiny", "--fix", "none", "--fix", "dvt", "--denoiser", str(out),
+                 "--task", "lost", "--data", "synthetic", "--limit", "2", "--json", str(tmp_path / "lost.json")])
+    assert code == 0
+    assert caplog.text.count("--fix dvt leaves what lost reads (layer 3's keys) unchanged") == 1
+    rows = {r["fix"]: r for r in json.loads((tmp_path / "lost.json").read_text())["results"]}
+    assert "train a keys denoiser" in rows["dvt"]["fix_settings"]["note"] and rows["dvt"]["corloc"] == rows["none"]["corloc"]
+    assert rows["dvt"]["fix_settings"]["edits"] == [{"features": "output", "layer": 3}] and "note" not in rows["none"]["fix_settings"]
+
+
+@pytest.mark.parametrize("edits, kind, layer, reached", [
+    ([{"features": "output", "layer": 11}], "output", 11, True),          # the probe reads what the per-image mode rewrites
+    ([{"features": "output", "layer": 11}], "keys", 11, False),           # LOST's keys come before the final norm
+    ([{"features": "output", "layer": 11}], "attention", 11, False),      # and so does zeroseg's CLS attention
+    ([{"features": "output", "layer": 11}], "tokens", 11, False),         # a block's output too
+    ([{"features": "keys", "layer": 11}], "keys", 11, True),
+    ([{"features": "keys", "layer": 11}], "attention", 11, True),         # the attention is computed from the keys
+    ([{"features": "keys", "layer": 11}], "tokens", 11, True),
+    ([{"features": "keys", "layer": 11}], "values", 11, False),           # the values are not
+    ([{"features": "keys", "layer": 11}], "queries", 11, False),
+    ([{"features": "keys", "layer": 11}], "output", 11, True),
+    ([{"features": "keys", "layer": 10}], "values", 11, True),            # an earlier layer's edit reaches everything after it
+    ([{"features": "keys", "layer": 11}], "keys", 10, False),             # but nothing before it
+    ([{"features": "residual", "layer": 11}], "keys", 11, False),         # a block's output: read by the next layer only
+    ([{"features": "residual", "layer": 11}], "tokens", 11, True),
+    ([{"features": "output", "layer": 11}, {"features": "keys", "layer": 11}], "attention", 11, True),
+    ([], "output", 11, False),
+])
+def test_which_task_features_a_dvt_edit_reaches(edits, kind, layer, reached):
+    from sinkless.tasks.fixes import edits_reach
+
+    assert edits_reach(edits, kind, layer) is reached
 
 
 def _fails(args, capsys, match):

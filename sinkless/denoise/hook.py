@@ -68,6 +68,7 @@ class FeatureTransform:
         check_model(loaded)
         self.loaded, self.transform = loaded, transform
         self.site = feature_site(loaded, features, layer)
+        self.features, self.layer = features, layer % loaded.adapter.num_layers(loaded.model)
         self._pixels: torch.Tensor | None = None
 
     def _record(self, pixels: torch.Tensor) -> torch.Tensor:

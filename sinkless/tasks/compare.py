@@ -21,7 +21,7 @@ from sinkless.errors import SinklessError
 from sinkless.tasks import lost, probe, zeroseg
 from sinkless.tasks._features import check_vision, resolve_layer
 from sinkless.tasks.data import Dataset, open_dataset
-from sinkless.tasks.fixes import FIXES, make_fix
+from sinkless.tasks.fixes import FIXES, edits_reach, make_fix
 
 __all__ = ["Task", "TASKS", "FixResult", "Comparison", "compare", "make_protocol", "write_pictures"]
 
@@ -107,6 +107,28 @@ def make_protocol(task: Task, overrides: dict | None = None):
     return task.protocol(**given)
 
 
+def _note_unreached(fix: str, info: dict | None, loaded, task: str, recorded: dict) -> None:
+    """A fix that rewrites features (DVT) but none that ``task`` reads: warn, and say so in the row's settings."""
+    if not info or "edits" not in info:
+        return
+    last = loaded.adapter.num_layers(loaded.model) - 1
+    if task == "lost":
+        kind, layer = recorded["features"], recorded["layer"]
+        what = f"layer {layer}'s {kind}"
+    elif task == "zeroseg":
+        kind, layer, what = "attention", last, "the last layer's CLS attention"
+    else:
+        kind, layer, what = "output", last, "the final output features"
+    if edits_reach(info["edits"], kind, layer):
+        return
+    edited = ", ".join("the final output" if e["features"] == "output" else f"layer {e['layer']}'s {e['features']}" for e in info["edits"])
+    note = (f"--fix {fix} leaves what {task} reads ({what}) unchanged: it rewrites {edited}, so its row equals none by "
+            "construction; to denoise the last layer's keys (LOST, and the CLS attention of zeroseg) train a keys "
+            "denoiser (`sinkless denoise --train-denoiser --features keys`) and pass it with --denoiser")
+    info["note"] = note
+    log.warning(note)
+
+
 def compare(
     model,
     task: str,
@@ -150,6 +172,8 @@ def compare(
     recorded = dataclasses.asdict(protocol)
     if "layer" in recorded:
         recorded["layer"] = resolve_layer(loaded, protocol.layer)
+    for name, context, _ in contexts:
+        _note_unreached(name, getattr(context, "info", None), loaded, spec.name, recorded)
     recorded.update(task=spec.name, preprocessing=PREPROCESSING, patch_size=loaded.adapter.patch_size(loaded.model))
     if spec.name == "zeroseg":
         recorded.update(attention="last layer, CLS query, mean over heads, patch columns only (renormalised)")

@@ -159,9 +159,11 @@ def _dvt(loaded, images, denoiser: str | list[str] | None = None, output: str | 
                             fix="drop --dvt-output, or drop --denoiser to run Stage 1 on every image")
     if folders:
         models = [load_denoiser(folder) for folder in folders]
-        contexts = [apply_denoiser(loaded, model)() for model in models]
+        transforms = [apply_denoiser(loaded, model) for model in models]
+        contexts = [transform() for transform in transforms]
         info = {"mode": "stage 2", "denoisers": [{"folder": str(f), "trained_for": m.config.model, "features": m.config.features}
-                                                 for f, m in zip(folders, models)]}
+                                                 for f, m in zip(folders, models)],
+                "edits": [_edit(t) for t in transforms]}
         stack = contextlib.ExitStack()
 
         @contextlib.contextmanager
@@ -174,8 +176,29 @@ def _dvt(loaded, images, denoiser: str | list[str] | None = None, output: str | 
         return _Applied(all_of(), info)
     settings, output = Stage1Settings(), output or "clean"
     transform = stage1_transform(loaded, settings, output=output)  # checks the output's name
-    info = {"mode": "stage 1 per image", "output": output, "stage1_settings": settings.to_dict()}
-    return _Applied(FeatureTransform(loaded, transform)(), info)
+    applied = FeatureTransform(loaded, transform)
+    info = {"mode": "stage 1 per image", "output": output, "stage1_settings": settings.to_dict(), "edits": [_edit(applied)]}
+    return _Applied(applied(), info)
+
+
+def _edit(transform) -> dict:
+    """Which features a DVT ``FeatureTransform`` rewrites: ``output`` (the final norm's), or a layer's ``keys`` / ``residual``."""
+    return {"features": transform.features, "layer": transform.layer}
+
+
+def edits_reach(edits: Sequence[dict], kind: str, layer: int) -> bool:
+    """Whether any of the DVT ``edits`` changes what a task reads: ``kind`` is ``output`` (the final norm's output),
+    ``attention`` (a layer's attention weights), ``tokens`` (a block's output) or ``keys`` / ``queries`` /
+    ``values`` of ``layer``. An edit changes its own site and everything computed after it."""
+    for edit in edits:
+        features, at = edit["features"], edit["layer"]
+        if features == "output" or kind == "output":
+            if kind == "output":
+                return True
+            continue  # the final norm's output feeds nothing a layer reads
+        if at < layer or (at == layer and (kind == features or kind == "tokens" or (features == "keys" and kind == "attention"))):
+            return True
+    return False
 
 
 FIXES: dict[str, FixFactory] = {
