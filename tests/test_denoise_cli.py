@@ -60,7 +60,7 @@ def test_train_denoiser_and_compare_with_it(images, tmp_path, capsys, caplog):
     assert code == 0
     assert caplog.text.count("--fix dvt leaves what lost reads (layer 3's keys) unchanged") == 1
     rows = {r["fix"]: r for r in json.loads((tmp_path / "lost.json").read_text())["results"]}
-    assert "train a keys denoiser" in rows["dvt"]["fix_settings"]["note"] and rows["dvt"]["corloc"] == rows["none"]["corloc"]
+    assert "--features keys --layer 3" in rows["dvt"]["fix_settings"]["note"] and rows["dvt"]["corloc"] == rows["none"]["corloc"]
     assert rows["dvt"]["fix_settings"]["edits"] == [{"features": "output", "layer": 3}] and "note" not in rows["none"]["fix_settings"]
 
 

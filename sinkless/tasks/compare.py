@@ -122,9 +122,15 @@ def _note_unreached(fix: str, info: dict | None, loaded, task: str, recorded: di
     if edits_reach(info["edits"], kind, layer):
         return
     edited = ", ".join("the final output" if e["features"] == "output" else f"layer {e['layer']}'s {e['features']}" for e in info["edits"])
-    note = (f"--fix {fix} leaves what {task} reads ({what}) unchanged: it rewrites {edited}, so its row equals none by "
-            "construction; to denoise the last layer's keys (LOST, and the CLS attention of zeroseg) train a keys "
-            "denoiser (`sinkless denoise --train-denoiser --features keys`) and pass it with --denoiser")
+    if kind in ("keys", "attention"):
+        hint = (f"to denoise layer {layer}'s keys (and the attention computed from them) train a keys denoiser "
+                f"(`sinkless denoise --train-denoiser --features keys --layer {layer}`) and pass it with --denoiser")
+    elif kind == "tokens":
+        hint = (f"to denoise layer {layer}'s output train a denoiser on it (`sinkless denoise --train-denoiser --features "
+                f"residual --layer {layer}`) and pass it with --denoiser")
+    else:
+        hint = f"no DVT site rewrites the {kind}: read the keys or tokens instead (--features)"
+    note = f"--fix {fix} leaves what {task} reads ({what}) unchanged: it rewrites {edited}, so its row equals none by construction; {hint}"
     info["note"] = note
     log.warning(note)
 
