@@ -16,7 +16,8 @@ Rows:
    224 px and at 518 px (the reference's resolution; its time: 100-160 s per image on a GPU).
 2. PH-Reg's teacher: 10 shifted/flipped views of one 224-px image in one batch, and one plain forward.
 3. The Stage-2 denoiser hook: a batch of 8 at 224 px with the hook vs without.
-4. ``sinkless distill`` with ``PHOTO_SETTINGS`` (16 registers, 300 steps, a pool of 512 crops of 224 px) on the
+4. Stage 2 trained on the device: Stage 1 of 4 images, 500 steps, one held out, ``--select best``.
+5. ``sinkless distill`` with ``PHOTO_SETTINGS`` (16 registers, 300 steps, a pool of 512 crops of 224 px) on the
    12 bundled photos: teacher targets and training seconds.
 """
 
@@ -144,6 +145,19 @@ def _stage2(loaded, device: str, images) -> list[dict]:
                  plain_s=statistics.median(base), ratio=statistics.median(cand) / statistics.median(base), target_ratio=1.10)]
 
 
+def _train2(loaded, device: str, images) -> list[dict]:
+    """Stage 2 end to end on the device (Stage 1 of 4 images, then the block), with a held-out image and --select best."""
+    from sinkless.denoise import DenoiserSettings, Stage1Settings, train_denoiser
+
+    settings = DenoiserSettings(steps=20 if QUICK else 500, holdout=1, select="best")
+    stage1 = Stage1Settings(views=2, steps=3) if QUICK else Stage1Settings()
+    named = [(f"image{i}", image) for i, image in enumerate(images)]
+    with tempfile.TemporaryDirectory() as folder:
+        log = train_denoiser(loaded, named, Path(folder) / "den", settings, stage1, device=device, progress=False)
+    return [{"name": f"stage 2 training: Stage 1 of {len(named)} images, then {settings.steps} steps", "seconds": log["total_s"],
+             "stage1_s": log["stage1_timing"]["total_s"], "selected": log["selected"], "holdout": log["holdout"]}]
+
+
 def _distill(loaded, device: str) -> list[dict]:
     from sinkless.registers import distill, training_photos
     from sinkless.registers.distill import PHOTO_SETTINGS
@@ -158,14 +172,14 @@ def _distill(loaded, device: str) -> list[dict]:
              "precision": log.get("precision"), "final_loss": log["loss_curve"][-1]}]
 
 
-def measure(device: str = "cuda", weights: str | None = None, parts=("stage1", "teacher", "stage2", "distill")) -> list[dict]:
+def measure(device: str = "cuda", weights: str | None = None, parts=("stage1", "teacher", "stage2", "train2", "distill")) -> list[dict]:
     from sinkless.images import natural_crops
 
     loaded = _model(weights, device)
     images = natural_crops(STAGE1_IMAGES + 1, seed=777, names=("astronaut", "chelsea", "coins", "coffee"))
     rows = [{"name": "device", "device": device, "model": loaded.name,
              "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}]
-    steps = {"stage1": _stage1, "teacher": _teacher, "stage2": _stage2}
+    steps = {"stage1": _stage1, "teacher": _teacher, "stage2": _stage2, "train2": _train2}
     for part in parts:
         started = time.perf_counter()
         rows += _distill(loaded, device) if part == "distill" else steps[part](loaded, device, images)
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--weights", help="a save_pretrained Dinov2 folder (default: random weights, same shapes)")
-    parser.add_argument("--parts", default="stage1,teacher,stage2,distill", help="comma-separated subset")
+    parser.add_argument("--parts", default="stage1,teacher,stage2,train2,distill", help="comma-separated subset")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--quick", action="store_true", help="the smallest run of every row (checks the script; figures mean nothing)")
     args = parser.parse_args(argv)
