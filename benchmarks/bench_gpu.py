@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -84,13 +85,12 @@ def _stage1(loaded, device: str, images) -> list[dict]:
     rows = []
     for size in (224,) if QUICK else (224, 518):
         pixels = to_pixels(images, loaded.image_spec, size).to(device)
-        timings = []
+        settings = Stage1Settings(views=2, steps=3) if QUICK else Stage1Settings()
+        timings, order = [], itertools.cycle(range(len(pixels)))  # the warm-up on one image, then one image per repeat
 
-        def one(i=[0]):  # noqa: B006 (a counter across calls)
-            settings = Stage1Settings(views=2, steps=3) if QUICK else Stage1Settings()
-            result = denoise_image(loaded, pixels[i[0] % len(pixels)][None], settings)
+        def one():
+            result = denoise_image(loaded, pixels[next(order)][None], settings)
             timings.append(result.timings)
-            i[0] += 1
 
         times = _seconds(one, device, repeats=1 if QUICK else STAGE1_IMAGES)
         rows.append(_row(f"stage 1 per image, {'quick' if QUICK else 'default'} budget, {size} px", times,
