@@ -201,9 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="stage1,teacher,stage2,train2,distill", help="comma-separated subset")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--quick", action="store_true", help="the smallest run of every row (checks the script; figures mean nothing)")
+    parser.add_argument("--save-weights", metavar="DIR", help="(on this machine) save dinov2-s-focus in float16 to DIR for --weights, and stop")
     args = parser.parse_args(argv)
     global QUICK
     QUICK = args.quick
+    if args.save_weights:  # 43 MB: fits the device tool's 64 MiB transfer beside this repository (float32: 85 MB does not)
+        from sinkless import zoo
+
+        zoo.load("dinov2-s-focus").model.to(torch.float16).save_pretrained(args.save_weights)
+        print(f"wrote {args.save_weights}: pass it with carry and --weights (WEIGHTS=... bash scripts/gpu_check.sh)")
+        return 0
     rows = measure(args.device, args.weights, tuple(args.parts.split(",")))
     text = json.dumps(rows, indent=2, default=str)
     if args.json:
