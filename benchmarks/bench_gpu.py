@@ -7,8 +7,8 @@ Timing does not depend on the weights, so by default the model is a seeded rando
 configuration of ``dinov2-s-focus`` (ViT-S/14: width 384, 12 layers, 6 heads, patch 14, 518-px position table):
 nothing has to travel to the GPU machine but this repository. ``--weights FOLDER`` (a ``save_pretrained``
 folder, e.g. dinov2-s-focus saved from this machine) measures the same on real weights and adds the figures
-that need them. Every time is the median of repeats after a warm-up, with ``torch.cuda.synchronize`` around
-each; the same rows on the CPU of the same machine give the ratio.
+that need them. Every time is the median of repeats after a warm-up, timed by ``benchmarks.runner`` with
+``torch.cuda.synchronize`` around each run; the same rows on the CPU of the same machine give the ratio.
 
 Rows:
 
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.runner import compare, time_once
+
 STAGE1_IMAGES = 3
 QUICK = False  # --quick: the smallest run of every row, to check the script on a CPU (its figures mean nothing)
 
@@ -57,25 +59,9 @@ def _model(weights: str | None, device: str):
     return loaded
 
 
-def _seconds(fn, device: str, repeats: int, warmup: int = 1) -> list[float]:
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _row(name: str, times: list[float], **extra) -> dict:
-    return {"name": name, "seconds": statistics.median(times), "times_s": times, **extra}
+def _sync(device: str):
+    """What the runner's timing calls around each run: the GPU's queue is drained, so its work counts."""
+    return torch.cuda.synchronize if device.startswith("cuda") else None
 
 
 def _stage1(loaded, device: str, images) -> list[dict]:
@@ -92,10 +78,10 @@ def _stage1(loaded, device: str, images) -> list[dict]:
             result = denoise_image(loaded, pixels[next(order)][None], settings)
             timings.append(result.timings)
 
-        times = _seconds(one, device, repeats=1 if QUICK else STAGE1_IMAGES)
-        rows.append(_row(f"stage 1 per image, {'quick' if QUICK else 'default'} budget, {size} px", times,
-                         views_s=statistics.median(t["views_s"] for t in timings[1:]),
-                         fit_s=statistics.median(t["fit_s"] for t in timings[1:])))
+        row = time_once(f"stage 1 per image, {'quick' if QUICK else 'default'} budget, {size} px", one,
+                        repeats=1 if QUICK else STAGE1_IMAGES, warmup=1, sync=_sync(device))
+        rows.append(row | {"views_s": statistics.median(t["views_s"] for t in timings[1:]),
+                           "fit_s": statistics.median(t["fit_s"] for t in timings[1:])})
     return rows
 
 
@@ -114,10 +100,9 @@ def _teacher(loaded, device: str, images) -> list[dict]:
     def teacher():
         denoise_views(loaded, pixels, settings, generator=torch.Generator().manual_seed(0), amp=amp)
 
-    base, cand = _seconds(plain, device, 9, 2), _seconds(teacher, device, 9, 2)
-    return [_row("one plain forward, 224 px", base),
-            _row(f"teacher: 10 views in one batch ({amp} autocast), 224 px, per image", cand,
-                 ratio_to_plain=statistics.median(cand) / statistics.median(base), target_s=0.2)]
+    row = compare(f"teacher: 10 views in one batch ({amp} autocast) vs one plain forward, 224 px, per image", teacher, plain,
+                  repeats=9, warmup=2, sync=_sync(device))
+    return [row | {"target_s": 0.2, "passed": row["candidate_s"] <= 0.2}]
 
 
 def _stage2(loaded, device: str, images) -> list[dict]:
@@ -135,14 +120,7 @@ def _stage2(loaded, device: str, images) -> list[dict]:
         with torch.no_grad(), transform():
             loaded.model(pixels)
 
-    base, cand = [], []
-    for _ in range(2):
-        plain(), hooked()
-    for _ in range(21):  # interleaved, as benchmarks.bench_dvt
-        base += _seconds(plain, device, 1, 0)
-        cand += _seconds(hooked, device, 1, 0)
-    return [_row("stage 2 hook vs plain forward, batch 8, 224 px (the hooked time)", cand,
-                 plain_s=statistics.median(base), ratio=statistics.median(cand) / statistics.median(base), target_ratio=1.10)]
+    return [compare("stage 2 hook vs plain forward, batch 8, 224 px", hooked, plain, repeats=21, target=1.10, sync=_sync(device))]
 
 
 def _train2(loaded, device: str, images) -> list[dict]:

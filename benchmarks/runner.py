@@ -28,9 +28,15 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _time(fn: Callable[[], object]) -> float:
+def _time(fn: Callable[[], object], sync: Callable[[], object] | None = None) -> float:
+    """Wall time of ``fn``; ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after, so that work queued on
+    an accelerator counts where it was asked for."""
+    if sync is not None:
+        sync()
     start = time.perf_counter()
     fn()
+    if sync is not None:
+        sync()
     return time.perf_counter() - start
 
 
@@ -44,19 +50,20 @@ def compare(
     target: float | None = None,
     higher_is_better: bool = False,
     notes: str = "",
+    sync: Callable[[], object] | None = None,
 ) -> dict:
-    """Median seconds of ``candidate`` and ``baseline`` and their ratio (candidate / baseline).
+    """Median seconds of ``candidate`` and ``baseline`` and their ratio (candidate / baseline), interleaved.
 
     ``target``: the ratio the claim needs; ``passed`` says whether the median ratio meets it
-    (ratio <= target, or >= with ``higher_is_better``).
+    (ratio <= target, or >= with ``higher_is_better``). ``sync``: see ``_time``.
     """
     for _ in range(warmup):
         baseline()
         candidate()
     base_times, cand_times = [], []
     for _ in range(repeats):
-        base_times.append(_time(baseline))
-        cand_times.append(_time(candidate))
+        base_times.append(_time(baseline, sync))
+        cand_times.append(_time(candidate, sync))
     base, cand = statistics.median(base_times), statistics.median(cand_times)
     ratio = cand / base
     # per-pair ratios show the spread of the claim itself
@@ -80,9 +87,13 @@ def compare(
     return result
 
 
-def time_once(name: str, fn: Callable[[], object], *, target_s: float | None = None, repeats: int = 1, notes: str = "") -> dict:
-    """Median wall time of ``fn`` over ``repeats`` runs, against an absolute target in seconds."""
-    times = [_time(fn) for _ in range(repeats)]
+def time_once(name: str, fn: Callable[[], object], *, target_s: float | None = None, repeats: int = 1, notes: str = "",
+              warmup: int = 0, sync: Callable[[], object] | None = None) -> dict:
+    """Median wall time of ``fn`` over ``repeats`` runs (after ``warmup`` untimed ones), against an absolute target in
+    seconds. ``sync``: see ``_time``."""
+    for _ in range(warmup):
+        fn()
+    times = [_time(fn, sync) for _ in range(repeats)]
     seconds = statistics.median(times)
     result = {"name": name, "seconds": seconds, "times_s": times, "repeats": repeats, "notes": notes}
     if target_s is not None:

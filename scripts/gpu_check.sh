@@ -12,12 +12,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DEVICE=${DEVICE:-cuda}
 python3 - <<'PY' 2>&1 | tee "$OUT/gpu.log" || exit 3
-import sys, torch, transformers
+import os, sys, torch, transformers
 print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__,
       "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-import os
-cuda_ok = torch.cuda.is_available() or not os.environ.get("DEVICE", "cuda").startswith("cuda")
+cuda_ok = torch.cuda.is_available() or not os.environ["DEVICE"].startswith("cuda")
 sys.exit(0 if (major, minor) >= (5, 23) and cuda_ok else 3)
 PY
 timeout 500 python3 -m benchmarks.bench_gpu --device "$DEVICE" ${QUICK:+--quick} ${WEIGHTS:+--weights "$WEIGHTS"} --json "$OUT/gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
