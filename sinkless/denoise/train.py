@@ -255,9 +255,11 @@ def train_denoiser(
     denoiser.eval()
     summary = result.to_dict()
     summary["holdout"] = _holdout(denoiser, held_raw, held_clean) if settings.holdout else None  # of the kept block
-    summary["selected"] = {"rule": settings.select, "step": best.step if settings.select == "best" else result.steps_done,
-                           "holdout_cosine": best.score if settings.select == "best"
-                           else summary["holdout"]["cosine_denoised_to_stage1"] if settings.holdout else None}
+    if settings.select == "best":
+        summary["selected"] = {"rule": "best", "step": best.step, "holdout_cosine": best.score}
+    else:
+        kept = summary["holdout"]["cosine_denoised_to_stage1"] if settings.holdout else None
+        summary["selected"] = {"rule": settings.select, "step": result.steps_done, "holdout_cosine": kept}
     summary["stage1_timing"] = {"images_fitted_now": len(seconds), "seconds_per_image": sum(seconds) / len(seconds) if seconds else None,
                                 "total_s": stage1_done - started}
     summary["total_s"] = time.perf_counter() - started
