@@ -55,12 +55,14 @@ def _stage1_rows(image) -> list[dict]:
     return rows
 
 
-def _stage2_row() -> dict:
+def _stage2_row(loaded=None, pixels: torch.Tensor | None = None, sync=None) -> dict:
+    """The hook's ratio on ``loaded`` (default dinov2-s-focus) for a batch of 8 224-px images (``pixels``, default
+    natural crops); ``sync`` as in ``benchmarks.runner`` (benchmarks.bench_gpu passes CUDA's)."""
     torch.manual_seed(0)
-    loaded = zoo.load("dinov2-s-focus")
-    pixels = to_pixels(natural_crops(8, seed=0), loaded.image_spec)
+    loaded = loaded or zoo.load("dinov2-s-focus")
+    pixels = to_pixels(natural_crops(8, seed=0), loaded.image_spec) if pixels is None else pixels
     denoiser = Denoiser(DenoiserConfig(dim=384, grid=(16, 16), model="dinov2-s-focus")).eval()  # cost does not depend on the weights
-    transform = apply_denoiser(loaded, denoiser)
+    transform = apply_denoiser(loaded, denoiser)  # on the model's device
 
     def plain():
         with torch.no_grad():
@@ -70,7 +72,7 @@ def _stage2_row() -> dict:
         with torch.no_grad(), transform():
             loaded.model(pixels)
 
-    return compare("stage 2 denoiser hook vs plain forward (ViT-S/14, 224 px, batch 8)", denoised, plain, repeats=21, target=1.10)
+    return compare("stage 2 denoiser hook vs plain forward (ViT-S/14, 224 px, batch 8)", denoised, plain, repeats=21, target=1.10, sync=sync)
 
 
 def run() -> list[dict]:

@@ -106,21 +106,10 @@ def _teacher(loaded, device: str, images) -> list[dict]:
 
 
 def _stage2(loaded, device: str, images) -> list[dict]:
-    from sinkless.denoise import Denoiser, DenoiserConfig, apply_denoiser
+    from benchmarks.bench_dvt import _stage2_row
     from sinkless.images import to_pixels
 
-    pixels = to_pixels((images * 8)[:8], loaded.image_spec, 224).to(device)
-    transform = apply_denoiser(loaded, Denoiser(DenoiserConfig(dim=384, grid=(16, 16))).eval())
-
-    def plain():
-        with torch.no_grad():
-            loaded.model(pixels)
-
-    def hooked():
-        with torch.no_grad(), transform():
-            loaded.model(pixels)
-
-    return [compare("stage 2 hook vs plain forward, batch 8, 224 px", hooked, plain, repeats=21, target=1.10, sync=_sync(device))]
+    return [_stage2_row(loaded, to_pixels((images * 8)[:8], loaded.image_spec, 224).to(device), _sync(device))]
 
 
 def _train2(loaded, device: str, images) -> list[dict]:
