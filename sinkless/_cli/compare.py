@@ -148,22 +148,36 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _interval(row: dict) -> str:
+    """The paired 95 % interval of the row's difference to none (its own interval for none)."""
+    paired = row.get("vs_none")
+    low, high = paired["ci95"] if paired else row.get("ci95") or (None, None)
+    if low is None or low != low:  # absent or NaN
+        return ""
+    return f"[{low:+.1f}, {high:+.1f}]" if paired else f"[{low:.1f}, {high:.1f}]"
+
+
 def _table(result: dict) -> str:
     metrics = {"lost": ["corloc"], "zeroseg": ["miou", "pixel_accuracy"], "probe": ["miou", "accuracy"]}[result["task"]]
     headline = metrics[0]
     base = next((r for r in result["results"] if r["fix"] == "none"), None) if len(result["results"]) > 1 else None
+    intervals = [_interval(r) for r in result["results"]]
+    width = max([len(i) for i in intervals] + [0])
     dataset = result["dataset"]
     shown = {k: v for k, v in result["protocol"].items() if k not in ("preprocessing", "attention", "task")}
     lines = [
         f"{result['model']} · task {result['task']} · data {result['data']} ({dataset['n_images']} images)",
         "protocol: " + ", ".join(f"{k}={v}" for k, v in shown.items()),
         "",
-        f"{'fix':<10}" + "".join(f"{m:>16}" for m in metrics) + (f"{'Δ vs none':>12}" if base else "") + f"{'images':>8}{'seconds':>10}",
+        f"{'fix':<10}" + "".join(f"{m:>16}" for m in metrics) + (f"{'Δ vs none':>12}" if base else "")
+        + (f"  {'95% CI':<{width}}" if width else "") + f"{'images':>8}{'seconds':>10}",
     ]
-    for r in result["results"]:
+    for r, interval in zip(result["results"], intervals):
         delta = f"{r[headline] - base[headline]:+12.1f}" if base and r[headline] is not None and base[headline] is not None else ""
         lines.append(
             f"{r['fix']:<10}" + "".join(f"{_fmt(r.get(m)):>16}" for m in metrics)
-            + (delta if base else "") + f"{r['n_images']:>8}{r['seconds']:>10.1f}"
+            + (f"{delta:>12}" if base else "") + (f"  {interval:<{width}}" if width else "") + f"{r['n_images']:>8}{r['seconds']:>10.1f}"
         )
+    if width:
+        lines += ["", f"95% CI: bootstrap over the images ({headline}; beside none: of the difference, the same images resampled for both)"]
     return "\n".join(lines)

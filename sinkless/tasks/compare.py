@@ -18,7 +18,7 @@ import torch
 
 from sinkless._version import __version__
 from sinkless.errors import SinklessError
-from sinkless.tasks import lost, probe, zeroseg
+from sinkless.tasks import lost, probe, uncertainty, zeroseg
 from sinkless.tasks._features import check_vision, resolve_layer
 from sinkless.tasks.data import Dataset, open_dataset
 from sinkless.tasks.fixes import FIXES, edits_reach, make_fix
@@ -63,9 +63,11 @@ class FixResult:
     metrics: dict
     per_image: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # what the fix used (e.g. ttr's neurons)
+    # sinkless.tasks.uncertainty: ci95 of the headline metric over the images, vs_none the paired difference to `none`
+    uncertainty: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"fix": self.fix, **self.metrics, "n_images": self.n_images, "seconds": round(self.seconds, 3),
+        return {"fix": self.fix, **self.metrics, **self.uncertainty, "n_images": self.n_images, "seconds": round(self.seconds, 3),
                 "setup_seconds": round(self.setup_seconds, 3), "fix_settings": self.settings, "per_image": self.per_image}
 
 
@@ -196,6 +198,9 @@ def compare(
                  getattr(score, spec.metric), score.n_images, seconds)
         results.append(FixResult(name, score.n_images, seconds, setup, score.metrics(), score.per_image, getattr(context, "info", {})))
         pictures.update({f"{name}/{image}.png": picture for image, picture in score.visuals.items()})
+    intervals = uncertainty.annotate(spec.name, [{"fix": r.fix, **r.metrics, "per_image": r.per_image} for r in results], spec.metric)
+    for r in results:
+        r.uncertainty = intervals.get(r.fix, {})
     data_name = data if isinstance(data, str) else dataset.name
     comparison = Comparison(
         loaded.name, spec.name, str(data_name), dataset.describe(), recorded, results, spec.metric,

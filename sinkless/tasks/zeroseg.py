@@ -59,6 +59,19 @@ def confusion(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray
     return np.bincount(index, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def pixel_counts(matrix: np.ndarray) -> dict:
+    """Per class that occurs in an image (in truth or prediction): its pixels in the truth, in the prediction and in both.
+
+    Summed over images they give the data set's IoU exactly (union = truth + predicted - intersection), in a few
+    numbers per image instead of the C x C confusion matrix.
+    """
+    inter = np.diag(matrix)
+    truth, predicted = matrix.sum(1), matrix.sum(0)
+    present = np.flatnonzero((truth + predicted) > 0)
+    return {"class": present.tolist(), "intersection": inter[present].tolist(), "truth": truth[present].tolist(),
+            "predicted": predicted[present].tolist()}
+
+
 def scores_from_confusion(matrix: np.ndarray) -> dict:
     """mIoU over the classes that occur (in truth or prediction), per-class IoU and pixel accuracy."""
     inter = np.diag(matrix).astype(np.float64)
@@ -104,7 +117,8 @@ def evaluate(loaded, dataset, protocol: ZeroSegProtocol = ZeroSegProtocol(), *, 
         truth = resize_mask(sample.mask, (height, width))
         truth = np.where(truth == IGNORE, IGNORE, truth > 0).astype(np.uint8)
         matrix = confusion(pred, truth, 2)
-        record = {"name": sample.name, **{k: v for k, v in scores_from_confusion(matrix).items() if k != "iou"}}
+        record = {"name": sample.name, **{k: v for k, v in scores_from_confusion(matrix).items() if k != "iou"},
+                  "counts": pixel_counts(matrix)}  # additive: the bootstrap of sinkless.tasks.uncertainty re-sums them
         return matrix, record, _draw(sample.image, pred) if visuals else None
 
     # data parallel under torchrun / accelerate launch: each process its share of the images, all get every result

@@ -1,21 +1,29 @@
 """One table: none / ttr / distilled rows of planted-vit, with planted-vit-clean's none row, per task and data.
 
-    python benchmarks/results/registers/table.py [--fix FIX] [--dir FOLDER] [PREFIX ...]
+    python benchmarks/results/registers/table.py [--fix FIX] [--dir FOLDER] [--ci | --ci-clean] [PREFIX ...]
 
 The rows come from compare.sh (PREFIX_*: none, ttr and distilled in one command; PREFIX defaults to cmp, the
 student of docs/RESULTS.md; more prefixes add one distilled column each, e.g. ``cmp cmp23 cmpN``); where a cmp_
 file is missing, from the earlier separate runs (base_* for none / ttr, dist_* for distilled); a missing file of any
 other prefix is a "–" cell. ``--fix dvt --dir benchmarks/results/dvt_keys``: the third fix's column of compare
-files in another folder (there the first prefix gives none and ttr; the clean twin's row stays this folder's)."""
+files in another folder (there the first prefix gives none and ttr; the clean twin's row stays this folder's).
+``--ci``: each cell beside none also shows its difference to none with the paired 95 % bootstrap interval over the
+images (``vs_none`` of compare files written since the intervals exist; the clean twin's from its own file by
+``sinkless.tasks.uncertainty.paired``); "n/a" where a file predates them. ``--ci-clean``: the same against the clean
+twin's row instead (is a fix "close to clean"? an interval holding 0 cannot tell them apart)."""
 import json, os, sys
+from sinkless.tasks.uncertainty import paired
 here = os.path.dirname(os.path.abspath(__file__))
 runs = [("mini", "zeroseg", "zeroseg (miou)"), ("mini", "lost", "LOST keys, l2, median gram bias (corloc)"),
         ("mini", "probe", "probe foreground (miou)"), ("syn", "zeroseg", "zeroseg (miou)"),
         ("syn", "lost", "LOST keys, l2, median gram bias (corloc)"), ("syn", "lostv", "LOST values (corloc)"),
         ("syn", "probe", "probe classes (miou)")]
 args = sys.argv[1:]
-fix, folder = "distilled", here
-while args and args[0] in ("--fix", "--dir"):
+fix, folder, ci = "distilled", here, False
+while args and args[0] in ("--fix", "--dir", "--ci", "--ci-clean"):
+    if args[0] in ("--ci", "--ci-clean"):
+        ci, args = args[0][5:] or "none", args[1:]
+        continue
     option, value, args = args[0], args[1], args[2:]
     fix, folder = (value, folder) if option == "--fix" else (fix, os.path.abspath(value))
 prefixes = args or ["cmp"]
@@ -28,8 +36,8 @@ for data, task, label in runs:
         if not os.path.exists(path):
             return {}
         d = json.load(open(path))
-        return {r["fix"]: r[d["metric"]] for r in d["results"]}
-    base, clean = rows("base", here), rows("clean", here)
+        return {r["fix"]: dict(r, metric=d["metric"]) for r in d["results"]}
+    base, clean = rows("base", here), rows("clean") or rows("clean", here)  # the twin: FOLDER's clean_* files first
     dists = []
     for prefix in prefixes:
         found = rows(prefix)
@@ -38,6 +46,20 @@ for data, task, label in runs:
         if not found and prefix == "cmp":  # only the default column falls back on the earlier separate runs
             found = rows("dist")
         dists.append(found.get(fix))  # a missing file of another prefix shows as "–", never as another run's
-    f = lambda v: "–" if v is None else f"{v:.1f}"
-    print(f"| {'mini' if data == 'mini' else 'synthetic'} | {label} | {f(base.get('none'))} | {f(base.get('ttr'))} | "
-          f"{' | '.join(f(v) for v in dists)} | {f(clean.get('none'))} |")
+    none, twin = base.get("none"), clean.get("none")
+    reference = twin if ci == "clean" else none
+
+    def f(row):
+        if row is None:
+            return "–"
+        text = f"{row[row['metric']]:.1f}"
+        if not ci or row is reference or reference is None:
+            return text
+        versus = row.get("vs_none") if ci == "none" else None
+        versus = versus or paired(task if task != "lostv" else "lost", row, reference, row["metric"])
+        if versus is None:
+            return text + " (n/a)"
+        low, high = versus["ci95"]
+        return text + f" ({versus['delta']:+.1f} [{low:+.1f}, {high:+.1f}])"
+    print(f"| {'mini' if data == 'mini' else 'synthetic'} | {label} | {f(none)} | {f(base.get('ttr'))} | "
+          f"{' | '.join(f(v) for v in dists)} | {f(twin)} |")
