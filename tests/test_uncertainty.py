@@ -152,3 +152,17 @@ def test_rows_of_two_models_on_the_same_images_pair(tiny):
     assert versus["ci95"][0] <= versus["delta"] <= versus["ci95"][1]
     assert versus["images_better"] + versus["images_worse"] + versus["images_same"] == 6
     assert uncertainty.paired("zeroseg", row, {**base, "per_image": base["per_image"][:5]}, "miou") is None  # other images
+
+
+def test_resamples_sets_the_draws_and_zero_switches_the_intervals_off(tmp_path, capsys, tiny):
+    comparison, _ = compare(tiny, "lost", "synthetic", ["none"], limit=4, progress=False, overrides={"max_side": 112}, resamples=0)
+    assert comparison.results[0].uncertainty == {} and "ci95" not in comparison.results[0].to_json()
+    out = tmp_path / "lost.json"
+    code = cli.main(["compare", "--model", "planted-vit-tiny", "--data", "synthetic", "--limit", "4", "--task", "lost",
+                     "--fix", "none", "--fix", "ttr", "--resamples", "50", "--json", str(out)])
+    assert code == 0 and "95% CI" in capsys.readouterr().out
+    ttr = json.loads(out.read_text())["results"][1]
+    assert ttr["vs_none"]["resamples"] == 50
+    code = cli.main(["compare", "--model", "planted-vit-tiny", "--data", "synthetic", "--task", "lost", "--resamples", "-1",
+                     "--json", str(tmp_path / "bad.json")])
+    assert code == 2 and "--resamples" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()

@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", help="Pascal VOC: the ImageSets/Main list to use (e.g. trainval)")
     parser.add_argument("--images", metavar="DIR", help="COCO: the image folder (default: found beside the JSON)")
     parser.add_argument("--out-dir", metavar="DIR", help="write qualitative pictures (boxes, masks) per fix and image")
+    parser.add_argument("--resamples", type=int, default=2000, metavar="N",
+                        help="bootstrap resamples of the images for each row's 95%% interval and its paired difference to none "
+                             "(default 2000; 0: no intervals)")
     protocol = parser.add_argument_group("protocol (defaults: the papers'; recorded in every result)")
     protocol.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this (default 448; 0: full size)")
     protocol.add_argument("--layer", type=int, help="lost: attention layer to read features from (default -1: the last)")
@@ -109,6 +112,7 @@ def _fix_options(args: argparse.Namespace) -> dict:
 def _check(args: argparse.Namespace) -> None:
     """Every flag, before the model loads and the task runs."""
     _args.positive_int(args.limit, "--limit")
+    _args.non_negative_int(args.resamples, "--resamples", fix="pass --resamples 0 to skip the intervals, or e.g. 2000")
     _args.positive_int(args.k, "--k")
     _args.positive_int(args.knn_k, "--knn-k")
     _args.fraction(args.mass, "--mass")
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     comparison, pictures = compare(
         args.model, args.task, data, args.fix or ["none"], overrides=_overrides(args), limit=args.limit,
         progress=not args.quiet, visuals=bool(args.out_dir), fix_options=_fix_options(args), device=device, dtype=dtype,
+        resamples=args.resamples,
     )
     if not distributed.is_main():  # every process holds the merged results; the main one writes them
         return 0

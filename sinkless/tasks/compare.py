@@ -150,10 +150,12 @@ def compare(
     fix_options: dict[str, dict] | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    resamples: int = uncertainty.RESAMPLES,
 ) -> tuple[Comparison, dict]:
     """Evaluate ``task`` on ``data`` for ``model`` (a zoo name, hub id, folder or ``Loaded``) under each fix.
 
     Returns the comparison and, when ``visuals``, qualitative pictures ``{"<fix>/<image>.png": PIL image}``.
+    ``resamples``: bootstrap resamples of the images for each row's interval (``sinkless.tasks.uncertainty``; 0: none).
     """
     from sinkless import zoo
 
@@ -162,6 +164,8 @@ def compare(
         raise SinklessError(f"unknown task {task!r}", fix=f"choose from {', '.join(TASKS)}")
     if not fixes:
         raise SinklessError("no fix given", fix="pass --fix none (and the fixes to compare)")
+    if resamples < 0:
+        raise SinklessError(f"resamples must be >= 0, got {resamples}", fix="pass 0 to skip the intervals, or e.g. 2000")
     if len(set(fixes)) != len(fixes):
         raise SinklessError(f"a fix is repeated in {list(fixes)}", fix="name each fix once")
     unknown = [name for name in fixes if name not in FIXES]
@@ -198,9 +202,11 @@ def compare(
                  getattr(score, spec.metric), score.n_images, seconds)
         results.append(FixResult(name, score.n_images, seconds, setup, score.metrics(), score.per_image, getattr(context, "info", {})))
         pictures.update({f"{name}/{image}.png": picture for image, picture in score.visuals.items()})
-    intervals = uncertainty.annotate(spec.name, [{"fix": r.fix, **r.metrics, "per_image": r.per_image} for r in results], spec.metric)
-    for r in results:
-        r.uncertainty = intervals.get(r.fix, {})
+    if resamples:
+        rows = [{"fix": r.fix, **r.metrics, "per_image": r.per_image} for r in results]
+        intervals = uncertainty.annotate(spec.name, rows, spec.metric, resamples=resamples)
+        for r in results:
+            r.uncertainty = intervals.get(r.fix, {})
     data_name = data if isinstance(data, str) else dataset.name
     comparison = Comparison(
         loaded.name, spec.name, str(data_name), dataset.describe(), recorded, results, spec.metric,
