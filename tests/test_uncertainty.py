@@ -48,7 +48,7 @@ def test_the_summed_statistic_gives_the_reported_metric_exactly(compared, task):
 def test_a_fix_that_changes_nothing_has_a_zero_difference_and_a_zero_interval(compared, task):
     none, noop = compared[task].results
     paired = noop.uncertainty["vs_none"]
-    assert paired["delta"] == 0 and paired["ci95"] == [0, 0]
+    assert paired["delta"] == 0 and paired["ci95"] == [0, 0] and paired["verdict"] == "within the spread"
     assert paired["images_same"] == len(noop.per_image) and paired["images_better"] == paired["images_worse"] == 0
     assert "vs_none" not in none.uncertainty and none.uncertainty["ci95"] == noop.uncertainty["ci95"]
     row = noop.to_json()
@@ -92,6 +92,9 @@ def test_pairing_narrows_the_interval_of_a_consistent_gain():
     assert paired["delta"] == pytest.approx(20.0) and (paired["images_better"], paired["images_worse"]) == (4, 0)
     low, high = paired["ci95"]
     assert 0 < low < 20 < high <= 40  # never below zero: no image got worse
+    assert paired["verdict"] == "higher"
+    reverse = uncertainty.annotate("lost", _lost_rows(fixed, base), "corloc")["x"]["vs_none"]
+    assert reverse["verdict"] == "lower" and reverse["ci95"] == [-high, -low]  # the same draws, mirrored
     # the two rows' own intervals overlap widely: unpaired, the gain would not look sure
     assert out["none"]["ci95"][1] > out["x"]["ci95"][0]
 
@@ -100,7 +103,7 @@ def test_a_mixed_change_has_an_interval_around_zero_and_the_same_draws_each_time
     base = [1, 0] * 8
     fixed = [0, 1] * 8  # every image changes, half up and half down
     first = uncertainty.annotate("lost", _lost_rows(base, fixed), "corloc")["x"]["vs_none"]
-    assert first["delta"] == 0 and first["ci95"][0] < 0 < first["ci95"][1]
+    assert first["delta"] == 0 and first["ci95"][0] < 0 < first["ci95"][1] and first["verdict"] == "within the spread"
     assert (first["images_better"], first["images_worse"], first["images_same"]) == (8, 8, 0)
     assert uncertainty.annotate("lost", _lost_rows(base, fixed), "corloc")["x"]["vs_none"] == first  # seeded
     other = uncertainty.annotate("lost", _lost_rows(base, fixed), "corloc", seed=1)["x"]["vs_none"]

@@ -159,7 +159,10 @@ def _interval(row: dict) -> str:
     low, high = paired["ci95"] if paired else row.get("ci95") or (None, None)
     if low is None or low != low:  # absent or NaN
         return ""
-    return f"[{low:+.1f}, {high:+.1f}]" if paired else f"[{low:.1f}, {high:.1f}]"
+    return f"[{low:+.1f}, {high:+.1f}] {_WORDS[paired.get('verdict')]}".rstrip() if paired else f"[{low:.1f}, {high:.1f}]"
+
+
+_WORDS = {"higher": "higher", "lower": "lower", "within the spread": "~", None: ""}
 
 
 def _table(result: dict) -> str:
@@ -184,5 +187,6 @@ def _table(result: dict) -> str:
             + (f"{delta:>12}" if base else "") + (f"  {interval:<{width}}" if width else "") + f"{r['n_images']:>8}{r['seconds']:>10.1f}"
         )
     if width:
-        lines += ["", f"95% CI: bootstrap over the images ({headline}; beside none: of the difference, the same images resampled for both)"]
+        lines += ["", f"95% CI: bootstrap over the images ({headline}; beside none: of the difference, the same images resampled for both;",
+                  "higher / lower: the interval excludes 0; ~: the images cannot tell the fix from none)"]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["RESAMPLES", "SEED", "n_classes", "statistics", "metric_of", "bootstrap_interval", "paired", "annotate"]
+__all__ = ["RESAMPLES", "SEED", "n_classes", "statistics", "metric_of", "bootstrap_interval", "verdict", "paired", "annotate"]
 
 RESAMPLES = 2000
 SEED = 0
@@ -87,6 +87,15 @@ def bootstrap_interval(task: str, stats: np.ndarray, base: np.ndarray | None = N
     return float(low), float(high)
 
 
+def verdict(low: float, high: float) -> str:
+    """``higher`` / ``lower`` when the interval of a difference excludes 0, else ``within the spread`` (the images cannot tell)."""
+    if low > 0:
+        return "higher"
+    if high < 0:
+        return "lower"
+    return "within the spread"
+
+
 def _rounded(interval: tuple[float, float]) -> list[float | None]:
     return [None if v != v else round(v, 3) for v in interval]  # NaN (nothing to score) -> null in the JSON
 
@@ -110,9 +119,11 @@ def paired(task: str, row: dict, base: dict, metric: str, *, resamples: int = RE
         return None
     pairs = [(_per_image_metric(task, a), _per_image_metric(task, b)) for a, b in zip(row["per_image"], base["per_image"])]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    low, high = bootstrap_interval(task, stats, base_stats, resamples=resamples, seed=seed)
     return {
         "delta": round(row[metric] - base[metric], 3),
-        "ci95": _rounded(bootstrap_interval(task, stats, base_stats, resamples=resamples, seed=seed)),
+        "ci95": _rounded((low, high)),
+        "verdict": verdict(low, high),
         "images_better": sum(a > b for a, b in pairs),
         "images_worse": sum(a < b for a, b in pairs),
         "images_same": sum(a == b for a, b in pairs),
