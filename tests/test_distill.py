@@ -1236,6 +1236,12 @@ def test_float32_run_and_a_finished_folder(tmp_path, tiny, photos):
     assert fresh.calls["denoise_views"] and not any(state["autocast"] for _, _, state, _ in fresh.calls["denoise_views"])
     again = distill(tiny, photos, out, PLAIN, progress=False, resume=True)  # nothing to do
     assert again.out == out and again.log == run.log and again.student is None
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for changed, said in (({"steps": PLAIN.steps + 3}, f"steps {PLAIN.steps} -> {PLAIN.steps + 3}"), ({"lr": 1e-3}, "lr")):
+        with pytest.raises(SinklessError, match="holds a finished distillation with other settings") as caught:
+            distill(tiny, photos, out, DistillSettings(**{**PLAIN.to_dict(), **changed}), progress=False, resume=True)
+        assert said in caught.value.problem and "new --out folder" in caught.value.fix
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the finished model untouched
     assert json.loads(json.dumps(to_jsonable(run.result.log))) == run.log and run.result.out == out
 
 

@@ -382,6 +382,24 @@ def _check_out(out: Path, resume: bool) -> bool:
     return finished
 
 
+def _check_finished_settings(out: Path, logged: dict, settings: DistillSettings) -> None:
+    """``--resume`` on a finished run: fine with the same settings (nothing to do), refused with others.
+
+    A finished run keeps no checkpoint, so it cannot be continued for more steps or retrained with other settings;
+    answering "nothing to do" to a changed command would pass the old model off as the new one.
+    """
+    before = logged.get("distill_settings") or {}
+    now = json.loads(json.dumps(settings.to_dict()))  # tuples as the log's lists
+    changed = sorted(k for k in now if k in before and now[k] != before[k])
+    if changed:
+        said = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise SinklessError(
+            f"{out} holds a finished distillation with other settings ({said}); --resume continues an interrupted run "
+            "and a finished one keeps no checkpoint to continue from",
+            fix="choose a new --out folder to distil with these settings (or resume with the first run's command line)",
+        )
+
+
 def _write_folder(student: nn.Module, out: Path, spec: ImageSpec, size: int, provenance: dict, log_data: dict) -> None:
     """The model folder, all at once: config + weights + preprocessor config + the JSON log."""
     student.config.sinkless_distill = provenance
@@ -423,8 +441,10 @@ def distill(
     out = Path(out)
     finished = _check_out(out, resume)
     if finished:
-        log.info("%s already holds a finished distillation; nothing to do", out)
-        return DistillResult(out, json.loads((out / LOG_NAME).read_text()))
+        logged = json.loads((out / LOG_NAME).read_text())
+        _check_finished_settings(out, logged, settings)
+        log.warning("%s already holds this distillation, finished: nothing to do", out)
+        return DistillResult(out, logged)
     device = resolve_device(device)
     pictures, names = load_images(images)
     held = load_images(heldout)[0] if heldout is not None else []
