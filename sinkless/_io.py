@@ -151,6 +151,15 @@ def check_writable(path: str | os.PathLike, *, directory: bool, what: str = "out
         raise SinklessError(f"cannot use {what} {path} ({error.strerror or error})", fix=f"choose another path for {what}") from None
 
 
+def can_create_in(folder: str | os.PathLike) -> bool:
+    """Whether a file can really be made in the existing ``folder`` (``os.access`` says yes to root everywhere, even in /proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def _check_writable(path: Path, directory: bool, what: str) -> Path:
     from sinkless.errors import SinklessError
 

@@ -194,7 +194,7 @@ def test_read_only_output_folder(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
-@pytest.mark.parametrize("verb", ["scan", "fix", "compare"])
+@pytest.mark.parametrize("verb", ["scan", "fix", "compare", "distill", "denoise", "train-denoiser"])
 def test_unwritable_system_folder(tmp_path, capsys, verb):
     """/proc refuses new files even for root: the output is refused before any work, not after."""
     photos(tmp_path / "imgs", 1)
@@ -203,9 +203,13 @@ def test_unwritable_system_folder(tmp_path, capsys, verb):
         "scan": ["scan", str(tmp_path / "imgs"), "--model", "planted-vit-tiny", "--out", out],
         "fix": ["fix", "--model", "planted-vit-tiny", "--out", out + "/n.json"],
         "compare": ["compare", "--model", "planted-vit-tiny", "--task", "lost", "--data", "synthetic", "--json", out + "/r.json"],
+        "distill": ["distill", "--model", "planted-vit-tiny", "--images", str(tmp_path / "imgs"), "--out", out, "--steps", "2"],
+        "denoise": ["denoise", "--model", "planted-vit-tiny", str(tmp_path / "imgs"), "--out", out],
+        "train-denoiser": ["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(tmp_path / "imgs"), "--out", out],
     }[verb]
     started = time.perf_counter()
-    expect_error(argv, capsys, contains="cannot be written", root=tmp_path)
+    contains = {"distill": "cannot write to", "denoise": "is not writable", "train-denoiser": "is not writable"}.get(verb, "cannot be written")
+    expect_error(argv, capsys, contains=contains, root=tmp_path)
     assert time.perf_counter() - started < 10  # refused up front, not after the run
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sinkless._io import atomic_path, atomic_write_json
+from sinkless._io import atomic_path, atomic_write_json, can_create_in
 from sinkless._version import __version__
 from sinkless.denoise.stage1 import Stage1Settings, denoise_image
 from sinkless.denoise.stage2 import CONFIG, WEIGHTS, Denoiser, DenoiserConfig, check_init, save_denoiser
@@ -109,7 +109,7 @@ def check_writable(out: str | os.PathLike) -> Path:
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or not can_create_in(probe):
         raise SinklessError(f"cannot write into {out} ({probe} is not writable)", fix="choose a folder you can write to")
     return out
 

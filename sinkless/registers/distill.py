@@ -51,7 +51,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from sinkless._io import atomic_write_json, staged_dir, to_jsonable
+from sinkless._io import atomic_write_json, can_create_in, staged_dir, to_jsonable
 from sinkless._version import __version__
 from sinkless.adapters import Adapter, adapter_for
 from sinkless.devices import autocast, resolve_amp, resolve_device
@@ -377,7 +377,7 @@ def _check_out(out: Path, resume: bool) -> bool:
     if out.is_dir() and not resume and any(out.iterdir()):
         raise SinklessError(f"--out {out} is not empty", fix="choose a new or empty folder: the model files would mix with what is there")
     probe = out if out.is_dir() else next((p for p in out.absolute().parents if p.exists()), None)
-    if probe is None or not os.access(probe, os.W_OK | os.X_OK) or (probe.is_file()):
+    if probe is None or not os.access(probe, os.W_OK | os.X_OK) or (probe.is_file()) or not can_create_in(probe):
         raise SinklessError(f"cannot write to {out}", fix="choose a folder you can write to (check its permissions and the disk)")
     return finished
 
