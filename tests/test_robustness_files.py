@@ -194,7 +194,7 @@ def test_read_only_output_folder(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
-@pytest.mark.parametrize("verb", ["scan", "fix", "compare", "distill", "denoise", "train-denoiser"])
+@pytest.mark.parametrize("verb", ["scan", "fix", "compare", "distill", "denoise", "train-denoiser", "compare-attn"])
 def test_unwritable_system_folder(tmp_path, capsys, verb):
     """/proc refuses new files even for root: the output is refused before any work, not after."""
     photos(tmp_path / "imgs", 1)
@@ -206,6 +206,7 @@ def test_unwritable_system_folder(tmp_path, capsys, verb):
         "distill": ["distill", "--model", "planted-vit-tiny", "--images", str(tmp_path / "imgs"), "--out", out, "--steps", "2"],
         "denoise": ["denoise", "--model", "planted-vit-tiny", str(tmp_path / "imgs"), "--out", out],
         "train-denoiser": ["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(tmp_path / "imgs"), "--out", out],
+        "compare-attn": ["compare-attn", str(tmp_path / "imgs"), "--json", out + "/t.json"],  # refused before the runs are read
     }[verb]
     started = time.perf_counter()
     contains = {"distill": "cannot write to", "denoise": "is not writable", "train-denoiser": "is not writable"}.get(verb, "cannot be written")

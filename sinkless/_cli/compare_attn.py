@@ -20,8 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sinkless._cli import _args
     from sinkless.attention.compare import compare_runs
 
+    _args.output_file(args.json, "--json")  # before reading the runs: refused up front, nothing written
+    _args.output_file(args.plot, "--plot")
     text, _ = compare_runs(args.runs, plot=args.plot, json_out=args.json, deep_from=args.deep_from)
     print(text)
     return 0
