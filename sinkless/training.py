@@ -217,7 +217,7 @@ def train(
     extra = dict(extra_state or {})
     names = sorted(params)
     if not names:
-        raise SinklessError("nothing to train: no trainable parameters were given")
+        raise SinklessError("nothing to train: no trainable parameters were given", fix="choose at least one part to train")
     first = params[names[0]]
     device = first.device
     checkpoint = out / CHECKPOINT

@@ -922,9 +922,11 @@ def test_each_refused_setting_names_itself_and_the_boundaries_pass():
     parts = "choose from registers, positions, patch_embed, blocks, last_block, final_norm, all"
     _refused("unknown trainable parts ['wings']", parts, train=("registers", "wings"))
     _refused("unknown trainable parts (none given)", parts, train=())
-    _refused("part_lr names 'all', which is not among the trained parts ['all']", None, train=("all",), part_lr=(("all", 0.5),))
-    _refused("part_lr names 'positions', which is not among the trained parts ['registers']", None, train=("registers",),
-             part_lr=(("positions", 0.5),))
+    _refused("part_lr names 'all', which is not among the trained parts ['all']",
+             "--part-lr takes a part's name (registers, positions, patch_embed, blocks, last_block, final_norm), not all",
+             train=("all",), part_lr=(("all", 0.5),))
+    _refused("part_lr names 'positions', which is not among the trained parts ['registers']",
+             "add positions to --train, or give --part-lr only for registers", train=("registers",), part_lr=(("positions", 0.5),))
     for bad in (0, -1, math.inf):
         _refused(f"the learning-rate multiplier of positions must be a positive number, got {bad!r}", None, part_lr=(("positions", bad),))
     with pytest.raises(SinklessError, match="unknown --amp 'fast'"):

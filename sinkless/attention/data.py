@@ -132,7 +132,8 @@ class Corpus:
         """(batch, length) random training windows (BOS first when the corpus has one)."""
         body = length - (self.bos is not None)
         if len(self.train) <= body:
-            raise SinklessError(f"the training text has only {len(self.train)} tokens, fewer than a {length}-token window")
+            raise SinklessError(f"the training text has only {len(self.train)} tokens, fewer than a {length}-token window",
+                                fix="use a longer training text, or a smaller model size (shorter window)")
         starts = torch.randint(0, len(self.train) - body, (batch,), generator=generator)
         rows = torch.stack([self.train[s : s + body] for s in starts.tolist()])  # (batch, body)
         if self.bos is not None:

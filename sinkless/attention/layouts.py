@@ -35,7 +35,8 @@ def _check(layout: str, heads: int, kv_heads: int, headwise: bool) -> None:
     if layout not in LAYOUTS:
         raise SinklessError(f"unknown gate layout {layout!r}", fix=f"choose one of {', '.join(LAYOUTS)}")
     if heads % kv_heads:
-        raise SinklessError(f"{heads} query heads cannot be grouped over {kv_heads} key/value heads")
+        raise SinklessError(f"{heads} query heads cannot be grouped over {kv_heads} key/value heads",
+                            fix="the config's num_attention_heads must be a multiple of num_key_value_heads")
 
 
 def split_query_gate(

@@ -47,7 +47,8 @@ def feature_site(loaded, features: str = "output", layer: int = -1) -> str:
         raise SinklessError(f"unknown features {features!r}", fix=f"choose one of {', '.join(FEATURES)}")
     n_layers = adapter.num_layers(model)
     if not -n_layers <= layer < n_layers:
-        raise SinklessError(f"layer {layer} does not exist: {loaded.name} has {n_layers} layers")
+        raise SinklessError(f"layer {layer} does not exist: {loaded.name} has {n_layers} layers",
+                            fix=f"pass a layer from 0 to {n_layers - 1} (or -1 for the last)")
     layer %= n_layers
     if features == "keys":
         return adapter.key_site(layer)

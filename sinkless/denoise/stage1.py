@@ -303,7 +303,7 @@ def denoise_image(
     pixels = image_pixels(loaded, image, size).to(device=device, dtype=next(loaded.model.parameters()).dtype)
     patch = loaded.adapter.patch_size(loaded.model)
     if pixels.shape[-1] < patch or pixels.shape[-2] < patch:
-        raise SinklessError(f"the image is smaller than one patch ({patch} px)")
+        raise SinklessError(f"the image is smaller than one patch ({patch} px)", fix=f"pass images at least {patch} px on each side")
     generator = torch.Generator().manual_seed(settings.seed)
     with tqdm(total=settings.views + 1, desc="stage 1 views", disable=not progress, leave=False) as bar:
         views = make_views(read, pixels, settings.views, generator, scale=settings.scale, ratio=settings.ratio,

@@ -154,7 +154,9 @@ class DistillSettings:
             raise SinklessError(f"unknown trainable parts {unknown or '(none given)'}", fix=f"choose from {', '.join(PARTS)}")
         for part, multiplier in self.part_lr or ():
             if part not in self.train or part == "all":
-                raise SinklessError(f"part_lr names {part!r}, which is not among the trained parts {list(self.train)}")
+                fix = (f"--part-lr takes a part's name ({', '.join(p for p in PARTS if p != 'all')}), not all" if part == "all"
+                       else f"add {part} to --train, or give --part-lr only for {', '.join(self.train)}")
+                raise SinklessError(f"part_lr names {part!r}, which is not among the trained parts {list(self.train)}", fix=fix)
             if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
                 raise SinklessError(f"the learning-rate multiplier of {part} must be a positive number, got {multiplier!r}")
         self.view_settings()  # views, max_shift, fill
@@ -324,7 +326,7 @@ def _trainable(student: nn.Module, adapter: Adapter, parts: Sequence[str], train
     embeddings = adapter.patch_embed.rpartition(".")[0]
     n_layers = adapter.num_layers(student)
     if train_blocks > n_layers:
-        raise SinklessError(f"train_blocks={train_blocks} but the model has {n_layers} blocks")
+        raise SinklessError(f"train_blocks={train_blocks} but the model has {n_layers} blocks", fix=f"pass --train-blocks {n_layers} or fewer")
     blocks = tuple(adapter.block(i) + "." for i in range(n_layers - train_blocks, n_layers))
     last = adapter.block(n_layers - 1) + "."
     register = register_parameter_name(student)

@@ -205,7 +205,7 @@ def denoise_views(
     if not isinstance(images, torch.Tensor):
         images = list(images)
         if not images:
-            raise SinklessError("no images to denoise")
+            raise SinklessError("no images to denoise", fix="pass at least one image (PIL images or a (B, C, H, W) tensor)")
         images = to_pixels(images, spec)
     reference = next(net.parameters())
     pixels = images.to(device=reference.device, dtype=reference.dtype)  # (B, C, H, W)

@@ -434,7 +434,8 @@ def _embedding_path(loaded: Loaded) -> str:
     for name, module in loaded.model.named_modules():
         if module is embeddings:
             return name
-    raise SinklessError(f"cannot find the token embedding of {type(loaded.model).__name__}")
+    raise SinklessError(f"cannot find the token embedding of {type(loaded.model).__name__}",
+                        fix="test-time registers on a language model need its input embedding (model.get_input_embeddings()); use a Hugging Face causal LM")
 
 
 class ZeroNeurons:
