@@ -204,7 +204,7 @@ def train_denoiser(
         raise SinklessError("no images to train the denoiser on", fix="pass --images DIR with image files")
     if settings.holdout >= len(images):
         raise SinklessError(f"--holdout {settings.holdout} leaves no training image out of {len(images)}",
-                            fix=f"hold out fewer than {len(images)} images (e.g. --holdout {max(len(images) // 8, 1) if len(images) > 1 else 0}), or add images")
+                            fix=f"pass --holdout below {len(images)} (the number of images), or add images")
     if out.is_dir() and any(out.iterdir()) and not resume:
         raise SinklessError(f"{out} already holds files of an earlier run", fix="pass --resume to continue it, or choose a new --out folder")
     device = resolve_device(device)
