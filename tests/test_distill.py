@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import importlib
+import io
 import json
+import math
 import os
+import re
+import types
 
 import pytest
 import torch
@@ -13,24 +20,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sinkless import cli, zoo
-from sinkless.errors import SinklessError
-from sinkless.images import natural_crops
-from sinkless.registers import DistillSettings, ViewSettings, denoise_views, distill
-from sinkless.registers import multiview
-from sinkless.registers.multiview import merge_views, render_views, sample_views
-import contextlib
-import copy
-import dataclasses
-import io
-import math
-import re
-import types
-from sinkless import zoo
 from sinkless._io import to_jsonable
 from sinkless.adapters import adapter_for
+from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES, natural_crops, to_pixels
-from sinkless.registers import DistillSettings, distill
-from sinkless.registers.multiview import ViewSettings, final_patch_features
+from sinkless.registers import DistillSettings, ViewSettings, denoise_views, distill, multiview
+from sinkless.registers.multiview import final_patch_features, merge_views, render_views, sample_views
 from sinkless.training import TrainSettings
 
 distill_module = importlib.import_module("sinkless.registers.distill")  # the package attribute `distill` is the function
