@@ -151,13 +151,18 @@ def check_writable(path: str | os.PathLike, *, directory: bool, what: str = "out
         raise SinklessError(f"cannot use {what} {path} ({error.strerror or error})", fix=f"choose another path for {what}") from None
 
 
-def can_create_in(folder: str | os.PathLike) -> bool:
-    """Whether a file can really be made in the existing ``folder`` (``os.access`` says yes to root everywhere, even in /proc)."""
+def _creation_error(folder: str | os.PathLike) -> OSError | None:
+    """Why no file can be made in the existing ``folder`` (None: one can), found by making an unnamed temporary file."""
     try:
         with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
+            return None
+    except OSError as error:
+        return error
+
+
+def can_create_in(folder: str | os.PathLike) -> bool:
+    """Whether a file can really be made in the existing ``folder`` (``os.access`` says yes to root everywhere, even in /proc)."""
+    return _creation_error(folder) is None
 
 
 def _check_writable(path: Path, directory: bool, what: str) -> Path:
@@ -176,14 +181,12 @@ def _check_writable(path: Path, directory: bool, what: str) -> Path:
         missing, probe = _missing_dirs(path.parent if not directory else path)
         if not probe.is_dir():
             raise SinklessError(f"{what} {path} cannot be created: {probe} is a file, not a folder", fix=f"choose another {kind} for {what}")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as error:
+    error = _creation_error(probe)
+    if error is not None:
         raise SinklessError(
             f"{what} {path} cannot be written: folder {probe} is not writable ({error.strerror or type(error).__name__})",
             fix=f"choose a writable location for {what}",
-        ) from None
+        )
     return path
 
 
