@@ -23,7 +23,7 @@ from sinkless.distributed import map_ordered
 from sinkless.errors import SinklessError
 from sinkless.tasks._features import check_vision, extract, prepare
 from sinkless.tasks.data import IGNORE
-from sinkless.tasks.zeroseg import confusion, pixel_counts, resize_mask, scores_from_confusion
+from sinkless.tasks.zeroseg import confusion, image_record, resize_mask, scores_from_confusion
 
 __all__ = ["ProbeProtocol", "ProbeScore", "patch_labels", "fit_linear", "knn_accuracy", "evaluate", "LABELS"]
 
@@ -156,8 +156,7 @@ def evaluate(loaded, dataset, protocol: ProbeProtocol = ProbeProtocol(), *, prog
             pred = up[:, :height, :width].argmax(0).numpy().astype(np.uint8)
             matrix = confusion(pred, mask, n_classes)
             total += matrix
-            records.append({"name": name, **{k: v for k, v in scores_from_confusion(matrix).items() if k != "iou"},
-                            "counts": pixel_counts(matrix)})  # additive: re-summed by sinkless.tasks.uncertainty
+            records.append(image_record(name, matrix))
     scores = scores_from_confusion(total)
     accuracy = None
     if len(set(image_labels)) >= 2 and len(image_labels) >= 3:

@@ -72,6 +72,13 @@ def pixel_counts(matrix: np.ndarray) -> dict:
             "predicted": predicted[present].tolist()}
 
 
+def image_record(name: str, matrix: np.ndarray) -> dict:
+    """One image's entry of ``per_image``: its own mIoU and pixel accuracy, and its additive ``counts`` (which the
+    bootstrap of sinkless.tasks.uncertainty re-sums)."""
+    scores = scores_from_confusion(matrix)
+    return {"name": name, "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"], "counts": pixel_counts(matrix)}
+
+
 def scores_from_confusion(matrix: np.ndarray) -> dict:
     """mIoU over the classes that occur (in truth or prediction), per-class IoU and pixel accuracy."""
     inter = np.diag(matrix).astype(np.float64)
@@ -117,9 +124,7 @@ def evaluate(loaded, dataset, protocol: ZeroSegProtocol = ZeroSegProtocol(), *, 
         truth = resize_mask(sample.mask, (height, width))
         truth = np.where(truth == IGNORE, IGNORE, truth > 0).astype(np.uint8)
         matrix = confusion(pred, truth, 2)
-        record = {"name": sample.name, **{k: v for k, v in scores_from_confusion(matrix).items() if k != "iou"},
-                  "counts": pixel_counts(matrix)}  # additive: the bootstrap of sinkless.tasks.uncertainty re-sums them
-        return matrix, record, _draw(sample.image, pred) if visuals else None
+        return matrix, image_record(sample.name, matrix), _draw(sample.image, pred) if visuals else None
 
     # data parallel under torchrun / accelerate launch: each process its share of the images, all get every result
     done = [r for r in map_ordered(one, len(dataset), desc="zeroseg", progress=progress) if r is not None]
