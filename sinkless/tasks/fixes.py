@@ -190,11 +190,11 @@ def edits_reach(edits: Sequence[dict], kind: str, layer: int) -> bool:
     """Whether any of the DVT ``edits`` changes what a task reads: ``kind`` is ``output`` (the final norm's output),
     ``attention`` (a layer's attention weights), ``tokens`` (a block's output) or ``keys`` / ``queries`` /
     ``values`` of ``layer``. An edit changes its own site and everything computed after it."""
+    if kind == "output":  # every edit reaches the final output
+        return bool(edits)
     for edit in edits:
         features, at = edit["features"], edit["layer"]
-        if features == "output" or kind == "output":
-            if kind == "output":
-                return True
+        if features == "output":
             continue  # the final norm's output feeds nothing a layer reads
         if at < layer or (at == layer and (kind == features or kind == "tokens" or (features == "keys" and kind == "attention"))):
             return True
