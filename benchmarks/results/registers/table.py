@@ -36,7 +36,7 @@ for data, task, label in runs:
         if not os.path.exists(path):
             return {}
         d = json.load(open(path))
-        return {r["fix"]: dict(r, metric=d["metric"]) for r in d["results"]}
+        return {r["fix"]: dict(r, metric=d["metric"], task=d["task"]) for r in d["results"]}
     base, clean = rows("base", here), rows("clean") or rows("clean", here)  # the twin: FOLDER's clean_* files first
     dists = []
     for prefix in prefixes:
@@ -56,7 +56,7 @@ for data, task, label in runs:
         if not ci or row is reference or reference is None:
             return text
         versus = row.get("vs_none") if ci == "none" else None
-        versus = versus or paired(task if task != "lostv" else "lost", row, reference, row["metric"])
+        versus = versus or paired(row["task"], row, reference, row["metric"])
         if versus is None:
             return text + " (n/a)"
         low, high = versus["ci95"]
