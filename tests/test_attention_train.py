@@ -151,7 +151,7 @@ def test_unwritable_out_is_refused(tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")
     assert main(["train-attn", "--variant", "gated", "--size", "tiny", "--out", str(blocker / "run")]) == 2
-    assert "cannot write" in capsys.readouterr().err
+    assert f"cannot be created: {blocker} is a file, not a folder" in capsys.readouterr().err
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir()
@@ -163,7 +163,7 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     target = tmp_path / "file"
     target.write_text("x")
     assert main(["train-attn", "--variant", "gated", "--size", "tiny", "--out", str(target)]) == 2
-    assert "is a file" in capsys.readouterr().err
+    assert "is an existing file, not a folder" in capsys.readouterr().err
     assert target.read_text() == "x"
 
 

@@ -130,12 +130,12 @@ def test_bad_inputs_exit_2_and_write_nothing(images, tmp_path, capsys):
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(0o500)
-        _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(locked / "o")], capsys, "cannot write")
+        _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(locked / "o")], capsys, "is not writable")
         locked.chmod(0o700)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(a_file), *FAST], capsys, "is a file")
-    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(a_file / "sub"), *FAST], capsys, "cannot write")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(a_file), *FAST], capsys, "is an existing file, not a folder")
+    _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(a_file / "sub"), *FAST], capsys, f"cannot be created: {a_file} is a file")
     # a missing or foreign denoiser
     _fails(["compare", "--model", "planted-vit-tiny", "--fix", "dvt", "--denoiser", str(empty), "--task", "probe", "--data", "synthetic"], capsys, "no denoiser")
     # --dvt-output belongs to the per-image mode of --fix dvt

@@ -19,6 +19,7 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file
 
+import sinkless._io
 from sinkless import cli, zoo
 from sinkless._io import to_jsonable
 from sinkless.adapters import adapter_for
@@ -482,7 +483,7 @@ def test_unwritable_or_unsupported_out(tmp_path, capsys, photos):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(blocker / "sub"))
-    assert code == 2 and "cannot write" in err
+    assert code == 2 and "cannot be created" in err
     code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(blocker))
     assert code == 2 and "not a folder" in err
     full = tmp_path / "full"
@@ -496,7 +497,7 @@ def test_unwritable_or_unsupported_out(tmp_path, capsys, photos):
     try:
         if not os.access(readonly, os.W_OK):  # root can write anywhere: skip that half there
             code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(readonly / "out"))
-            assert code == 2 and "cannot write" in err
+            assert code == 2 and "is not writable" in err
     finally:
         readonly.chmod(0o700)
 
@@ -980,9 +981,9 @@ def _out_error(out, resume=False):
 def test_check_out_refusals_and_resume_rules(tmp_path, monkeypatch):
     afile = tmp_path / "file.txt"
     afile.write_text("x")
-    assert _out_error(afile) == (f"--out {afile} exists and is not a folder", "choose a folder path for the distilled model")
+    assert _out_error(afile) == (f"--out {afile} is an existing file, not a folder", "choose a folder for --out (it is created if missing)")
     inside = afile / "sub"
-    assert _out_error(inside) == (f"cannot write to {inside}", "choose a folder you can write to (check its permissions and the disk)")
+    assert _out_error(inside) == (f"--out {inside} cannot be created: {afile} is a file, not a folder", "choose another folder for --out")
 
     done = tmp_path / "done"
     done.mkdir()
@@ -1015,10 +1016,12 @@ def test_check_out_refusals_and_resume_rules(tmp_path, monkeypatch):
     # a folder we may not write into (simulated: the tests may run as root, which may write anywhere)
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) and mode & os.W_OK else real_access(path, mode))
+    real_probe = sinkless._io._creation_error
+    monkeypatch.setattr(sinkless._io, "_creation_error",
+                        lambda folder: PermissionError(13, "Permission denied") if str(folder) == str(locked) else real_probe(folder))
     for out in (locked, locked / "new"):
-        assert _out_error(out) == (f"cannot write to {out}", "choose a folder you can write to (check its permissions and the disk)")
+        assert _out_error(out) == (f"--out {out} cannot be written: folder {locked} is not writable (Permission denied)",
+                                   "choose a writable location for --out")
     assert distill_module._check_out(empty, False) is False
 
 

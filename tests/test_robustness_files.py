@@ -209,8 +209,7 @@ def test_unwritable_system_folder(tmp_path, capsys, verb):
         "compare-attn": ["compare-attn", str(tmp_path / "imgs"), "--json", out + "/t.json"],  # refused before the runs are read
     }[verb]
     started = time.perf_counter()
-    contains = {"distill": "cannot write to", "denoise": "is not writable", "train-denoiser": "is not writable"}.get(verb, "cannot be written")
-    expect_error(argv, capsys, contains=contains, root=tmp_path)
+    expect_error(argv, capsys, contains="cannot be written", root=tmp_path)  # one check and one message for every verb
     assert time.perf_counter() - started < 10  # refused up front, not after the run
 
 

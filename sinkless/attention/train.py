@@ -19,14 +19,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from sinkless._io import atomic_write_json, staged_dir
+from sinkless._io import atomic_write_json, check_writable, staged_dir
 from sinkless._version import __version__
 from sinkless.adapters import ADAPTERS
 from sinkless.attention.convert import VARIANTS, AttentionSpec, convert
@@ -81,20 +80,16 @@ FROZEN = ("embed_tokens", "lm_head")  # fine-tunes keep the (tied) embeddings: t
 
 def _check_out(out: Path, resume: bool) -> bool:
     """Fail early (before any work) on an unwritable or occupied --out; True when this call created it."""
-    if out.exists() and not out.is_dir():
-        raise SinklessError(f"--out {out} is a file, not a folder", fix="choose a new folder name")
     if (out / RESULT).exists() and not resume:
         raise SinklessError(f"{out} already holds a finished train-attn run", fix="choose a new --out folder (or delete it)")
     if (out / "checkpoint.pt").exists() and not resume:
         raise SinklessError(f"{out} already holds a checkpoint of an earlier run", fix="pass --resume to continue it, or choose a new --out folder")
+    check_writable(out, directory=True, what="--out")  # also: a file, not a folder
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
     except OSError as error:
-        raise SinklessError(f"cannot write to --out {out} ({error.strerror or error})", fix="choose a folder you can write to") from None
+        raise SinklessError(f"cannot make --out {out} ({error.strerror or error})", fix="choose a folder you can write to") from None
     return created
 
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sinkless._io import atomic_path, atomic_write_json, can_create_in
+from sinkless import _io
+from sinkless._io import atomic_path, atomic_write_json
 from sinkless._version import __version__
 from sinkless.denoise.stage1 import Stage1Settings, denoise_image
 from sinkless.denoise.stage2 import CONFIG, WEIGHTS, Denoiser, DenoiserConfig, check_init, save_denoiser
@@ -102,16 +103,8 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def check_writable(out: str | os.PathLike) -> Path:
-    """A clear error, before any work, when ``out`` cannot be a folder we write into."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SinklessError(f"--out {out} is a file, not a folder", fix="choose a folder path")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or not can_create_in(probe):
-        raise SinklessError(f"cannot write into {out} ({probe} is not writable)", fix="choose a folder you can write to")
-    return out
+    """A clear error, before any work, when ``out`` cannot be a folder we write into (``sinkless._io``'s check)."""
+    return _io.check_writable(out, directory=True, what="--out")
 
 
 def collect_images(inputs: list[str] | str) -> list[tuple[str, object]]:

@@ -51,7 +51,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from sinkless._io import atomic_write_json, can_create_in, staged_dir, to_jsonable
+from sinkless._io import atomic_write_json, check_writable, staged_dir, to_jsonable
 from sinkless._version import __version__
 from sinkless.adapters import Adapter, adapter_for
 from sinkless.devices import autocast, resolve_amp, resolve_device
@@ -369,8 +369,6 @@ def _feature_loss(student_features: torch.Tensor, target: torch.Tensor, mse_weig
 # -- output folder ---------------------------------------------------------------------------------
 def _check_out(out: Path, resume: bool) -> bool:
     """Validate ``out`` before any work; returns whether it holds a finished result (resume: nothing to do)."""
-    if out.exists() and not out.is_dir():
-        raise SinklessError(f"--out {out} exists and is not a folder", fix="choose a folder path for the distilled model")
     finished = (out / LOG_NAME).exists() and (out / "config.json").exists()
     if finished and not resume:
         raise SinklessError(f"{out} already holds a distilled model", fix="choose a new --out folder (or pass --resume to keep it)")
@@ -378,9 +376,7 @@ def _check_out(out: Path, resume: bool) -> bool:
         raise SinklessError(f"{out} holds an unfinished distillation", fix="pass --resume to continue it, or choose a new --out folder")
     if out.is_dir() and not resume and any(out.iterdir()):
         raise SinklessError(f"--out {out} is not empty", fix="choose a new or empty folder: the model files would mix with what is there")
-    probe = out if out.is_dir() else next((p for p in out.absolute().parents if p.exists()), None)
-    if probe is None or not os.access(probe, os.W_OK | os.X_OK) or (probe.is_file()) or not can_create_in(probe):
-        raise SinklessError(f"cannot write to {out}", fix="choose a folder you can write to (check its permissions and the disk)")
+    check_writable(out, directory=True, what="--out")  # also: a file, not a folder
     return finished
 
 
