@@ -194,7 +194,7 @@ def test_read_only_output_folder(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
-@pytest.mark.parametrize("verb", ["scan", "fix", "compare", "distill", "denoise", "train-denoiser", "compare-attn"])
+@pytest.mark.parametrize("verb", ["scan", "fix", "compare", "distill", "denoise", "train-denoiser", "compare-attn", "train-attn"])
 def test_unwritable_system_folder(tmp_path, capsys, verb):
     """/proc refuses new files even for root: the output is refused before any work, not after."""
     photos(tmp_path / "imgs", 1)
@@ -207,6 +207,7 @@ def test_unwritable_system_folder(tmp_path, capsys, verb):
         "denoise": ["denoise", "--model", "planted-vit-tiny", str(tmp_path / "imgs"), "--out", out],
         "train-denoiser": ["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(tmp_path / "imgs"), "--out", out],
         "compare-attn": ["compare-attn", str(tmp_path / "imgs"), "--json", out + "/t.json"],  # refused before the runs are read
+        "train-attn": ["train-attn", "--variant", "gated", "--size", "tiny", "--out", out],
     }[verb]
     started = time.perf_counter()
     expect_error(argv, capsys, contains="cannot be written", root=tmp_path)  # one check and one message for every verb
