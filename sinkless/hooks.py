@@ -29,12 +29,24 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Site", "Hooks", "hooks", "stop_after", "Edit", "Reduce"]
+__all__ = ["Site", "Hooks", "hooks", "stop_after", "Edit", "ModuleEdit", "Reduce"]
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 """A function that receives the tensor at a site and returns its replacement (same or new shape)."""
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModuleEdit:
+    """An edit that is also given the module it runs on: ``fn(module, tensor) -> tensor``.
+
+    A persistent edit that reads the module's own parameters should be one: a closure over the module would
+    follow it into ``copy.deepcopy(model)``, where the copy's hook would still read the original's parameters
+    (functions are not copied); ``fn`` is handed whichever module is running.
+    """
+
+    fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """A function applied to a captured tensor before it is stored (e.g. token norms), to save memory."""
 
 _SITE = re.compile(r"^(?P<module>[\w.]*):(?P<port>input|output)(?:\[(?:(?P<index>\d+)|(?P<key>[A-Za-z_]\w*|\*))\])?$")
@@ -170,12 +182,14 @@ class Hooks(Mapping[str, torch.Tensor]):
         if site.key == _WHOLE:
             if edit is None:
                 raise ValueError(f"site {key}: the whole call can be edited, not captured")
+            if isinstance(edit, ModuleEdit):
+                raise ValueError(f"site {key}: a whole-call edit takes no module (use a tensor site)")
             self._attach_whole(module, site.port, edit)
             return
 
-        def handle(tensor: torch.Tensor) -> torch.Tensor | None:
+        def handle(tensor: torch.Tensor, running: nn.Module) -> torch.Tensor | None:
             if edit is not None:
-                return edit(tensor)
+                return edit.fn(running, tensor) if isinstance(edit, ModuleEdit) else edit(tensor)
             stored = tensor.detach() if self._detach else tensor
             if reducer is not None:
                 with torch.set_grad_enabled(not self._detach and torch.is_grad_enabled()):
@@ -185,28 +199,28 @@ class Hooks(Mapping[str, torch.Tensor]):
 
         if site.port == "input":
 
-            def pre_hook(_module, args, kwargs):
+            def pre_hook(running, args, kwargs):
                 if site.key is not None:  # a keyword input: edited or captured only when passed
                     if kwargs.get(site.key) is None:
                         return None
-                    new = handle(kwargs[site.key])
+                    new = handle(kwargs[site.key], running)
                     return None if new is None else (args, {**kwargs, site.key: new})
                 if args:
-                    new = handle(args[0])
+                    new = handle(args[0], running)
                     return None if new is None else ((new, *args[1:]), kwargs)
                 name = "hidden_states" if "hidden_states" in kwargs else next(
                     (k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None
                 )
                 if name is None:
                     raise RuntimeError(f"site {key}: the module was called without a tensor input")
-                new = handle(kwargs[name])
+                new = handle(kwargs[name], running)
                 return None if new is None else (args, {**kwargs, name: new})
 
             self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         else:
 
-            def post_hook(_module, _args, output):
-                new = handle(_get(output, site.index))
+            def post_hook(running, _args, output):
+                new = handle(_get(output, site.index), running)
                 return None if new is None else _put(output, site.index, new)
 
             self._handles.append(module.register_forward_hook(post_hook))

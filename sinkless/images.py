@@ -180,30 +180,38 @@ def expand_paths(inputs: Iterable[str], suffixes: Sequence[str] | None = None) -
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            try:
-                files = sorted(
-                    p for p in path.iterdir()
-                    if p.is_file() and not p.name.startswith(".") and (suffixes is None or p.suffix.lower() in suffixes)
-                )
-            except OSError as error:
-                raise SinklessError(f"cannot list folder {path} ({error.strerror or error})", fix="check its permissions") from None
-            files = _own_files(files, cache)
+            files = _folder_files(path, suffixes, cache)
             if not files:
                 raise SinklessError(f"directory {path} holds no input files", fix=f"expected files ending in {', '.join(suffixes or ['*'])}")
             found.extend(files)
         elif path.is_file():
             found.append(path)
         elif glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True) if Path(p).is_file())
+            # a pattern stands for what the shell would have passed: its files, and the input files of its folders
+            matches: list[Path] = []
+            for match in sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True)):
+                matches.extend([match] if match.is_file() else _folder_files(match, suffixes, cache) if match.is_dir() else [])
             matches = _own_files(matches, cache)
             if not matches:
                 raise SinklessError(f"no file matches {item!r}", fix="check the pattern (quote it so the shell does not expand it)")
-            found.extend(matches)
+            found.extend(dict.fromkeys(matches))  # '**' matches a folder and its files: each file once
         elif path.exists():
             raise SinklessError(f"input {item} is not a regular file or folder", fix="pass image/text files, folders or glob patterns")
         else:
             raise SinklessError(f"input not found: {item}", fix="pass existing files, directories or glob patterns")
     return found
+
+
+def _folder_files(path: Path, suffixes: Sequence[str] | None, cache: dict[Path, set[Path]]) -> list[Path]:
+    """The input files of the folder ``path`` (not its subfolders), sorted, without hidden files or sinkless's own outputs."""
+    try:
+        files = sorted(
+            p for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and (suffixes is None or p.suffix.lower() in suffixes)
+        )
+    except OSError as error:
+        raise SinklessError(f"cannot list folder {path} ({error.strerror or error})", fix="check its permissions") from None
+    return _own_files(files, cache)
 
 
 def _skimage(name: str) -> np.ndarray:

@@ -306,8 +306,11 @@ def train(
         if not in_step and result.steps_done > start_step:
             checkpoint_now()
             log.warning("interrupted at step %d: checkpoint saved, continue with --resume", result.steps_done)
+        elif checkpoint.exists():
+            log.warning("interrupted during step %d: the last checkpoint stays (continue with --resume)", result.steps_done + 1)
         else:
-            log.warning("interrupted during step %d: the last checkpoint stays (continue with --resume)", result.steps_done)
+            log.warning("interrupted during step %d, before the first checkpoint: nothing is kept to resume "
+                        "(run the command again)", result.steps_done + 1)
         raise
     finally:
         bar.close()

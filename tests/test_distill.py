@@ -992,12 +992,13 @@ def test_check_out_refusals_and_resume_rules(tmp_path, monkeypatch):
     assert _out_error(done) == (f"{done} already holds a distilled model", "choose a new --out folder (or pass --resume to keep it)")
     assert distill_module._check_out(done, True) is True
 
-    half = tmp_path / "half"  # a log but no model: not finished
+    half = tmp_path / "half"  # a log but no model: not finished, and nothing to resume either
     half.mkdir()
     (half / distill_module.LOG_NAME).write_text("{}")
-    assert distill_module._check_out(half, True) is False
     assert _out_error(half) == (f"--out {half} is not empty",
                                 "choose a new or empty folder: the model files would mix with what is there")
+    assert _out_error(half, resume=True) == (f"--out {half} is not empty and holds no distillation to resume",
+                                             "choose a new or empty folder: the model files would mix with what is there")
     only_config = tmp_path / "only_config"
     only_config.mkdir()
     (only_config / "config.json").write_text("{}")
@@ -1124,7 +1125,7 @@ def test_the_log_holds_the_job_data_settings_and_seconds(pooled, tiny, photos):
     assert log["precision"] == "bf16 autocast" and log["settings"]["amp"] is True and log["settings"]["cpu_amp"] is True
     assert "job_key" not in log and not any("job_key" in key.lower() for key in log)
     assert log["teacher"] == {"kind": "original"}
-    assert set(log) == {"sinkless_version", "job", "model", "student", "data", "distill_settings", "teacher", "trainable", "settings",
+    assert set(log) == {"sinkless_version", "job", "model", "model_key", "student", "data", "distill_settings", "teacher", "trainable", "settings",
                         "steps_done", "finished", "seconds", "resumed_from", "device", "torch_threads", "loss_curve", "out",
                         "cpu_seconds_this_run", "views", "precision"}
     student = copy.deepcopy(pooled.result.student)
@@ -1241,6 +1242,11 @@ def test_float32_run_and_a_finished_folder(tmp_path, tiny, photos):
         with pytest.raises(SinklessError, match="holds a finished distillation with other settings") as caught:
             distill(tiny, photos, out, DistillSettings(**{**PLAIN.to_dict(), **changed}), progress=False, resume=True)
         assert said in caught.value.problem and "new --out folder" in caught.value.fix
+    fewer = sorted(photos.glob("*.png"))[:3]  # the same settings on other images, or another model: another job
+    with pytest.raises(SinklessError, match=r"finished distillation of another job \(other training images\)"):
+        distill(tiny, [str(p) for p in fewer], out, PLAIN, progress=False, resume=True)
+    with pytest.raises(SinklessError, match=r"another job \(model planted-vit-tiny -> planted-vit-tiny-clean\)"):
+        distill("planted-vit-tiny-clean", photos, out, PLAIN, progress=False, resume=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the finished model untouched
     assert json.loads(json.dumps(to_jsonable(run.result.log))) == run.log and run.result.out == out
 

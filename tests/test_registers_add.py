@@ -402,3 +402,42 @@ def test_hooked_copy_has_its_own_config():
     new.config.id2label[0] = "changed"
     new.config.label2id["changed"] = 0
     assert model.config.id2label[0] == "LABEL_0" and "changed" not in model.config.label2id
+
+
+@pytest.mark.parametrize("options", [{"add_pooling_layer": False}, {"use_mask_token": True}, {"add_pooling_layer": False, "use_mask_token": True}])
+def test_vit_built_with_other_constructor_options(options):
+    """A ViTModel without its pooler (``ViTForImageClassification(...).vit``) or with a mask token is rebuilt as it was built."""
+    model = transformers.ViTModel(tiny_model("vit").config, **options).eval()
+    new = add_registers(model, 2)
+    assert (new.pooler is None) == (model.pooler is None)
+    assert (new.embeddings.mask_token is None) == (model.embeddings.mask_token is None)
+    kept = new.state_dict()
+    assert all(torch.equal(kept[name], value) for name, value in model.state_dict().items())
+    head = transformers.ViTForImageClassification(tiny_model("vit").config)
+    assert add_registers(head.vit, 1).pooler is None
+
+
+@pytest.mark.parametrize("family", ["vit", "clip_vision", "siglip_vision"])
+def test_a_deep_copy_uses_its_own_register_tokens(family):
+    import copy
+
+    model = add_registers(tiny_model(family).eval(), 3, std=0.5)
+    twin = copy.deepcopy(model)
+    inputs = tiny_inputs(model)
+    before = _out(twin, inputs)
+    with torch.no_grad():
+        model.get_submodule(adapter_for(model).patch_embed.rpartition(".")[0]).register_tokens.fill_(100.0)
+    assert torch.equal(_out(twin, inputs), before)  # the original's tokens do not reach the copy
+    assert not torch.equal(_out(model, inputs), before)
+    remove_registers(twin)  # the copy's hook comes off the copy, not the original
+    assert not _has_hooks(twin) and _has_hooks(model)
+
+
+def test_counts_of_numpy_integers_and_beyond_the_patches():
+    import numpy as np
+
+    model = tiny_model("vit")
+    assert adapter_for(add_registers(model, np.int64(2))).n_registers(add_registers(model, np.int64(2))) == 2
+    patches = (model.config.image_size // model.config.patch_size) ** 2
+    with pytest.raises(SinklessError, match=f"more tokens than the model's {patches} patches"):
+        add_registers(model, patches + 1)

@@ -213,6 +213,21 @@ def test_glob_matching_nothing(tmp_path, capsys):
                  contains="no file matches", root=tmp_path)
 
 
+def test_a_glob_matching_folders_takes_their_images(tmp_path):
+    """``'im*'`` stands for what the shell would pass (the folder ``imgs``): its images, as the folder itself gives."""
+    photos(tmp_path / "imgs", 2)
+    photos(tmp_path / "imgs" / "deeper", 1)  # a folder's subfolders are not read, by the folder or by the pattern
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    (tmp_path / "top.png").write_bytes((tmp_path / "imgs" / sorted(p.name for p in (tmp_path / "imgs").glob("*.png"))[0]).read_bytes())
+    suffixes = (".png",)
+    assert expand_paths([str(tmp_path / "im*")], suffixes) == expand_paths([str(tmp_path / "imgs")], suffixes)
+    assert expand_paths([str(tmp_path / "*")], suffixes) == [*expand_paths([str(tmp_path / "imgs")], suffixes), tmp_path / "top.png"]
+    recursive = expand_paths([str(tmp_path / "**")], suffixes)  # every image once (and the files it names: the text too)
+    assert len(recursive) == len(set(recursive)) and sorted(p.suffix for p in recursive) == [".png"] * 4 + [".txt"]
+    with pytest.raises(SinklessError, match="no file matches"):
+        expand_paths([str(tmp_path / "imgs" / "deep*" / "*.jpg")], suffixes)
+
+
 def test_broken_symlink(tmp_path, capsys):
     (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
     expect_error(["scan", str(tmp_path / "link.png"), "--model", "planted-vit-tiny", "--out", str(tmp_path / "out")], capsys,

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="training crops whose teacher targets are computed once (default 256; 0: new crops and targets every step, as PH-Reg)")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate, decayed exponentially to 5e-6 (default 1e-4)")
     parser.add_argument("--train-blocks", type=int, default=1, metavar="K", help="train the last K blocks (default 1)")
-    parser.add_argument("--train", metavar="PARTS", default="registers,positions,patch_embed,blocks",
+    parser.add_argument("--train", metavar="PARTS", default=None,
                         help="comma-separated parts to train, from registers, positions, patch_embed, blocks (the last --train-blocks), "
                              "last_block (the last block as a part of its own, for its own --part-lr), final_norm, all "
                              "(default: PH-Reg's registers,positions,patch_embed,blocks)")
@@ -106,12 +106,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_TRAIN = "registers,positions,patch_embed,blocks"  # PH-Reg's parts
+
+
 def _settings(args: argparse.Namespace, part_lr: list | None):
     from sinkless.registers.distill import DistillSettings
 
+    if args.train_all and args.train is not None:
+        raise SinklessError(f"--train-all and --train {args.train} both given", fix="keep one: --train-all trains every weight")
     return DistillSettings(
         registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
         pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every, amp=args.amp, part_lr=None if part_lr is None else tuple(part_lr), register_std=args.register_std,
-        mse_weight=args.mse_weight, key_weight=args.key_weight, teacher=args.teacher, teacher_neurons=args.teacher_neurons, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in args.train.split(",") if p.strip()),
+        mse_weight=args.mse_weight, key_weight=args.key_weight, teacher=args.teacher, teacher_neurons=args.teacher_neurons, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in (args.train or DEFAULT_TRAIN).split(",") if p.strip()),
     )

@@ -28,7 +28,9 @@ Shapes: B batch, N tokens, R registers, D width.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import numbers
 import logging
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from torch import nn
 
 from sinkless.adapters import Adapter, Modality, adapter_for
 from sinkless.errors import SinklessError
-from sinkless.hooks import Hooks
+from sinkless.hooks import Hooks, ModuleEdit
 
 __all__ = ["add_registers", "remove_registers", "restore_registers", "register_parameter_name", "DARCET_STD", "CONFIG_FIELD"]
 
@@ -79,9 +81,16 @@ def _supported(model: nn.Module) -> Adapter:
     return adapter
 
 
-def _check_count(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+def _check_count(n, model: nn.Module, adapter: Adapter) -> int:
+    """``n`` as an int: a whole number >= 1 (numpy's too) and at most the model's patches at its own image size."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise SinklessError(f"the number of registers must be a whole number >= 1, got {n!r}", fix="e.g. 4 (Darcet et al.) or 16 (PH-Reg)")
+    size = getattr(model.config, "image_size", None)
+    patches = (int(size) // adapter.patch_size(model)) ** 2 if isinstance(size, int) else None
+    if patches and n > patches:
+        raise SinklessError(f"{int(n)} registers are more tokens than the model's {patches} patches at its image size {size}",
+                            fix="e.g. 4 (Darcet et al.) or 16 (PH-Reg)")
+    return int(n)
 
 
 def _init_tokens(n: int, width: int, std: float, seed: int, like: torch.Tensor) -> torch.Tensor:
@@ -101,7 +110,7 @@ def add_registers(model: nn.Module, n: int = 4, *, std: float = DARCET_STD, seed
     N(0, std²) with ``seed``. The returned model is in the input's train/eval mode, device and dtype.
     """
     adapter = _supported(model)
-    _check_count(n)
+    n = _check_count(n, model, adapter)
     reference = next(model.parameters())
     if adapter.family in _NATIVE:
         new = _to_dinov2_with_registers(model, adapter, n, std, seed, reference)
@@ -140,12 +149,17 @@ def _hooked_copy(model: nn.Module, adapter: Adapter, n: int, std: float, seed: i
     config = copy.deepcopy(model.config)
     old = int(getattr(config, CONFIG_FIELD, 0) or 0)
     setattr(config, CONFIG_FIELD, 0)
-    new = type(model)(config)
+    new = type(model)(config, **_constructor_options(model))
     state = model.state_dict()
     name = register_parameter_name(model)
     previous = state.pop(name, None)
     result = new.load_state_dict(state, strict=False)
-    assert not result.missing_keys and not result.unexpected_keys, result
+    if result.missing_keys or result.unexpected_keys:  # a module tree the config alone does not rebuild
+        raise SinklessError(
+            f"cannot rebuild this {type(model).__name__} from its config (weights missing: {result.missing_keys[:3]}, "
+            f"unexpected: {result.unexpected_keys[:3]})",
+            fix="pass the model as from_pretrained builds it (a ViTModel, CLIPVisionModel or SiglipVisionModel)",
+        )
     tokens = _init_tokens(n, int(config.hidden_size), std, seed, reference)
     if old and previous is not None:
         tokens = torch.cat([previous.to(tokens), tokens], dim=1)  # (1, old + n, D)
@@ -153,19 +167,34 @@ def _hooked_copy(model: nn.Module, adapter: Adapter, n: int, std: float, seed: i
     return new
 
 
+def _constructor_options(model: nn.Module) -> dict:
+    """The constructor arguments besides the config that ``model`` was built with, read off its modules
+    (``ViTModel(config, add_pooling_layer=..., use_mask_token=...)``)."""
+    accepted = inspect.signature(type(model).__init__).parameters
+    options = {}
+    if "add_pooling_layer" in accepted:
+        options["add_pooling_layer"] = getattr(model, "pooler", None) is not None
+    if "use_mask_token" in accepted:
+        options["use_mask_token"] = getattr(getattr(model, "embeddings", None), "mask_token", None) is not None
+    return options
+
+
 def _attach(model: nn.Module, adapter: Adapter, tokens: torch.Tensor) -> None:
     """Give a ViT/CLIP/SigLIP model ``tokens`` (1, R, D) as registers: parameter, hook, config field."""
     path = _embeddings_path(adapter)
     embeddings = model.get_submodule(path)
     embeddings.register_parameter("register_tokens", nn.Parameter(tokens))
-    n_cls = adapter.n_cls
-
-    def insert(x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N + R, D)
-        registers = embeddings.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)  # (B, R, D)
-        return torch.cat([x[:, :n_cls], registers, x[:, n_cls:]], dim=1)
-
-    setattr(model, _HANDLE, Hooks(model, edit={f"{path}:output": insert}))
+    embeddings.sinkless_n_cls = adapter.n_cls  # where the registers go: right after CLS
+    setattr(model, _HANDLE, Hooks(model, edit={f"{path}:output": ModuleEdit(_insert_registers)}))
     setattr(model.config, CONFIG_FIELD, int(tokens.shape[1]))
+
+
+def _insert_registers(embeddings: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) embeddings output -> (B, N + R, D) with ``embeddings``' own register tokens after CLS (a
+    ``ModuleEdit``: a ``copy.deepcopy`` of the model inserts the copy's tokens)."""
+    registers = embeddings.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)  # (B, R, D)
+    n_cls = embeddings.sinkless_n_cls
+    return torch.cat([x[:, :n_cls], registers, x[:, n_cls:]], dim=1)
 
 
 def remove_registers(model: nn.Module) -> None:
@@ -178,6 +207,7 @@ def remove_registers(model: nn.Module) -> None:
     delattr(model, _HANDLE)
     embeddings = model.get_submodule(_embeddings_path(adapter_for(model)))
     del embeddings.register_tokens
+    del embeddings.sinkless_n_cls
     if hasattr(model.config, CONFIG_FIELD):
         delattr(model.config, CONFIG_FIELD)
 

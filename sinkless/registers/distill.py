@@ -155,7 +155,8 @@ class DistillSettings:
         for part, multiplier in self.part_lr or ():
             if part not in self.train or part == "all":
                 fix = (f"--part-lr takes a part's name ({', '.join(p for p in PARTS if p != 'all')}), not all" if part == "all"
-                       else f"add {part} to --train, or give --part-lr only for {', '.join(self.train)}")
+                       else f"add {part} to --train, or give --part-lr only for {', '.join(self.train)}" if part in PARTS
+                       else f"{part!r} is no part; --part-lr takes one of the trained parts: {', '.join(self.train)}")
                 raise SinklessError(f"part_lr names {part!r}, which is not among the trained parts {list(self.train)}", fix=fix)
             if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
                 raise SinklessError(f"the learning-rate multiplier of {part} must be a positive number, got {multiplier!r}")
@@ -374,10 +375,52 @@ def _check_out(out: Path, resume: bool) -> bool:
         raise SinklessError(f"{out} already holds a distilled model", fix="choose a new --out folder (or pass --resume to keep it)")
     if out.is_dir() and not resume and (out / STATE_DIR).exists():
         raise SinklessError(f"{out} holds an unfinished distillation", fix="pass --resume to continue it, or choose a new --out folder")
-    if out.is_dir() and not resume and any(out.iterdir()):
-        raise SinklessError(f"--out {out} is not empty", fix="choose a new or empty folder: the model files would mix with what is there")
+    if out.is_dir() and not finished and not (out / STATE_DIR).exists() and any(out.iterdir()):
+        raise SinklessError(f"--out {out} is not empty" + (" and holds no distillation to resume" if resume else ""),
+                            fix="choose a new or empty folder: the model files would mix with what is there")
     check_writable(out, directory=True, what="--out")  # also: a file, not a folder
     return finished
+
+
+def _read_log(out: Path) -> dict:
+    try:
+        logged = json.loads((out / LOG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SinklessError(f"cannot read {out / LOG_NAME}: {error}", fix="choose a new --out folder (this one's log is damaged)") from None
+    if not isinstance(logged, dict):
+        raise SinklessError(f"{out / LOG_NAME} is not a distillation log (a JSON object)", fix="choose a new --out folder")
+    return logged
+
+
+def _model_key(model) -> str:
+    """What names a model for resuming, however it was spelled: a zoo name or hub id as given, a local folder by its
+    real path (``student`` from one folder and ``/abs/student`` from another are the same model), a loaded model by
+    its name."""
+    from sinkless.zoo import ZOO
+
+    if not isinstance(model, (str, os.PathLike)):
+        return str(getattr(model, "name", None) or type(model).__name__)
+    text = os.fspath(model)
+    if text in ZOO:
+        return text
+    local = Path(text).expanduser()
+    return os.path.realpath(local) if local.exists() else text
+
+
+def _check_finished_job(out: Path, logged: dict, model, pictures: Sequence[Image.Image]) -> None:
+    """``--resume`` on a finished run with the same settings: refused when the model or the images differ (the finished
+    model is of other ones), as a checkpoint is."""
+    changed = []
+    if "model_key" in logged and logged["model_key"] != _model_key(model):
+        changed.append(f"model {logged['model_key']} -> {_model_key(model)}")
+    digest = (logged.get("data") or {}).get("digest") if isinstance(logged.get("data"), dict) else None
+    if digest is not None and digest != _identity(pictures):
+        changed.append("other training images")
+    if changed:
+        raise SinklessError(
+            f"{out} holds a finished distillation of another job ({', '.join(changed)})",
+            fix="choose a new --out folder for this one (or resume with the first run's command line)",
+        )
 
 
 def _check_finished_settings(out: Path, logged: dict, settings: DistillSettings) -> None:
@@ -436,15 +479,17 @@ def distill(
     """
     from sinkless import zoo
 
-    out = Path(out)
+    out = Path(out).expanduser()
     finished = _check_out(out, resume)
     if finished:
-        logged = json.loads((out / LOG_NAME).read_text())
+        logged = _read_log(out)
         _check_finished_settings(out, logged, settings)
-        log.warning("%s already holds this distillation, finished: nothing to do", out)
-        return DistillResult(out, logged)
     device = resolve_device(device)
     pictures, names = load_images(images)
+    if finished:
+        _check_finished_job(out, logged, model, pictures)
+        log.warning("%s already holds this distillation, finished: nothing to do", out)
+        return DistillResult(out, logged)
     held = load_images(heldout)[0] if heldout is not None else []
     loaded = zoo.load(model) if isinstance(model, str) else as_loaded(model)  # a name / folder, a Loaded or a model object
     teacher, adapter, spec = loaded.model, loaded.adapter, loaded.image_spec
@@ -480,7 +525,8 @@ def distill(
         "job": "distill", "model": loaded.name, "student": type(student).__name__, "data": data,
         "distill_settings": settings.to_dict(), "teacher": teacher_info, "trainable": {"parts": list(settings.train), "parameters": sum(p.numel() for p in params.values())},
         # what a checkpoint must match to be resumed (the step budget and bookkeeping may change, as in training.py)
-        "job_key": {"model": loaded.name, "source": loaded.source, "data": data,
+        "model_key": _model_key(model),
+        "job_key": {"model": _model_key(model), "data": {k: v for k, v in data.items() if k != "images"},
                     "settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "log_every")}},
     }
 

@@ -76,18 +76,43 @@ class _Swap(contextlib.AbstractContextManager):
         return None
 
 
-def _with_registers(path: str, flag: str):
-    """A model folder / hub id that carries trained registers, loaded through the zoo (which restores them)."""
+def _with_registers(path: str, flag: str, loaded):
+    """A model folder / hub id that carries trained registers, loaded through the zoo (which restores them) on
+    ``loaded``'s device and in its precision, and checked to be ``loaded``'s architecture with registers."""
     from sinkless import zoo
 
-    other = zoo.load(path)
+    first = next(loaded.model.parameters())
+    other = zoo.load(path, dtype=first.dtype, device=first.device)
     if other.adapter.modality.value != "vision" or other.adapter.n_registers(other.model) == 0:
         raise SinklessError(
             f"{flag} {path}: this {type(other.model).__name__} has no register tokens",
             fix="pass the folder written by `sinkless distill`, an add_registers model, or a DINOv2-with-registers checkpoint",
         )
+    shape = {"blocks": lambda x: x.adapter.num_layers(x.model), "patch size": lambda x: x.adapter.patch_size(x.model),
+             "width": lambda x: x.model.config.hidden_size}
+    differ = [f"{what} {get(other)} vs {get(loaded)}" for what, get in shape.items() if get(other) != get(loaded)]
+    if differ:
+        raise SinklessError(
+            f"{flag} {path} is not {loaded.name} with registers: {', '.join(differ)} (--model's on the right); a row "
+            "beside --model's would be another model's, scored with --model's layer and patch size",
+            fix="pass a model of --model's architecture with registers, or run compare once per model",
+        )
     other.name = path
     return other
+
+
+def _distill_log(folder: Path) -> dict | None:
+    """The ``distill_log.json`` of a distilled model folder (None: there is none); a clear error when it is not a JSON object."""
+    log_file = folder / "distill_log.json"
+    if not log_file.exists():
+        return None
+    try:
+        record = json.loads(log_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SinklessError(f"cannot read {log_file}: {error}", fix="restore the folder `sinkless distill` wrote, or distil again") from None
+    if not isinstance(record, dict):
+        raise SinklessError(f"{log_file} is not a distillation log (a JSON object)", fix="restore the folder `sinkless distill` wrote, or distil again")
+    return record
 
 
 def _registers(loaded, images, registers_model: str | None = None) -> AbstractContextManager:
@@ -97,7 +122,7 @@ def _registers(loaded, images, registers_model: str | None = None) -> AbstractCo
             "--fix registers compares a model trained with registers: none given",
             fix="pass --registers-model PATH (a `sinkless distill` folder, or e.g. facebook/dinov2-with-registers-small)",
         )
-    other = _with_registers(registers_model, "--registers-model")
+    other = _with_registers(registers_model, "--registers-model", loaded)
     info = {"registers_model": registers_model, "architecture": type(other.model).__name__,
             "n_registers": other.adapter.n_registers(other.model)}
     return _Applied(_Swap(other), info)
@@ -107,13 +132,12 @@ def _distilled(loaded, images, distilled: str | None = None) -> AbstractContextM
     """Self-distilled registers, PH-Reg (Chen et al. 2025): a finished `sinkless distill` folder (`--distilled DIR`),
     or distilled here (cached) on bundled photos that are not among the evaluation images."""
     if distilled:
-        other, source = _with_registers(distilled, "--distilled"), distilled
+        other, source = _with_registers(distilled, "--distilled", loaded), distilled
     else:
         other, source = _distill_cached(loaded, images)
     info = {"distilled": source, "architecture": type(other.model).__name__, "n_registers": other.adapter.n_registers(other.model)}
-    log_file = Path(other.source) / "distill_log.json" if other.source else None
-    if log_file is not None and log_file.exists():
-        record = json.loads(log_file.read_text())
+    record = _distill_log(Path(other.source)) if other.source else None
+    if record is not None:
         info.update(teacher=record.get("model"), steps=record.get("steps_done"), training_images=record.get("data", {}).get("images"),
                     targets_from=(record.get("teacher") or {"kind": "original"}).get("kind"))  # original (PH-Reg) or ttr
     return _Applied(_Swap(other), info)
@@ -131,15 +155,16 @@ def _distill_cached(loaded, images):
     if not photos:
         raise SinklessError("every bundled training photo is among the evaluation images", fix="distill on other photos and pass --distilled DIR")
     settings = PHOTO_SETTINGS
+    first = next(loaded.model.parameters())
     text = json.dumps({"weights": fingerprint(loaded.model), "photos": [n for n, _ in photos], "settings": settings.to_dict()}, sort_keys=True)
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     name = "distilled-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.name)[-60:] + "-" + key[:8]
     log.info("distilling %s on %d bundled photos (not among the evaluation images); cached for later runs", loaded.name, len(photos))
-    device = next(loaded.model.parameters()).device
+    device = first.device
     # into a subfolder: the cache holds its build folder locked, and distill's own staged write locks its output folder
     entry = zoo.cached(name, key, lambda tmp: distill(loaded, photos, tmp / "model", settings, device=device, progress=True))
     folder = entry / "model"
-    other = zoo.load(str(folder))
+    other = zoo.load(str(folder), dtype=first.dtype, device=first.device)
     other.name = f"{loaded.name}+distilled"
     return other, str(folder)
 
