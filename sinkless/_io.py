@@ -169,6 +169,9 @@ def _check_writable(path: Path, directory: bool, what: str) -> Path:
     from sinkless.errors import SinklessError
 
     kind = "folder" if directory else "file"
+    if directory and path.is_symlink() and not path.exists():
+        raise SinklessError(f"{what} {path} is a link to {os.readlink(path)}, which does not exist",
+                            fix=f"create the folder it points to, or choose another folder for {what}")
     if path.exists():
         if directory and not path.is_dir():
             raise SinklessError(f"{what} {path} is an existing file, not a folder", fix=f"choose a folder for {what} (it is created if missing)")
@@ -225,6 +228,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         os.fchmod(fd, mode)
         yield tmp
+        os.chmod(tmp, mode)  # again: a writer that replaced the file by name (safetensors) made it 0600
         with deferred_signals():
             os.replace(tmp, path)
     except BaseException as error:
@@ -358,6 +362,8 @@ def _merge(stage: Path, out: Path, kind: str) -> None:
         if target.is_dir() and not target.is_symlink():
             raise SinklessError(f"cannot write {target}: a folder of that name exists", fix="move that folder away or choose another output folder")
         target.parent.mkdir(parents=True, exist_ok=True)
+        # an ordinary file's permissions, whichever writer made it (safetensors and mkstemp make 0600 files)
+        os.chmod(stage / rel, target.stat().st_mode & 0o7777 if target.is_file() else default_mode())
         os.replace(stage / rel, target)
     for rel, info in previous.items():
         if rel in written or not isinstance(info, dict) or not _inside(rel):

@@ -202,6 +202,20 @@ def expand_paths(inputs: Iterable[str], suffixes: Sequence[str] | None = None) -
     return found
 
 
+def unique_names(names: Sequence[str], reserved: Sequence[str] = ()) -> list[str]:
+    """One name per item, for output files: a repeated name gets _2, _3, ... skipping every name given or already
+    used (``x``, ``x``, ``x_2`` -> ``x``, ``x_3``, ``x_2``) and the ``reserved`` ones (an output's own files)."""
+    given, taken, out = set(names), set(reserved), []
+    for name in names:
+        candidate, k = name, 1
+        while candidate in taken or (candidate != name and candidate in given):
+            k += 1
+            candidate = f"{name}_{k}"
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
 def _folder_files(path: Path, suffixes: Sequence[str] | None, cache: dict[Path, set[Path]]) -> list[Path]:
     """The input files of the folder ``path`` (not its subfolders), sorted, without hidden files or sinkless's own outputs."""
     try:

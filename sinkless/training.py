@@ -149,19 +149,31 @@ class TrainResult:
         }
 
 
-def _fingerprint(settings: TrainSettings, names: list[str], meta: dict, scales: dict[str, float]) -> str:
-    """What must match for a checkpoint to be resumed: everything but the step budget and bookkeeping."""
-    keep = {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "log_every")}
+def _job(settings: TrainSettings, names: list[str], meta: dict, scales: dict[str, float]) -> dict:
+    """What must match for a checkpoint to be resumed: everything but the step budget (and the warm-up derived from
+    it) and bookkeeping."""
+    keep = {k: v for k, v in settings.to_dict().items() if k not in ("steps", "warmup", "checkpoint_every", "log_every")}
     job = {"settings": keep, "params": names, "job": meta.get("job_key", meta)}
     if scales:  # absent when unused, so checkpoints written before lr_scale existed still resume
         job["lr_scale"] = scales
-    text = json.dumps(job, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json.loads(json.dumps(job, sort_keys=True, default=str))
 
 
-def _save(path: Path, params: Mapping[str, torch.Tensor], optimizer, extra: Mapping[str, Stateful], result: TrainResult, key: str) -> None:
+def _fingerprint(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(before, now, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two job dicts (a checkpoint's and this run's)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(before) | set(now)) for d in _differences(before.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if before == now else [prefix.rstrip(".")]
+
+
+def _save(path: Path, params: Mapping[str, torch.Tensor], optimizer, extra: Mapping[str, Stateful], result: TrainResult, job: dict) -> None:
     state = {
-        "key": key,
+        "key": _fingerprint(job),
+        "job": job,
         "step": result.steps_done,
         "params": {name: p.detach().cpu().clone() for name, p in params.items()},
         "optimizer": optimizer.state_dict(),
@@ -175,14 +187,18 @@ def _save(path: Path, params: Mapping[str, torch.Tensor], optimizer, extra: Mapp
         torch.save(state, tmp)
 
 
-def _load(path: Path, key: str) -> dict:
+def _load(path: Path, job: dict) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a truncated or foreign file
-        raise SinklessError(f"cannot read the checkpoint {path} ({type(error).__name__})", fix="delete it to start over, or drop --resume") from None
-    if state.get("key") != key:
+        raise SinklessError(f"cannot read the checkpoint {path} ({type(error).__name__})",
+                            fix=f"delete {path.name} and run the same command with --resume to train from step 0 (the folder's "
+                                "other files are kept), or use a new --out folder") from None
+    if not isinstance(state, dict) or state.get("key") != _fingerprint(job):
+        differ = _differences(state.get("job"), job) if isinstance(state, dict) and isinstance(state.get("job"), dict) else []
+        said = f" (differs: {', '.join(d.removeprefix('job.').removeprefix('settings.') for d in differ[:4])})" if differ else ""
         raise SinklessError(
-            f"the checkpoint in {path.parent} was made with other settings, data or model",
+            f"the checkpoint in {path.parent} was made with other settings, data or model{said}",
             fix="resume with the same command line as the first run, or use a new --out folder",
         )
     return state
@@ -225,7 +241,7 @@ def train(
     unknown = sorted(set(scales) - set(names))
     if unknown:
         raise ValueError(f"lr_scale names parameters that are not trained: {unknown}")
-    key = _fingerprint(settings, names, meta, scales)
+    job = _job(settings, names, meta, scales)
     # one group per distinct learning-rate multiplier (a single group when none is given)
     by_scale: dict[float, list[str]] = {}
     for name in names:
@@ -238,7 +254,7 @@ def train(
     if checkpoint.exists():
         if not resume:
             raise SinklessError(f"{out} already holds a checkpoint of an earlier run", fix="pass --resume to continue it, or choose a new --out folder")
-        state = _load(checkpoint, key)
+        state = _load(checkpoint, job)
         with torch.no_grad():
             for name in names:
                 params[name].copy_(state["params"][name].to(params[name]))
@@ -258,7 +274,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint_now() -> None:
-        _save(checkpoint, params, optimizer, extra, result, key)
+        _save(checkpoint, params, optimizer, extra, result, job)
         atomic_write_json(out / LOG, result.to_dict())
 
     start_step = result.steps_done

@@ -160,3 +160,45 @@ def test_ttr_fix_end_to_end(tmp_path, capsys):
     assert "ttr" in stdout
     found, _ = compare(zoo.load("planted-vit-tiny"), "zeroseg", "synthetic", ["ttr"], limit=2, progress=False)
     assert found.results[0].settings["source"].startswith("found on")
+
+
+def test_a_registers_model_of_another_architecture_is_refused(tmp_path, capsys):
+    """Its row would be another model's, scored with --model's layer and patch size."""
+    from conftest import tiny_model
+
+    from sinkless.registers import add_registers
+
+    add_registers(tiny_model("vit"), 2).save_pretrained(tmp_path / "other")
+    code = cli.main(["compare", "--model", "planted-vit-tiny", "--fix", "none", "--fix", "registers", "--registers-model",
+                     str(tmp_path / "other"), "--task", "lost", "--data", "synthetic", "--limit", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not planted-vit-tiny with registers" in err and "Traceback" not in err
+
+
+def test_a_damaged_distill_log_is_one_error(tmp_path, capsys):
+    from sinkless.registers import add_registers
+
+    student = add_registers(zoo.load("planted-vit-tiny").model, 2)
+    student.save_pretrained(tmp_path / "student")
+    for text in ("{oops", "[1, 2]"):
+        (tmp_path / "student" / "distill_log.json").write_text(text)
+        code = cli.main(["compare", "--model", "planted-vit-tiny", "--fix", "distilled", "--distilled", str(tmp_path / "student"),
+                         "--task", "lost", "--data", "synthetic", "--limit", "2", "--resamples", "0"])
+        err = capsys.readouterr().err
+        assert code == 2 and "distill_log.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags", [["--split", "val"], ["--images", "/nonexistent"]])
+def test_data_flags_that_do_not_apply_are_refused(capsys, flags):
+    code = cli.main(["compare", "--model", "planted-vit-tiny", "--task", "lost", "--data", "synthetic", "--limit", "2", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{flags[0]} does not apply" in err
+
+
+def test_the_registers_model_follows_the_models_precision(tmp_path):
+    from sinkless.registers import add_registers
+
+    add_registers(zoo.load("planted-vit-tiny").model, 2).save_pretrained(tmp_path / "student")
+    loaded = zoo.load("planted-vit-tiny", dtype="bfloat16")
+    other = fixes._with_registers(str(tmp_path / "student"), "--registers-model", loaded)
+    assert next(other.model.parameters()).dtype == torch.bfloat16

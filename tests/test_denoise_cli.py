@@ -204,3 +204,90 @@ def test_a_naflex_model_is_refused_with_nothing_written(images, tmp_path, capsys
     _fails(["denoise", "--train-denoiser", "--model", model, "--images", str(images), "--out", str(out), *FAST], capsys, "NaFlex")
     _fails(["compare", "--model", model, "--fix", "dvt", "--task", "probe", "--data", "synthetic", "--limit", "2"], capsys, "NaFlex")
     assert not out.exists()
+
+
+def _png(path, seed):
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_stage1_never_writes_over_its_inputs_or_one_image_over_another(tmp_path, capsys):
+    from safetensors import safe_open
+
+    folder = tmp_path / "in"
+    a = _png(folder / "a.png", 0)
+    before = a.read_bytes()
+    _fails(["denoise", "--model", "planted-vit-tiny", str(folder), "--out", str(folder), *FAST], capsys, "is a folder of the input images")
+    assert a.read_bytes() == before
+    # x in two folders and an x_2 beside them, and an image called artifact: five results, none lost
+    inputs = [_png(tmp_path / "A" / "x.png", 1), _png(tmp_path / "B" / "x.png", 2), _png(tmp_path / "C" / "x_2.png", 3),
+              _png(tmp_path / "D" / "artifact.png", 4)]
+    out = tmp_path / "out"
+    assert main(["-q", "denoise", "--model", "planted-vit-tiny", *map(str, inputs), "--out", str(out), "--no-figures", *FAST]) == 0
+    assert "(features, denoise.json)" in capsys.readouterr().out
+    report = json.loads((out / "denoise.json").read_text())
+    names = [row["image"] for row in report["images"]]
+    assert names == ["x", "x_3", "x_2", "artifact_2"]
+    for name in names:
+        with safe_open(str(out / f"{name}.safetensors"), "pt") as handle:
+            assert set(handle.keys()) >= {"raw", "clean", "artifact"} and handle.metadata()["image"] == name
+    with safe_open(str(out / "artifact.safetensors"), "pt") as handle:
+        assert set(handle.keys()) == {"artifact"}
+
+
+def test_stage1_in_half_precision(tmp_path, capsys):
+    """A float16 model on a CPU with bf16 autocast: the crops run in the model's own precision (was a traceback)."""
+    image = _png(tmp_path / "a.png", 0)
+    assert main(["-q", "denoise", "--model", "planted-vit-tiny", str(image), "--out", str(tmp_path / "o"), "--dtype", "float16", *FAST]) == 0
+
+
+def test_stage2_refusals_before_any_work(images, tmp_path, capsys):
+    base = ["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--train-steps", "4", "--batch-size", "2", *FAST]
+    out = tmp_path / "den"
+    # a denoiser of an inner layer's output could never be applied
+    _fails([*base, "--images", str(images), "--out", str(out), "--layer", "1"], capsys, "needs the last layer")
+    # the images folder itself, a folder of other files
+    _fails([*base, "--images", str(images), "--out", str(images)], capsys, "is the --images folder")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.txt").write_text("mine")
+    for resume in ([], ["--resume"]):
+        _fails([*base, "--images", str(images), "--out", str(other), *resume], capsys, "not empty and holds no denoiser run")
+    assert sorted(p.name for p in other.iterdir()) == ["README.txt"]
+    # Stage-2 flags without --train-denoiser
+    for flag in (["--lr", "0.5"], ["--batch-size", "9"]):
+        _fails(["denoise", "--model", "planted-vit-tiny", str(images), "--out", str(out), *flag], capsys, f"{flag[0]} only applies")
+
+
+def test_stage2_resume_with_other_images_or_a_damaged_fit(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        _png(folder / f"b{i}.png", i)
+    out = tmp_path / "den"
+    base = ["denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", str(folder), "--out", str(out),
+            "--train-steps", "4", "--batch-size", "2", *FAST]
+    assert main(["-q", *base]) == 0
+    capsys.readouterr()
+    fits = sorted((out / "stage1").glob("*.safetensors"))
+    _png(folder / "a.png", 9)  # one more image: refused before Stage 1 fits anything
+    _fails([*base, "--resume"], capsys, "made with other images")
+    assert sorted((out / "stage1").glob("*.safetensors")) == fits
+    (folder / "a.png").unlink()
+    fits[0].write_bytes(fits[0].read_bytes()[:100])
+    _fails([*base, "--resume"], capsys, "cannot read the Stage-1 fit")
+    fits[0].unlink()  # the fix it gives: delete it and resume
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    assert main(["-q", *base, "--resume"]) == 0
+
+
+def test_tilde_in_images_and_denoiser(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for i in range(2):
+        _png(tmp_path / "pics" / f"p{i}.png", i)
+    assert main(["-q", "denoise", "--train-denoiser", "--model", "planted-vit-tiny", "--images", "~/pics", "--out", "~/den",
+                 "--train-steps", "2", "--batch-size", "2", *FAST]) == 0
+    assert main(["-q", "compare", "--model", "planted-vit-tiny", "--fix", "dvt", "--denoiser", "~/den", "--task", "probe",
+                 "--data", "synthetic", "--limit", "2", "--resamples", "0"]) == 0

@@ -176,6 +176,22 @@ def test_outputs_follow_the_umask(tmp_path, capsys, mask, file_mode, dir_mode):
     assert (tmp_path / "single").stat().st_mode & 0o777 == dir_mode
 
 
+def test_safetensors_outputs_follow_the_umask_too(tmp_path):
+    """safetensors writes its files 0600 (by name, past atomic_path's fchmod): staged and atomic outputs get the umask's mode."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sinkless._io import atomic_path, staged_dir
+
+    with umask_is(0o022):
+        with atomic_path(tmp_path / "one.safetensors", suffix=".safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        with staged_dir(tmp_path / "out") as stage:
+            save_file({"x": torch.zeros(2)}, str(stage / "two.safetensors"))
+    assert (tmp_path / "one.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out" / "two.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_an_existing_file_keeps_its_permissions(tmp_path):
     target = tmp_path / "private.json"
     target.write_text("{}")

@@ -421,3 +421,10 @@ def test_stream_on_gpt2_names_what_stream_can_do(tmp_path, capsys):
     err = expect_error(["stream", "--model", str(folder), "--prompt", "w1 w2", "--sinks", "1", "--window", "4"], capsys,
                        contains=["has no rotary position embeddings", "sinkless ppl --mode full"], root=tmp_path)
     assert "--mode full / recompute" not in capsys.readouterr().err + err
+
+
+def test_a_dangling_link_as_the_output_folder(tmp_path, capsys):
+    photos(tmp_path / "imgs", 1)
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    expect_error(["scan", str(tmp_path / "imgs"), "--model", "planted-vit-tiny", "--out", str(tmp_path / "link")], capsys,
+                 contains=f"is a link to {tmp_path / 'nowhere'}, which does not exist", root=tmp_path)

@@ -267,3 +267,17 @@ def test_synthetic_scenes_are_deterministic_and_independent_of_n():
         assert np.array_equal(sa.mask, sb.mask) and np.array_equal(sa.boxes, sb.boxes)
     assert len(synthetic_scenes()) == SceneSpec().n
     assert not np.array_equal(np.asarray(render_scene(0, SceneSpec(seed=1)).image), np.asarray(a[0].image))
+
+
+def test_images_of_one_name_in_two_folders_get_distinct_names():
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from sinkless.tasks.dataset import Dataset, Sample
+
+    def sample(name):
+        return lambda: Sample(name, PILImage.new("RGB", (8, 8)), np.zeros((0, 4)))
+
+    data = Dataset("d", "folder", ["x", "x", "x_2"], [sample("x"), sample("x"), sample("x_2")], ["background"])
+    assert data.names == ["x", "x_3", "x_2"] and [s.name for s in data] == data.names
+    assert data.limit(2).names == ["x", "x_3"]

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/denoiser.safetensors, config.json, train_log.json")
         return 0
     stray = [flag for flag, value in (("--images", args.images), ("--resume", args.resume), ("--train-steps", args.train_steps),
-                                      ("--holdout", args.holdout), ("--limit", args.limit),
+                                      ("--batch-size", args.batch_size), ("--lr", args.lr), ("--holdout", args.holdout), ("--limit", args.limit),
                                       ("--view-pairs", args.view_pairs), ("--init", args.init), ("--select", args.select), ("--target", args.target)) if value not in (None, False)]
     if stray:
         raise SinklessError(f"{stray[0]} only applies with --train-denoiser", fix="add --train-denoiser, or drop it")
@@ -109,5 +109,6 @@ def run(args: argparse.Namespace) -> int:
     for row in report["images"]:
         print(f"{row['image']}: {row['timings']['total_s']:.1f} s, |G| = {row['artifact_norm_mean']:.2f} "
               f"({100 * row['artifact_relative']:.1f} % of |raw|), cosine raw-clean {row['cosine_raw_clean']:.3f}")
-    print(f"wrote {len(report['images'])} image(s) to {args.out} (features, figures, artifact.png, denoise.json)")
+    written = "features, denoise.json" if args.no_figures else "features, figures, artifact.png, denoise.json"
+    print(f"wrote {len(report['images'])} image(s) to {args.out} ({written})")
     return 0

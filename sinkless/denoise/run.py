@@ -21,6 +21,7 @@ from sinkless.denoise.train import DenoiserSettings, check_writable, collect_ima
 from sinkless.denoise.views import check_model
 from sinkless.devices import resolve_device, resolve_dtype
 from sinkless.errors import SinklessError
+from sinkless.images import IMAGE_SUFFIXES, expand_paths, unique_names
 
 __all__ = ["denoise_files", "train_from_folder", "LOG_NAME"]
 
@@ -37,13 +38,20 @@ def _load(model, device, dtype):
     return loaded
 
 
+RESERVED = ("artifact",)  # the mean artifact's files: an image of that name is written as artifact_2
+
+
 def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
-    return out
+    return unique_names(names, reserved=RESERVED)
+
+
+def _check_not_inputs(out, inputs) -> None:
+    """``--out`` must not be a folder of the input images: the per-image figures (NAME.png) would replace them."""
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    target = os.path.realpath(os.path.expanduser(out))
+    if target in {os.path.realpath(path.parent) for path in expand_paths([str(i) for i in inputs], IMAGE_SUFFIXES)}:
+        raise SinklessError(f"--out {out} is a folder of the input images: the figures NAME.png would replace them",
+                            fix="choose another --out folder (a new subfolder is fine)")
 
 
 def denoise_files(
@@ -60,8 +68,9 @@ def denoise_files(
     """Stage 1 on every image of ``inputs``; writes per image ``<name>.safetensors`` (raw, clean, artifact,
     residual: (h, w, D) each) and ``<name>.png`` (raw | clean | artifact | residual), the mean artifact over
     the images (``artifact.safetensors``, ``artifact.png``) and ``denoise.json`` (settings, timings, summaries)."""
-    check_writable(out)
+    out = check_writable(out)
     images = collect_images(inputs)
+    _check_not_inputs(out, inputs)
     loaded = _load(model, device, dtype)
     names = _unique([name for name, _ in images])
     started = time.perf_counter()
@@ -110,7 +119,10 @@ def train_from_folder(
     progress: bool = True,
 ) -> dict:
     """``sinkless denoise --train-denoiser``: the Stage-2 denoiser of ``model`` from the images in the folder ``images``."""
-    check_writable(out)
+    out = check_writable(out)
+    images = os.path.expanduser(images)
+    if os.path.realpath(images) == os.path.realpath(out):
+        raise SinklessError(f"--out {out} is the --images folder", fix="choose another --out folder (the denoiser's files would mix with the images)")
     if not os.path.isdir(images):
         raise SinklessError(f"--images {images} is not a folder", fix="pass a folder of image files")
     found = collect_images([str(images)])

@@ -150,7 +150,7 @@ def load_denoiser(path: str | os.PathLike, *, device: str | torch.device = "cpu"
     """A saved denoiser from its folder (or its ``.safetensors`` file); clear errors for anything else."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path = Path(path).expanduser()
     weights = path / WEIGHTS if path.is_dir() else path
     if not weights.is_file():
         raise SinklessError(

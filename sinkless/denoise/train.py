@@ -133,13 +133,22 @@ def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, prog
 
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "settings.json"
-    wanted = {"model": loaded.name, "stage1_settings": settings.to_dict(), "view_pairs": view_pairs}
+    wanted = {"model": loaded.name, "stage1_settings": settings.to_dict(), "view_pairs": view_pairs, "images": [n for n, _ in images]}
     if manifest.exists():
         import json
 
-        if json.loads(manifest.read_text()) != json.loads(json.dumps(wanted)):
-            raise SinklessError(f"the Stage-1 targets in {folder} were made with another model or other Stage-1 settings",
-                                fix="resume with the same command line as the first run, or use a new --out folder")
+        try:
+            stored = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SinklessError(f"cannot read {manifest} ({error})", fix=f"delete the folder {folder} (Stage 1 is fitted again) "
+                                "or use a new --out folder") from None
+        stored = stored if isinstance(stored, dict) else {}
+        if "images" not in stored:  # written before the image list was kept
+            wanted.pop("images")
+        if stored != json.loads(json.dumps(wanted)):
+            what = "other images" if stored.get("images", wanted.get("images")) != wanted.get("images") else "another model or other Stage-1 settings"
+            raise SinklessError(f"the Stage-1 targets in {folder} were made with {what}",
+                                fix="resume with the same command line (and images) as the first run, or use a new --out folder")
     else:
         atomic_write_json(manifest, wanted)
     if target == "raw-minus-artifact":  # before any fitting: every stored fit must hold G
@@ -156,7 +165,11 @@ def _stage1_targets(loaded, images, folder: Path, settings: Stage1Settings, prog
     for i, (name, image) in enumerate(tqdm(images, desc="stage 1 targets", disable=not progress)):
         path = _target_path(folder, i, name)
         if path.exists():
-            tensors = load_file(str(path))
+            try:
+                tensors = load_file(str(path))
+            except Exception as error:  # a truncated or foreign file (safetensors raises its own error type)
+                raise SinklessError(f"cannot read the Stage-1 fit {path} ({error})",
+                                    fix="delete it and run the same command with --resume: that image is fitted again") from None
         else:
             result = denoise_image(loaded, image, settings, view_pairs=view_pairs)
             tensors = {"raw": result.raw.contiguous(), "clean": result.clean.contiguous(), "artifact": result.artifact.contiguous()}
@@ -198,8 +211,16 @@ def train_denoiser(
     if settings.holdout >= len(images):
         raise SinklessError(f"--holdout {settings.holdout} leaves no training image out of {len(images)}",
                             fix=f"pass --holdout below {len(images)} (the number of images), or add images")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise SinklessError(f"{out} already holds files of an earlier run", fix="pass --resume to continue it, or choose a new --out folder")
+    if out.is_dir() and any(out.iterdir()):
+        earlier = any((out / name).exists() for name in (TARGETS, LOG, "checkpoint.pt", WEIGHTS, CONFIG))
+        if not earlier:
+            raise SinklessError(f"--out {out} is not empty and holds no denoiser run" + (" to resume" if resume else ""),
+                                fix="choose a new or empty folder: the denoiser's files would mix with what is there")
+        if not resume:
+            raise SinklessError(f"{out} already holds files of an earlier run", fix="pass --resume to continue it, or choose a new --out folder")
+    from sinkless.denoise.hook import feature_site
+
+    feature_site(loaded, stage1.features, stage1.layer)  # a denoiser that could not be applied is refused before any work
     device = resolve_device(device)
     loaded.model.to(device)
     started = time.perf_counter()

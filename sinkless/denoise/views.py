@@ -170,7 +170,9 @@ def make_views(
     height, width = pixels.shape[-2:]
     boxes = sample_boxes(n_views, generator, scale=scale, ratio=ratio, aspect=width / height)
     flips = torch.rand(n_views, generator=generator) < 0.5 if flip else torch.zeros(n_views, dtype=torch.bool)
-    use_amp = resolve_amp(amp, pixels.device)  # bf16 where the hardware has it natively (devices.resolve_amp)
+    # bf16 where the hardware has it natively (devices.resolve_amp), for a float32 model: one loaded in half precision
+    # already runs in it (and CPU autocast cannot mix float16 with bf16)
+    use_amp = resolve_amp(amp, pixels.device) and pixels.dtype == torch.float32
     chunks = []
     for start in range(0, n_views, batch_size):
         b, f = boxes[start : start + batch_size], flips[start : start + batch_size]

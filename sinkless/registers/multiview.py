@@ -220,7 +220,7 @@ def denoise_views(
     if len(views) != b:
         raise SinklessError(f"{len(views)} view sets given for {b} images")
     fill = _fill_values(settings.fill, spec)
-    use_amp = resolve_amp(amp, pixels.device)
+    use_amp = resolve_amp(amp, pixels.device) and pixels.dtype == torch.float32  # a half-precision model runs in its own
     k = len(views[0].offsets)
     per_forward = max(1, (batch_size or 1))  # images per forward; all K views of an image go together
     merged: list[list[torch.Tensor]] = []

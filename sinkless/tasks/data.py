@@ -159,23 +159,32 @@ def mini_set() -> Dataset:
 
 
 def open_dataset(spec: str | Path, *, split: str | None = None, image_dir: str | Path | None = None) -> Dataset:
-    """``synthetic``, ``mini``, or a path: a VOC folder, a COCO JSON, a folder with an annotation file."""
-    if str(spec) == "synthetic":
-        return synthetic_scenes()
-    if str(spec) == "mini":
-        return mini_set()
-    path = Path(spec)
+    """``synthetic``, ``mini``, or a path: a VOC folder, a COCO JSON, a folder with an annotation file.
+
+    ``split`` applies to VOC and ``image_dir`` to COCO; given for other data they are refused, not ignored."""
+    def unused(flag: str, kind: str) -> SinklessError:
+        return SinklessError(f"{flag} does not apply to {kind} data ({spec})", fix=f"drop {flag} ({'VOC' if flag == '--split' else 'COCO'} data only)")
+
+    if str(spec) in ("synthetic", "mini"):
+        if split or image_dir:
+            raise unused("--split" if split else "--images", "the bundled")
+        return synthetic_scenes() if str(spec) == "synthetic" else mini_set()
+    path = Path(spec).expanduser()
     if not path.exists():
         raise SinklessError(f"data not found: {spec}", fix=_DATA_HELP)
-    if path.is_dir():
-        if (path / "Annotations").is_dir():
-            return read_voc(path, split=split)
-        return read_annotation_file(path)
-    if path.suffix.lower() == ".json":
+    image_dir = None if image_dir is None else Path(image_dir).expanduser()
+    if path.is_dir() and (path / "Annotations").is_dir():
+        if image_dir:
+            raise unused("--images", "VOC")
+        return read_voc(path, split=split)
+    if split:
+        raise unused("--split", "this")
+    if path.suffix.lower() == ".json" and not path.is_dir():
         data = _read_json(path)
         if isinstance(data, dict) and "annotations" in data and "categories" in data:
             return read_coco(path, image_dir)
-        return read_annotation_file(path)
-    if path.suffix.lower() == ".csv":
+    if image_dir:
+        raise unused("--images", "this")
+    if path.is_dir() or path.suffix.lower() in (".json", ".csv"):
         return read_annotation_file(path)
     raise SinklessError(f"cannot tell what kind of data {path} is", fix=_DATA_HELP)

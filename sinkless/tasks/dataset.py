@@ -9,6 +9,7 @@ half-open ``[x0, x1) × [y0, y1)``), an optional semantic mask (class index per 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from sinkless.errors import SinklessError
+from sinkless.images import unique_names
 
 __all__ = ["Sample", "Dataset", "IGNORE", "ANNOTATION_FORMAT", "rasterize_polygons"]
 
@@ -57,6 +59,13 @@ class Dataset:
     source: str = ""
     info: dict = field(default_factory=dict)  # e.g. the synthetic generator's settings
 
+    def __post_init__(self) -> None:
+        # one name per image: two folders' x.png would share per-image records and --out-dir pictures
+        unique = unique_names(self.names)
+        if unique != list(self.names):
+            self.loaders = [load if new == old else _renamed(load, new) for load, old, new in zip(self.loaders, self.names, unique)]
+            self.names = unique
+
     def __len__(self) -> int:
         return len(self.loaders)
 
@@ -81,6 +90,10 @@ class Dataset:
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "n_images": len(self), "classes": self.classes,
                 "source": self.source, **self.info}
+
+
+def _renamed(load: Callable[[], Sample], name: str) -> Callable[[], Sample]:
+    return lambda: dataclasses.replace(load(), name=name)
 
 
 class _Images(Sequence):
