@@ -194,12 +194,17 @@ def expand_paths(inputs: Iterable[str], suffixes: Sequence[str] | None = None) -
             matches = _own_files(matches, cache)
             if not matches:
                 raise SinklessError(f"no file matches {item!r}", fix="check the pattern (quote it so the shell does not expand it)")
-            found.extend(dict.fromkeys(matches))  # '**' matches a folder and its files: each file once
+            found.extend(matches)
         elif path.exists():
             raise SinklessError(f"input {item} is not a regular file or folder", fix="pass image/text files, folders or glob patterns")
         else:
             raise SinklessError(f"input not found: {item}", fix="pass existing files, directories or glob patterns")
-    return found
+    once: dict[str, Path] = {}
+    for path in found:  # a file named twice (a folder and a file in it, two spellings) is read once
+        once.setdefault(os.path.realpath(path), path)
+    if len(once) < len(found):
+        log.info("%d input file(s) were named more than once: each is read once", len(found) - len(once))
+    return list(once.values())
 
 
 def unique_names(names: Sequence[str], reserved: Sequence[str] = ()) -> list[str]:

@@ -294,8 +294,9 @@ def train(
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise SinklessError(
-                    f"the loss became {float(loss.detach())} at step {t}",
-                    fix="lower the learning rate (the last good checkpoint is kept; --resume continues from it)",
+                    f"the loss became {float(loss.detach())} at step {t + 1}",
+                    fix="lower the learning rate" + (" (the last good checkpoint is kept; --resume continues from it)" if checkpoint.exists()
+                                                     else " and run again (no checkpoint was written yet)"),
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

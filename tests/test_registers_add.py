@@ -441,3 +441,19 @@ def test_counts_of_numpy_integers_and_beyond_the_patches():
     patches = (model.config.image_size // model.config.patch_size) ** 2
     with pytest.raises(SinklessError, match=f"more tokens than the model's {patches} patches"):
         add_registers(model, patches + 1)
+
+
+def test_the_per_image_dvt_copy_keeps_added_registers():
+    """Stage 1 per image strips the hooks from its copy of the model, but not the hook that inserts the registers."""
+    from sinkless.api import as_loaded
+    from sinkless.denoise.hook import bare_copy
+    from sinkless.registers.add import register_hook_ids
+
+    model = add_registers(tiny_model("vit").eval(), 2, std=0.5)
+    assert register_hook_ids(model) and register_hook_ids(tiny_model("vit")) == set()
+    inputs = tiny_inputs(model)
+    expected = _out(model, inputs)
+    model.register_forward_hook(lambda module, args, output: None)  # a caller's hook
+    bare = bare_copy(as_loaded(model)).model
+    assert torch.equal(_out(bare, inputs), expected)  # the registers still go in
+    assert not bare._forward_hooks and model._forward_hooks  # the caller's hook is gone from the copy only

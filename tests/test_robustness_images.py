@@ -226,6 +226,9 @@ def test_a_glob_matching_folders_takes_their_images(tmp_path):
     assert len(recursive) == len(set(recursive)) and sorted(p.suffix for p in recursive) == [".png"] * 4 + [".txt"]
     with pytest.raises(SinklessError, match="no file matches"):
         expand_paths([str(tmp_path / "imgs" / "deep*" / "*.jpg")], suffixes)
+    one = tmp_path / "imgs" / "photo0.png"  # a file named twice (by itself, by its folder, by a pattern) is read once
+    assert expand_paths([str(one), str(tmp_path / "imgs"), str(tmp_path / "imgs" / "*.png")], suffixes) == \
+        [one, *(p for p in expand_paths([str(tmp_path / "imgs")], suffixes) if p != one)]
 
 
 def test_broken_symlink(tmp_path, capsys):

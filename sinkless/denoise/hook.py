@@ -123,6 +123,20 @@ def denoiser_transform(denoiser: Denoiser) -> Transform:
 STAGE1_OUTPUTS = ("clean", "raw-minus-artifact")
 
 
+def bare_copy(loaded):
+    """A copy of ``loaded`` without the hooks attached to its model (the caller's, a fix's), so that they do not reach
+    Stage 1's own forwards; the hook that inserts a ViT's added registers stays: it is part of the model."""
+    from sinkless.registers.add import register_hook_ids
+
+    bare = copy.deepcopy(loaded)
+    keep = register_hook_ids(bare.model)
+    for module in bare.model.modules():
+        for attached in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [key for key in attached if key not in keep]:
+                del attached[key]
+    return bare
+
+
 def stage1_transform(loaded, settings: Stage1Settings = Stage1Settings(), *, progress: bool = False, output: str = "clean") -> Transform:
     """The per-image mode: Stage 1 on each image seen (cached by the image's pixels).
 
@@ -132,10 +146,7 @@ def stage1_transform(loaded, settings: Stage1Settings = Stage1Settings(), *, pro
     """
     if output not in STAGE1_OUTPUTS:
         raise SinklessError(f"unknown Stage-1 output {output!r}", fix=f"choose from {', '.join(STAGE1_OUTPUTS)}")
-    bare = copy.deepcopy(loaded)  # no hooks of the caller reach the fits' own forwards
-    for module in bare.model.modules():  # nor hooks attached before the copy
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
+    bare = bare_copy(loaded)
     cache: dict[str, torch.Tensor] = {}
 
     def transform(pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

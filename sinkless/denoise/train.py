@@ -221,6 +221,9 @@ def train_denoiser(
     from sinkless.denoise.hook import feature_site
 
     feature_site(loaded, stage1.features, stage1.layer)  # a denoiser that could not be applied is refused before any work
+    if settings.view_pairs > stage1.views:
+        log.warning("--view-pairs %d is more than the %d crops Stage 1 takes of an image: %d per image are used",
+                    settings.view_pairs, stage1.views, stage1.views)
     device = resolve_device(device)
     loaded.model.to(device)
     started = time.perf_counter()

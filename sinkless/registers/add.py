@@ -41,7 +41,8 @@ from sinkless.adapters import Adapter, Modality, adapter_for
 from sinkless.errors import SinklessError
 from sinkless.hooks import Hooks, ModuleEdit
 
-__all__ = ["add_registers", "remove_registers", "restore_registers", "register_parameter_name", "DARCET_STD", "CONFIG_FIELD"]
+__all__ = ["add_registers", "remove_registers", "restore_registers", "register_parameter_name", "register_hook_ids", "DARCET_STD",
+           "CONFIG_FIELD"]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,13 @@ def _insert_registers(embeddings: nn.Module, x: torch.Tensor) -> torch.Tensor:
     registers = embeddings.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)  # (B, R, D)
     n_cls = embeddings.sinkless_n_cls
     return torch.cat([x[:, :n_cls], registers, x[:, n_cls:]], dim=1)
+
+
+def register_hook_ids(model: nn.Module) -> set[int]:
+    """The ids of the hooks that insert ``model``'s added registers (ViT/CLIP/SigLIP; empty otherwise): what code
+    that strips a copy's hooks must keep."""
+    handle = getattr(model, _HANDLE, None)
+    return {h.id for h in handle._handles} if handle is not None else set()
 
 
 def remove_registers(model: nn.Module) -> None:

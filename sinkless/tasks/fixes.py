@@ -186,7 +186,8 @@ def _dvt(loaded, images, denoiser: str | list[str] | None = None, output: str | 
         models = [load_denoiser(folder) for folder in folders]
         transforms = [apply_denoiser(loaded, model) for model in models]
         contexts = [transform() for transform in transforms]
-        info = {"mode": "stage 2", "denoisers": [{"folder": str(f), "trained_for": m.config.model, "features": m.config.features}
+        info = {"mode": "stage 2", "denoisers": [{"folder": str(f), "trained_for": m.config.model, "features": m.config.features,
+                                                  "target": m.config.target}
                                                  for f, m in zip(folders, models)],
                 "edits": [_edit(t) for t in transforms]}
         stack = contextlib.ExitStack()
