@@ -453,6 +453,9 @@ def _cli(capsys, *argv):
         ("photos", ["--model", "planted-vit-tiny", "--part-lr", "positions"], "is not PART=MULTIPLIER"),
         ("photos", ["--model", "planted-vit-tiny", "--train", "registers", "--part-lr", "positions=0.1"], "not among the trained parts"),
         ("photos", ["--model", "planted-vit-tiny", "--part-lr", "positions=-1"], "must be a positive number"),
+        ("photos", ["--model", "planted-vit-tiny", "--part-lr", "foo=1"], "'foo' is no part"),
+        ("photos", ["--model", "planted-vit-tiny", "--train-all", "--train", "registers"], "--train-all and --train registers both given"),
+        ("photos", ["--model", "planted-vit-tiny", "--registers", "65"], "more tokens than the model's 64 patches"),
         ("photos", ["--model", "planted-vit-tiny", "--register-std", "0"], "--register-std must be a positive number"),
         ("photos", ["--model", "planted-vit-tiny", "--teacher-neurons", "n.json"], "the teacher is not 'ttr'"),
         ("photos", ["--model", "planted-vit-tiny", "--teacher", "ttr", "--teacher-neurons", "missing.json"], "register-neurons file not found"),
@@ -1540,3 +1543,25 @@ def test_distill_teacher_choices_are_the_library_teachers():
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     option = next(a for a in sub.choices["distill"]._actions if "--teacher" in a.option_strings)
     assert tuple(option.choices) == TEACHERS
+
+
+def test_a_tilde_out_is_expanded_once(tmp_path, tiny, photos, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    run = distill(tiny, photos, "~/student", PLAIN, progress=False)
+    assert run.out == tmp_path / "home" / "student" and (run.out / "config.json").exists()
+    assert not (run.out / distill_module.STATE_DIR).exists() and not any((tmp_path / "cwd").iterdir())  # no ./~ folder, no checkpoint left
+    with pytest.raises(SinklessError, match="already holds a distilled model"):
+        distill(tiny, photos, "~/student", PLAIN, progress=False)
+
+
+def test_the_model_key_is_the_real_path(tmp_path, tiny, monkeypatch):
+    """A checkpoint names the model however it was spelled: relative, absolute, through a link; a zoo name as it is."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    real = os.path.realpath(tmp_path / "m")
+    assert distill_module._model_key("m") == distill_module._model_key(str(tmp_path / "m")) == distill_module._model_key("link") == real
+    assert distill_module._model_key("planted-vit-tiny") == "planted-vit-tiny" and distill_module._model_key(tiny) == tiny.name

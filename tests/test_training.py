@@ -76,11 +76,37 @@ def test_existing_checkpoint_needs_resume_and_matching_settings(tmp_path):
     train(_params(model), step, TrainSettings(steps=3), tmp_path, progress=False)
     with pytest.raises(SinklessError, match="--resume"):
         train(_params(model), step, TrainSettings(steps=3), tmp_path, progress=False)
-    with pytest.raises(SinklessError, match="other settings"):
+    with pytest.raises(SinklessError, match=r"other settings, data or model \(differs: lr\)"):
         train(_params(model), step, TrainSettings(steps=3, lr=1.0), tmp_path, resume=True, progress=False)
+    with pytest.raises(SinklessError, match=r"\(differs: data\)"):
+        train(_params(model), step, TrainSettings(steps=3), tmp_path, meta={"data": "other"}, resume=True, progress=False)
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(SinklessError, match="cannot read"):
+    with pytest.raises(SinklessError, match="cannot read") as caught:
         train(_params(model), step, TrainSettings(steps=3), tmp_path, resume=True, progress=False)
+    assert "run the same command with --resume to train from step 0" in caught.value.fix
+    (tmp_path / CHECKPOINT).unlink()  # the fix it gives
+    assert train(_params(model), step, TrainSettings(steps=3), tmp_path, resume=True, progress=False).resumed_from == []
+
+
+def test_a_changed_step_budget_resumes_with_its_warm_up(tmp_path):
+    """The warm-up is a share of the steps: raising the budget changes it, and must not refuse the checkpoint."""
+    model, step = _problem()
+    train(_params(model), step, TrainSettings(steps=20, warmup=3, checkpoint_every=5), tmp_path, progress=False)
+    result = train(_params(model), step, TrainSettings(steps=40, warmup=6, checkpoint_every=5), tmp_path, resume=True, progress=False)
+    assert result.resumed_from == [20] and result.steps_done == 40
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_nothing_is_kept(tmp_path, caplog):
+    model, step = _problem()
+
+    def interrupting(t, generator):
+        if t == 2:
+            raise KeyboardInterrupt
+        return step(t, generator)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_params(model), interrupting, TrainSettings(steps=30, checkpoint_every=10), tmp_path, progress=False)
+    assert "before the first checkpoint: nothing is kept to resume" in caplog.text and not (tmp_path / CHECKPOINT).exists()
 
 
 def test_bad_settings_and_diverging_loss(tmp_path):
