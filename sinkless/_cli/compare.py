@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from sinkless import distributed
 from sinkless._cli import _args
@@ -142,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     result = comparison.to_json()
     json.dumps(to_jsonable(result))  # fail here, before writing anything, if something is not serialisable
     if args.out_dir:
+        if not pictures:
+            logging.getLogger(__name__).warning("--task %s draws no pictures: --out-dir %s gets none (LOST and zeroseg draw them)",
+                                                args.task, args.out_dir)
         write_pictures(pictures, args.out_dir)
     if args.json:
         atomic_write_json(args.json, result)
