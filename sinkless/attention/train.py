@@ -153,7 +153,7 @@ def train_attention(
         raise SinklessError(f"--batch-size must be >= 1, got {batch}")
     cfg = replace(cfg, steps=steps or cfg.steps, lr=cfg.lr if lr is None else lr, batch=batch or cfg.batch)
     _settings(cfg, seed)  # bad numbers (lr <= 0, NaN) fail here, before any work
-    out = Path(out)
+    out = Path(out).expanduser()
     created = _check_out(out, resume)
     started = time.perf_counter()
     try:

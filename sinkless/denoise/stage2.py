@@ -136,7 +136,7 @@ def save_denoiser(denoiser: Denoiser, out: str | os.PathLike, extra: dict | None
     """Write ``denoiser.safetensors`` (config in its metadata) and ``config.json`` into the folder ``out``, atomically."""
     from safetensors.torch import save_file
 
-    folder = Path(out)
+    folder = Path(out).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     config = {**denoiser.config.to_dict(), "sinkless_version": __version__, **(extra or {})}
     tensors = {name: p.detach().cpu().contiguous() for name, p in denoiser.state_dict().items()}
