@@ -524,6 +524,10 @@ def test_cli_end_to_end_and_compare(tmp_path, capsys, photos):
     assert "wrote" in stdout and (out / "distill_log.json").exists()
     logged = json.loads((out / "distill_log.json").read_text())["distill_settings"]
     assert [tuple(p) for p in logged["part_lr"]] == [("positions", 0.1), ("blocks", 0.5)] and logged["register_std"] == 1e-6
+    code, stdout, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(out), "--registers", "4",
+                             "--steps", "3", "--views", "3", "--pool", "4", "--batch-size", "2", "--device", "cpu",
+                             "--part-lr", "positions=0.1", "--part-lr", "blocks=0.5", "--register-std", "1e-6", "--resume")
+    assert code == 0 and "nothing written" in stdout and "wrote" not in stdout  # the same job, finished
     result = tmp_path / "cmp.json"
     code = cli.main(["compare", "--model", "planted-vit-tiny", "--data", "synthetic", "--limit", "2", "--task", "lost",
                      "--fix", "none", "--fix", "distilled", "--distilled", str(out),

@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
         problem = re.sub(r"^([a-z_]+)(?= must)", lambda m: f"--{m[1].replace('_', '-')}" if m[1] in vars(args) else m[1], error.problem)
         raise SinklessError(problem, fix=error.fix) from None
     result = distill(args.model, args.images, args.out, settings, resume=args.resume, device=args.device, progress=not args.quiet)
+    if result.student is None:  # --resume on a finished run of the same job
+        print(f"{result.out} already holds this distillation (finished): nothing written")
+        return 0
     curve = result.log.get("loss_curve") or []
     last = curve[-1] if curve else {}
     seconds = result.log.get("seconds") or {}

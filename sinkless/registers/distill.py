@@ -413,7 +413,8 @@ def _check_finished_job(out: Path, logged: dict, model, pictures: Sequence[Image
     changed = []
     if "model_key" in logged and logged["model_key"] != _model_key(model):
         changed.append(f"model {logged['model_key']} -> {_model_key(model)}")
-    digest = (logged.get("data") or {}).get("digest") if isinstance(logged.get("data"), dict) else None
+    data = logged.get("data")
+    digest = data.get("digest") if isinstance(data, dict) else None
     if digest is not None and digest != _identity(pictures):
         changed.append("other training images")
     if changed:
