@@ -49,6 +49,10 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     # third-party libraries stay at warning level unless --verbose
     for name in ("transformers", "huggingface_hub", "urllib3", "matplotlib", "PIL", "filelock"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # transformers sets its own logger's level when it first logs (to WARNING), undoing the line above: set it its way
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity(logging.DEBUG if verbose else logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

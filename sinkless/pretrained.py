@@ -151,6 +151,12 @@ def load_pretrained(name: str, dtype: torch.dtype, device: torch.device | None =
         offline = _hub.go_offline_if_unreachable()  # probed once (<= 2 s), instead of half a minute of retries
     source = str(local) if looks_local else name
     config = _read_config(name, source, looks_local, offline)
+    if looks_local and getattr(config, "sinkless_attention", None):  # a `train-attn` model: its attention variant, not softmax
+        from sinkless.attention.convert import load as load_converted
+
+        loaded = load_converted(local, dtype=dtype, device=device if device is not None else "cpu")
+        loaded.name = name
+        return loaded
     cls = model_class(config)
     empty = _empty_model(cls, config)
     adapter = adapter_for(backbone(empty))  # unsupported structure fails here, before any weight is read

@@ -295,8 +295,9 @@ def train(
             if not torch.isfinite(loss):
                 raise SinklessError(
                     f"the loss became {float(loss.detach())} at step {t + 1}",
-                    fix="lower the learning rate" + (" (the last good checkpoint is kept; --resume continues from it)" if checkpoint.exists()
-                                                     else " and run again (no checkpoint was written yet)"),
+                    fix="lower the learning rate and train again into a new output folder" + (
+                        " (--resume continues only with the same settings; the last good checkpoint stays here)" if checkpoint.exists()
+                        else " (no checkpoint was written yet)"),
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

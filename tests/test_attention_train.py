@@ -179,3 +179,29 @@ class _no_exit:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_trained_variant_is_what_every_verb_loads(runs, capsys):
+    """ppl (and scan) of a train-attn model folder run its attention variant, not softmax; streaming it is refused."""
+    from sinkless import zoo
+
+    folder = runs / "sigmoid" / "model"
+    loaded = zoo.load(str(folder))
+    assert loaded.model.config._attn_implementation == load(folder).model.config._attn_implementation != "sdpa"
+    assert main(["-q", "ppl", "--model", str(folder), "--mode", "full", "--max-tokens", "64", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["ppl", "--model", str(folder), "--mode", "sink", "--max-tokens", "64", "--no-progress"]) == 2
+    assert "trained with sigmoid attention" in capsys.readouterr().err
+
+
+def test_an_occupied_out_and_mixed_tasks_are_refused(runs, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert _train(mine, "softmax", "--steps", "2") == 2
+    assert "is not empty and holds no train-attn run" in capsys.readouterr().err and os.listdir(mine) == ["notes.txt"]
+    vit = tmp_path / "vit"
+    assert main(["-q", "train-attn", "--variant", "gated", "--task", "vit", "--size", "tiny", "--steps", "2", "--out", str(vit)]) == 0
+    capsys.readouterr()
+    assert main(["compare-attn", str(vit), str(runs / "gated")]) == 2
+    assert "different tasks" in capsys.readouterr().err

@@ -165,3 +165,17 @@ def test_a_text_folder_passed_where_a_file_is_read(tmp_path):
 
     with pytest.raises(SinklessError, match="is a folder, not a text file"):
         read_utf8(tmp_path)
+
+
+def test_stream_refuses_text_that_is_not_utf8_and_a_zero_penalty(tmp_path, capsys):
+    folder = tiny_text_model_dir(tmp_path / "lm", context=32)
+    expect_error(["stream", "--model", str(folder), "--prompt", "w1 \udcff w2", "--max-new-tokens", "2"], capsys,
+                 contains="not valid UTF-8", root=tmp_path)
+    expect_error(["stream", "--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "2", "--repetition-penalty", "0"], capsys,
+                 contains="--repetition-penalty must be > 0", root=tmp_path)
+
+
+def test_stream_past_the_context_prints_no_transformers_reminder(tmp_path, capsys):
+    folder = tiny_text_model_dir(tmp_path / "lm", context=32)
+    assert main(["stream", "--model", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "40", "--window", "8"]) == 0
+    assert "predefined maximum length" not in capsys.readouterr().err

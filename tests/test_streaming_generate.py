@@ -171,3 +171,13 @@ def test_rope_scaling_that_depends_on_length_is_refused():
                            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(SinklessError, match="dynamic"):
         check_streamable(T.LlamaForCausalLM(config).eval(), 4, 8)
+
+
+def test_a_reused_cache_given_a_prompt_that_does_not_continue_it():
+    model = tiny_lm("llama")
+    cache = SinkCache(model, sinks=2, window=6)
+    model.generate(ids_for(9, seed=1), attention_mask=torch.ones(1, 9, dtype=torch.long), past_key_values=cache, max_new_tokens=3,
+                   do_sample=False, pad_token_id=0)
+    with pytest.raises(SinklessError, match="does not continue what the SinkCache has seen"):
+        model.generate(ids_for(2, seed=2), attention_mask=torch.ones(1, 2, dtype=torch.long), past_key_values=cache, max_new_tokens=3,
+                       do_sample=False, pad_token_id=0)

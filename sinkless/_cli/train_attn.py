@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--variant", required=True, choices=VARIANTS, help="attention variant")
     parser.add_argument("--task", default="lm", choices=TASKS, help="lm: Llama-style LM on offline English text; vit: tiny ViT on natural crops")
     parser.add_argument("--size", default="small", choices=["tiny", "small"], help="model and budget preset (tiny: a smoke test in seconds)")
-    parser.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: the size's budget; --from: 200)")
+    parser.add_argument("--steps", type=int, default=None, metavar="N", help="training steps (default: the size's budget; --from: 40)")
     parser.add_argument("--from", dest="from_model", metavar="MODEL",
                         help="fine-tune this pretrained causal LM (e.g. smollm2-135m) converted to --variant, instead of training from scratch")
     parser.add_argument("--device", default="cpu", metavar="{cpu,cuda,auto}", help="where to train (default cpu; cuda trains in bf16 autocast)")

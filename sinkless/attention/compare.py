@@ -162,6 +162,12 @@ def compare_runs(folders: list[str | Path], *, plot: str | Path | None = None, j
             if not parent.is_dir():
                 raise SinklessError(f"cannot write {target}: folder {parent} does not exist", fix="create it or choose another path")
     runs = read_runs(folders)
+    tasks = sorted({str(run.result.get("task")) for run in runs})
+    if len(tasks) > 1:  # one table has one metric column: perplexity for lm runs, accuracy for vit runs
+        raise SinklessError(f"these runs are of different tasks ({', '.join(tasks)}): one table compares one task",
+                            fix="run compare-attn once per task")
+    if deep_from is not None and deep_from < 0:
+        raise SinklessError(f"--deep-from must be >= 0, got {deep_from}", fix="the first layer counted as deep, from 0")
     rows = table_rows(runs, deep_from=deep_from)
     text = format_table(rows, deep_from=deep_from)
     if plot is not None:

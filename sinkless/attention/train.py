@@ -84,6 +84,9 @@ def _check_out(out: Path, resume: bool) -> bool:
         raise SinklessError(f"{out} already holds a finished train-attn run", fix="choose a new --out folder (or delete it)")
     if (out / "checkpoint.pt").exists() and not resume:
         raise SinklessError(f"{out} already holds a checkpoint of an earlier run", fix="pass --resume to continue it, or choose a new --out folder")
+    if out.is_dir() and not (out / RESULT).exists() and not (out / "checkpoint.pt").exists() and any(out.iterdir()):
+        raise SinklessError(f"--out {out} is not empty and holds no train-attn run" + (" to resume" if resume else ""),
+                            fix="choose a new or empty folder: the run's files would mix with what is there")
     check_writable(out, directory=True, what="--out")  # also: a file, not a folder
     created = not out.exists()
     try:

@@ -184,6 +184,11 @@ def _spec(model: nn.Module, no_rope_fix: str | None = None) -> StreamSpec:
     if config.model_type in _UNTESTED:
         raise _refuse(f"{arch} {_UNTESTED[config.model_type]}; the sink cache does not support it yet")
     impl = config._attn_implementation
+    converted = getattr(config, "sinkless_attention", None)
+    variant = converted.get("variant") if isinstance(converted, dict) else None
+    if variant is not None and variant != "softmax":  # a `train-attn` model: sdpa would silently turn it back into softmax
+        raise _refuse(f"{arch} was trained with {variant} attention (`sinkless train-attn`); the sink cache streams softmax attention only",
+                      fix="measure it with `sinkless ppl --mode full` (or compare-attn), or stream a softmax model")
     if impl not in MASK_KINDS:
         raise _refuse(f"streaming needs sdpa or eager attention, and {arch} uses {impl!r}", fix="model.set_attn_implementation('sdpa') (or 'eager')")
     buffers = _rotary_buffers(model)

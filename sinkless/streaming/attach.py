@@ -187,6 +187,12 @@ def _check_positions(position_ids: torch.Tensor | None, valid: torch.Tensor) -> 
         return
     if position_ids.dim() != 2:
         raise SinklessError(f"position_ids of shape {tuple(position_ids.shape)} cannot be honoured by a SinkCache", fix="pass 2D position_ids or none")
+    if position_ids.shape[1] != valid.shape[1]:  # e.g. generate() given a prompt shorter than what the cache has seen
+        raise SinklessError(
+            f"this call brings {valid.shape[1]} new token(s) but {position_ids.shape[1]} positions: the input does not continue "
+            "what the SinkCache has seen (generate() with a reused cache takes the whole conversation so far as its prompt)",
+            fix="pass the conversation so far as the prompt, or start afresh with cache.reset() (or a new SinkCache)",
+        )
     given = position_ids.cpu().expand(valid.shape[0], -1)
     relative = torch.where(valid, given - valid.long().cumsum(1), 0)  # constant over real tokens when consecutive
     first = relative.gather(1, valid.int().argmax(1, keepdim=True))

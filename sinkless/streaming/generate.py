@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 
@@ -47,10 +48,12 @@ def _check_settings(generate_kwargs: dict) -> None:
         value = generate_kwargs.get(name)
         if value is not None and value < 0:
             raise SinklessError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    for name in ("temperature", "repetition_penalty"):
-        value = generate_kwargs.get(name)
-        if value is not None and not value >= 0:  # also NaN
-            raise SinklessError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    temperature = generate_kwargs.get("temperature")
+    if temperature is not None and not temperature >= 0:  # also NaN
+        raise SinklessError(f"--temperature must be >= 0, got {temperature}")
+    penalty = generate_kwargs.get("repetition_penalty")
+    if penalty is not None and not (penalty > 0 and math.isfinite(penalty)):  # transformers divides by it
+        raise SinklessError(f"--repetition-penalty must be > 0, got {penalty}", fix="1 switches it off; > 1 discourages repeats")
     top_p = generate_kwargs.get("top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise SinklessError(f"--top-p must be in (0, 1], got {top_p}")

@@ -31,5 +31,10 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     """Token ids ``(N,)`` of ``text`` without added special tokens, cut to ``max_tokens`` (None: all)."""
     if tokenizer is None:
         raise SinklessError("this model has no tokenizer", fix="use a zoo name or a folder that holds a tokenizer")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # bytes that were not UTF-8, kept as lone surrogates (a prompt from argv or stdin)
+        raise SinklessError(f"the text is not valid UTF-8 (at character {error.start})",
+                            fix="convert it first, e.g. iconv -f latin1 -t utf-8 FILE") from None
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     return ids if max_tokens is None else ids[:max_tokens]
