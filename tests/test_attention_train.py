@@ -205,3 +205,8 @@ def test_an_occupied_out_and_mixed_tasks_are_refused(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare-attn", str(vit), str(runs / "gated")]) == 2
     assert "different tasks" in capsys.readouterr().err
+
+
+def test_gate_without_the_gated_variant_is_refused(tmp_path, capsys):
+    assert _train(tmp_path / "s", "sigmoid", "--gate", "headwise", "--steps", "2") == 2
+    assert "--gate applies to --variant gated" in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -173,6 +173,8 @@ def test_stream_refuses_text_that_is_not_utf8_and_a_zero_penalty(tmp_path, capsy
                  contains="not valid UTF-8", root=tmp_path)
     expect_error(["stream", "--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "2", "--repetition-penalty", "0"], capsys,
                  contains="--repetition-penalty must be > 0", root=tmp_path)
+    expect_error(["stream", "--model", str(folder), "--prompt", "w1 w2", "--system", "be brief"], capsys,
+                 contains="--system is the system message of a --chat", root=tmp_path)
 
 
 def test_stream_past_the_context_prints_no_transformers_reminder(tmp_path, capsys):

@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         **sampling_kwargs(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty),
     }
+    if args.system is not None and not args.chat:
+        raise SinklessError("--system is the system message of a --chat", fix="add --chat, or drop --system")
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     prompt = args.prompt
     if prompt is None and not args.chat:

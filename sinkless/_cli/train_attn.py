@@ -7,6 +7,7 @@ import argparse
 from sinkless.attention.convert import VARIANTS
 from sinkless.attention.data import TEXT_SOURCES
 from sinkless.attention.train import TASKS
+from sinkless.errors import SinklessError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base weights, data order (default 0): keep it equal across variants")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the size's)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences / images per step (default: the size's)")
-    parser.add_argument("--gate", default="elementwise", choices=["elementwise", "headwise"], help="gated: one gate per channel or per head")
+    parser.add_argument("--gate", default=None, choices=["elementwise", "headwise"], help="gated: one gate per channel (elementwise, the default) or per head")
     parser.add_argument("--text-source", action="append", choices=TEXT_SOURCES, metavar="NAME",
                         help=f"lm: text source, repeatable ({', '.join(TEXT_SOURCES)}; default: every available one)")
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out (same command line)")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = train_attention(
         args.variant, args.task, args.out, size=args.size, steps=args.steps, device=args.device, from_model=args.from_model,
-        resume=args.resume, seed=args.seed, lr=args.lr, batch=args.batch_size, sources=args.text_source, gate=args.gate,
+        resume=args.resume, seed=args.seed, lr=args.lr, batch=args.batch_size, sources=args.text_source, gate=_gate(args),
         progress=not args.quiet,
     )
     m, e = result["metrics"], result["eval"]
@@ -52,3 +53,9 @@ def run(args: argparse.Namespace) -> int:
           f"outlier tokens {m['outlier_tokens']}")
     print(f"  written: {args.out}/result.json, report.json, model/")
     return 0
+
+
+def _gate(args: argparse.Namespace) -> str:
+    if args.gate is not None and args.variant != "gated":
+        raise SinklessError(f"--gate applies to --variant gated, not {args.variant}", fix="drop --gate, or pass --variant gated")
+    return args.gate or "elementwise"
