@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -71,6 +73,8 @@ def as_inputs(inputs, modality: Modality) -> list[ImageInput] | list[TextInput]:
             if item.lower().endswith(TEXT_SUFFIXES) and Path(item).is_file():
                 items.extend(resolve_inputs([item], [], modality))
             else:
+                if not item.strip():
+                    raise SinklessError(f"text {k} is empty", fix="pass some text (or the path of a text file)")
                 items.append(TextInput(f"text{k}" if len(inputs) > 1 else "text", item))
         else:
             raise SinklessError(f"cannot scan a {type(item).__name__}", fix="pass PIL images, paths or strings")
@@ -90,15 +94,32 @@ def scan_settings(n_layers: int, **settings) -> ScanSettings:
         raise SinklessError(f"unknown scan settings {unknown}", fix=f"valid settings: {', '.join(sorted(names | {'threshold'}))}")
     rule = settings.pop("rule", OutlierRule())
     threshold = settings.pop("threshold", None)
+    if isinstance(rule, str) and rule not in {r.value for r in Rule}:
+        raise SinklessError(f"unknown outlier rule {rule!r}", fix=f"choose from {', '.join(r.value for r in Rule)}")
     if isinstance(rule, (str, Rule)):
         rule = OutlierRule(rule=Rule(rule))
     if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (math.isfinite(threshold) and threshold > 0):
+            raise SinklessError(f"threshold must be a positive number (a norm ratio to the layer's median), got {threshold!r}",
+                                fix="e.g. threshold=3, or leave it out for the robust rule")
         rule = dataclasses.replace(rule, absolute=float(threshold))
     layers = settings.pop("layers", None)
     if isinstance(layers, str) or layers is None:
         layers = parse_layers(layers, n_layers)
     else:
+        layers = list(layers) if isinstance(layers, (list, tuple, set, range)) else [layers]
+        bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, numbers.Integral) or not -n_layers <= l < n_layers]
+        if bad or not layers:
+            raise SinklessError(f"layers {layers!r} {'name layers outside ' + f'0..{n_layers - 1}' if bad else 'is empty'}",
+                                fix=f"pass layer numbers from 0 to {n_layers - 1} (-1: the last), or leave layers out for all")
         layers = tuple(sorted({int(l) % n_layers for l in layers}))
+    for name, least in (("batch_size", 1), ("max_tokens", 1), ("warmup", 0), ("massive_per_layer", 0)):
+        value = settings.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
+            raise SinklessError(f"{name} must be a whole number >= {least}, got {value!r}")
+    size = settings.get("image_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+        raise SinklessError(f"image_size must be a whole number of pixels >= 1, got {size!r}", fix="or leave it out for the model's own")
     return ScanSettings(rule=rule, layers=layers, **settings)
 
 

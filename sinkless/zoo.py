@@ -317,6 +317,16 @@ def list_models() -> list[dict]:
     ]
 
 
+def loaded_from(model, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> Loaded:
+    """What every library entry point takes as a model: a zoo name, hub id or folder (loaded with ``dtype`` /
+    ``device``), a ``Loaded`` (as it is) or a model object the user holds (wrapped by ``as_loaded``, unchanged)."""
+    if isinstance(model, (str, os.PathLike)):
+        return load(os.fspath(model), dtype=dtype, device=device)
+    from sinkless.pretrained import as_loaded
+
+    return as_loaded(model)
+
+
 def load(
     name: str, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", device_map: str | dict | None = None
 ) -> Loaded:

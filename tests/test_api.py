@@ -163,3 +163,53 @@ def test_bf16_on_cpu_agrees_with_fp32_on_smollm2(smollm2):
     print(f"SmolLM2 bf16 vs fp32 (CPU): first-token attention max diff {attention:.4f}, median norm max rel diff {norms:.4f}")
     assert attention < 0.02 and norms < 0.03
     assert full_report.summary["has_first_token_sink"] == half_report.summary["has_first_token_sink"] is True
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+    ({"batch_size": -1}, "batch_size must be a whole number >= 1"),
+    ({"layers": []}, "is empty"),
+    ({"layers": [5]}, "name layers outside 0..2"),
+    ({"rule": "foo"}, "unknown outlier rule 'foo'"),
+    ({"threshold": -1}, "threshold must be a positive number"),
+    ({"image_size": 0}, "image_size must be a whole number"),
+])
+def test_bad_scan_settings_through_the_api_are_one_error(settings, message):
+    """What the CLI's flags refuse, the library refuses too (was: ValueError, IndexError, or layer 5 scanned as 1)."""
+    model = any_tiny_model("vit")
+    with pytest.raises(SinklessError, match=message):
+        sinkless.scan(model, natural_crops(1), tiny_image_processor("vit"), **settings)
+
+
+def test_empty_text_and_zero_tokens_through_the_api():
+    model, tok = any_tiny_model("mistral"), tiny_char_tokenizer()
+    with pytest.raises(SinklessError, match="text 0 is empty"):
+        sinkless.scan(model, "", tok)
+    with pytest.raises(SinklessError, match="max_tokens must be a whole number >= 1"):
+        sinkless.scan(model, "w1 w2 w3", tok, max_tokens=0)
+
+
+def test_compare_and_denoise_take_a_model_object():
+    from sinkless.denoise import Stage1Settings, denoise_image
+    from sinkless.tasks.compare import compare
+
+    model = any_tiny_model("dinov2")
+    comparison, _ = compare(model, "lost", "synthetic", ["none"], limit=2, progress=False, resamples=0)
+    assert comparison.results[0].fix == "none"
+    result = denoise_image(model, natural_crops(1)[0], Stage1Settings(views=2, steps=3))
+    assert result.clean.shape == result.raw.shape
+
+
+def test_ttr_on_a_language_model_refuses_generate_and_left_padding():
+    from sinkless.registers import TestTimeRegisters
+
+    model = any_tiny_model("llama")
+    ids = torch.tensor([[5, 9, 3, 7, 1, 2]])
+    with TestTimeRegisters(model, [(1, 3)]):
+        with pytest.raises(SinklessError, match="position_ids, as model.generate"):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        padded = torch.tensor([[0, 0, 5, 9], [5, 9, 3, 7]])
+        with pytest.raises(SinklessError, match="left-padded batch"):
+            model(input_ids=padded, attention_mask=(padded != 0).long())
+        model(input_ids=ids)  # a plain forward still works
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

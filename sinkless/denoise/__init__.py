@@ -22,10 +22,13 @@ __all__ = [
 
 
 def apply_denoiser(loaded, denoiser) -> FeatureTransform:
-    """The Stage-2 ``denoiser`` (a ``Denoiser`` or its folder) on ``loaded``: ``with apply_denoiser(m, d)(): ...``
+    """The Stage-2 ``denoiser`` (a ``Denoiser`` or its folder) on ``loaded`` (a ``Loaded``, model object or name):
+    ``with apply_denoiser(m, d)(): ...``
     or ``handle = apply_denoiser(m, d).attach(); ...; handle.remove()``."""
     from sinkless.devices import model_device
+    from sinkless.zoo import loaded_from
 
+    loaded = loaded_from(loaded)
     if not isinstance(denoiser, Denoiser):
         denoiser = load_denoiser(denoiser)
     denoiser = denoiser.to(model_device(loaded.model))  # where the features are (CPU or CUDA)
@@ -36,6 +39,11 @@ def apply_denoiser(loaded, denoiser) -> FeatureTransform:
 def _check_compatible(loaded, denoiser) -> None:
     from sinkless.errors import SinklessError
 
+    if denoiser.config.model and denoiser.config.model != loaded.name:
+        import logging
+
+        logging.getLogger(__name__).warning("this denoiser was trained for %s, applied to %s: its features must be that model's",
+                                            denoiser.config.model, loaded.name)
     width = loaded.model.config.hidden_size if denoiser.config.features != "keys" else None
     if width is not None and width != denoiser.config.dim:
         raise SinklessError(

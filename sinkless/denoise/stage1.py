@@ -297,6 +297,9 @@ def denoise_image(
     more (raw, clean) pairs for training Stage 2 at no extra forward pass, since every crop sees the
     model's position-tied artifact at its grid positions and F is the image's clean signal wherever it is seen.
     """
+    from sinkless.zoo import loaded_from
+
+    loaded = loaded_from(loaded)  # a name or a model object too
     started = time.perf_counter()
     device = model_device(loaded.model)
     read = feature_reader(loaded, settings.features, settings.layer)

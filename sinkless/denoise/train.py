@@ -203,7 +203,11 @@ def train_denoiser(
     device: str | torch.device = "auto",
     progress: bool = True,
 ) -> dict:
-    """Stage 1 on ``images`` (``(name, PIL image)`` pairs), then the Stage-2 block; returns the log (also in ``out``)."""
+    """Stage 1 on ``images`` (``(name, PIL image)`` pairs), then the Stage-2 block; returns the log (also in ``out``).
+    ``loaded``: a ``Loaded``, a model object or a zoo name / hub id / folder."""
+    from sinkless.zoo import loaded_from
+
+    loaded = loaded_from(loaded)
     check_model(loaded)
     out = check_writable(out)
     if not images:

@@ -337,6 +337,7 @@ class TestTimeRegisters:
             edits[":input"] = self._start_call
             for name in CACHE_NAMES:  # past_key_values, or cache from transformers 5.25 on (only the one passed fires)
                 edits[f":input[{name}]"] = self._check_cache
+            edits[":input[position_ids]"] = self._refuse_positions
             edits[f"{embed}:output"] = self._add_tokens
             edits[":input[attention_mask]"] = self._extend_mask
             edits[":output"] = self._drop_register_logits
@@ -360,7 +361,22 @@ class TestTimeRegisters:
             self._in_call = 0  # the register was prepended by an earlier call and sits in the cache
         return cache
 
+    def _refuse_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if self._in_call:  # positions for the tokens without the register: RoPE would get one position too few
+            raise SinklessError(
+                "test-time registers on a language model insert a token, and this call numbers the tokens itself "
+                "(position_ids, as model.generate() passes them)",
+                fix="score with plain forward calls (model(input_ids=...), chunks with a KV cache; `sinkless ppl --registers`), "
+                    "and generate without the registers",
+            )
+        return position_ids
+
     def _extend_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        if self._in_call and self._at and bool((mask[:, : self._at] == 0).any()):
+            raise SinklessError(
+                "a left-padded batch: the register would go after a pad token, not after each row's first real token",
+                fix="pad on the right (tokenizer.padding_side = 'right'), or run the rows one by one",
+            )
         ones = mask.new_ones(mask.shape[0], self._in_call)
         return torch.cat([mask[:, : self._at], ones, mask[:, self._at :]], 1)
 

@@ -152,7 +152,7 @@ def compare(
     dtype: str | torch.dtype = torch.float32,
     resamples: int = uncertainty.RESAMPLES,
 ) -> tuple[Comparison, dict]:
-    """Evaluate ``task`` on ``data`` for ``model`` (a zoo name, hub id, folder or ``Loaded``) under each fix.
+    """Evaluate ``task`` on ``data`` for ``model`` (a zoo name, hub id, folder, ``Loaded`` or model object) under each fix.
 
     Returns the comparison and, when ``visuals``, qualitative pictures ``{"<fix>/<image>.png": PIL image}``.
     ``resamples``: bootstrap resamples of the images for each row's interval (``sinkless.tasks.uncertainty``; 0: none).
@@ -174,7 +174,7 @@ def compare(
     protocol = make_protocol(spec, overrides)
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
     dataset = dataset.limit(limit)
-    loaded = zoo.load(model, device=device, dtype=dtype) if isinstance(model, str) else model
+    loaded = zoo.loaded_from(model, device=device, dtype=dtype)
     check_vision(loaded, spec.name)
     started = time.perf_counter()
     contexts = []
