@@ -202,6 +202,11 @@ def _write_error(error: BaseException, path: Path):
 
     if isinstance(error, OSError) and error.errno in _WRITE_ERRORS:
         return SinklessError(f"cannot write {path} ({error.strerror or error})", fix="free some disk space or choose another output location")
+    text = str(error)
+    # writers that do not raise OSError: safetensors ("No space left on device (os error 28)"), torch.save on a full
+    # disk ("[enforce fail at inline_container.cc] . unexpected pos ..." / "file write failed")
+    if "No space left on device" in text or "os error 28" in text or ("inline_container" in text and ("unexpected pos" in text or "write failed" in text)):
+        return SinklessError(f"cannot write {path} (No space left on device)", fix="free some disk space or choose another output location")
     return None
 
 
@@ -337,7 +342,7 @@ def staged_dir(out: str | os.PathLike, *, kind: str = "outputs") -> Iterator[Pat
             with _folder_lock(out):
                 _merge(stage, out, kind)
         succeeded = True
-    except OSError as error:
+    except Exception as error:  # a full disk says so through OSError, or through a writer's own error type
         clear = _write_error(error, out)
         if clear is not None:
             raise clear from None

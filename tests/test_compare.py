@@ -202,3 +202,26 @@ def test_the_registers_model_follows_the_models_precision(tmp_path):
     loaded = zoo.load("planted-vit-tiny", dtype="bfloat16")
     other = fixes._with_registers(str(tmp_path / "student"), "--registers-model", loaded)
     assert next(other.model.parameters()).dtype == torch.bfloat16
+
+
+def test_json_never_overwrites_the_data_and_never_equals_out_dir(tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    data = tmp_path / "data"
+    data.mkdir()
+    PILImage.new("RGB", (48, 40), (90, 30, 10)).save(data / "a.png")
+    (data / "annotations.json").write_text(json.dumps({"images": [{"file": "a.png", "objects": [{"label": "cat", "box": [5, 5, 30, 30]}]}]}))
+    before = (data / "annotations.json").read_bytes()
+    for target, source in ((data / "annotations.json", data), (data / "a.png", data / "annotations.json")):
+        code = cli.main(["compare", "--model", "planted-vit-tiny", "--task", "lost", "--data", str(source), "--json", str(target)])
+        assert code == 2 and "is one of the inputs" in capsys.readouterr().err
+    assert (data / "annotations.json").read_bytes() == before
+    same = tmp_path / "same"
+    code = cli.main(["compare", "--model", "planted-vit-tiny", "--task", "lost", "--data", "synthetic", "--limit", "2",
+                     "--json", str(same), "--out-dir", str(same)])
+    assert code == 2 and "are the same path" in capsys.readouterr().err and not same.exists()
+
+
+def test_the_json_records_the_precision(tmp_path):
+    comparison, _ = compare("planted-vit-tiny", "lost", "synthetic", ["none"], limit=2, progress=False, resamples=0, dtype="bfloat16")
+    assert comparison.to_json()["precision"] == {"dtype": "bfloat16", "device": "cpu"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -281,3 +282,29 @@ def test_images_of_one_name_in_two_folders_get_distinct_names():
     data = Dataset("d", "folder", ["x", "x", "x_2"], [sample("x"), sample("x"), sample("x_2")], ["background"])
     assert data.names == ["x", "x_3", "x_2"] and [s.name for s in data] == data.names
     assert data.limit(2).names == ["x", "x_3"]
+
+
+def test_an_excel_csv_with_a_bom_and_spaced_header(tmp_path):
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "annotations.csv").write_bytes("\ufefffile, x0, y0, x1, y1, label\r\na.jpg, 1, 2, 10, 12, cup\r\n".encode())
+    data = open_dataset(tmp_path / "annotations.csv")
+    assert data[0].boxes.tolist() == [[1, 2, 10, 12]] and data.classes == ["background", "cup"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("file,x0,y0,x1,y1,label\n", "lists no images"),
+    ("file,x0,y0,x1\na.jpg,1,2,3\n", "the header has no y1 (it needs file, x0, y0, x1, y1"),
+    ("file,x0,y0,x1,y1\n,1,2,10,12\n", "line 2: no file name"),
+])
+def test_csv_mistakes_name_themselves(tmp_path, content, message):
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "annotations.csv").write_text(content)
+    with pytest.raises(SinklessError, match=re.escape(message)):
+        open_dataset(tmp_path / "annotations.csv")
+
+
+def test_an_empty_file_entry_is_refused_when_the_file_is_read(tmp_path):
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": [{"file": "", "objects": [{"label": "a", "box": [1, 1, 5, 5]}]}]}))
+    with pytest.raises(SinklessError, match="each image needs a \"file\""):
+        open_dataset(tmp_path / "annotations.json")

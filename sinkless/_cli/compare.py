@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from sinkless import distributed
 from sinkless._cli import _args
@@ -122,6 +123,11 @@ def _check(args: argparse.Namespace) -> None:
     _args.input_file(args.registers, "--registers", made_by="`sinkless fix --out`")
     _args.output_file(args.json, "--json")
     _args.output_dir(args.out_dir, "--out-dir")
+    if args.data not in ("synthetic", "mini"):  # the annotation file, its folder's images, --images: none is overwritten
+        data = Path(args.data).expanduser()
+        _args.not_an_input(args.json, [str(data), *([str(data.parent)] if data.is_file() else []), *([args.images] if args.images else [])], "--json")
+    if args.json and args.out_dir and Path(args.json).expanduser().resolve() == Path(args.out_dir).expanduser().resolve():
+        raise SinklessError(f"--json and --out-dir are the same path ({args.json})", fix="give --json a file name and --out-dir a folder")
 
 
 def run(args: argparse.Namespace) -> int:

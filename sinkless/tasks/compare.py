@@ -83,6 +83,7 @@ class Comparison:
     sinkless_version: str = __version__
     torch_threads: int = 1
     seconds: float = 0.0
+    precision: dict = field(default_factory=dict)  # the model's dtype and device (they move the scores)
 
     def to_json(self) -> dict:
         return {
@@ -92,6 +93,7 @@ class Comparison:
             "data": self.data,
             "dataset": self.dataset,
             "protocol": self.protocol,
+            "precision": self.precision,
             "metric": self.metric,
             "results": [r.to_json() for r in self.results],
             "timing": {"total_seconds": round(self.seconds, 3), "torch_threads": self.torch_threads},
@@ -175,6 +177,7 @@ def compare(
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
     dataset = dataset.limit(limit)
     loaded = zoo.loaded_from(model, device=device, dtype=dtype)
+    first = next(loaded.model.parameters())
     check_vision(loaded, spec.name)
     started = time.perf_counter()
     contexts = []
@@ -211,6 +214,7 @@ def compare(
     comparison = Comparison(
         loaded.name, spec.name, str(data_name), dataset.describe(), recorded, results, spec.metric,
         torch_threads=torch.get_num_threads(), seconds=time.perf_counter() - started,
+        precision={"dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device)},
     )
     return comparison, pictures
 

@@ -67,8 +67,9 @@ def read_annotation_file(path: str | Path) -> Dataset:
     for i, entry in enumerate(entries):
         where = f"{path} image {i} ({entry['file']})"
         file = path.parent / entry["file"]
-        if not file.exists():
-            raise SinklessError(f"{where}: image not found: {file}", fix="image paths are relative to the annotation file")
+        if not file.is_file():
+            raise SinklessError(f"{where}: image not found: {file}" + (" (a folder)" if file.is_dir() else ""),
+                                fix="image paths are relative to the annotation file")
         names.append(Path(entry["file"]).stem)
         loaders.append(_folder_loader(Path(entry["file"]).stem, file, entry, classes, path.parent, where))
     if not loaders:
@@ -86,8 +87,8 @@ def _read_sinkless_json(path: Path) -> tuple[list[dict], list[str]]:
     entries = []
     for i, raw in enumerate(data["images"]):
         where = f"{path} image {i}"
-        if not isinstance(raw, dict) or not isinstance(raw.get("file"), str):
-            raise SinklessError(f"{where}: each image needs a \"file\"", fix=_FORMAT_FIX)
+        if not isinstance(raw, dict) or not isinstance(raw.get("file"), str) or not raw["file"].strip():
+            raise SinklessError(f"{where}: each image needs a \"file\" (the image's path, relative to {path.name})", fix=_FORMAT_FIX)
         objects = []
         for j, obj in enumerate(raw.get("objects") or []):
             if not isinstance(obj, dict) or ("box" not in obj and "polygons" not in obj):
@@ -113,16 +114,22 @@ def _read_sinkless_json(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
-    try:
-        rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+    try:  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark
+        reader = csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines(), skipinitialspace=True)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]  # "file, x0, y0" as "file,x0,y0"
+        rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise SinklessError(f"cannot read {path} ({error})", fix=_FORMAT_FIX) from None
-    needed = {"file", "x0", "y0", "x1", "y1"}
-    if not rows or not needed <= set(rows[0]):
-        raise SinklessError(f"{path}: expected a header with {sorted(needed)} (and optional label)", fix=_FORMAT_FIX)
+    needed = ("file", "x0", "y0", "x1", "y1")
+    missing = [name for name in needed if name not in (reader.fieldnames or [])]
+    if missing:
+        raise SinklessError(f"{path}: the header has no {', '.join(missing)} (it needs {', '.join(needed)}, and an optional label)",
+                            fix=_FORMAT_FIX)
     by_file: dict[str, dict] = {}
     classes: list[str] = []
     for i, row in enumerate(rows, start=2):
+        if not (row.get("file") or "").strip():
+            raise SinklessError(f"{path} line {i}: no file name", fix=_FORMAT_FIX)
         label = (row.get("label") or "object").strip()
         if label not in classes:
             classes.append(label)
