@@ -1569,3 +1569,19 @@ def test_the_model_key_is_the_real_path(tmp_path, tiny, monkeypatch):
     real = os.path.realpath(tmp_path / "m")
     assert distill_module._model_key("m") == distill_module._model_key(str(tmp_path / "m")) == distill_module._model_key("link") == real
     assert distill_module._model_key("planted-vit-tiny") == "planted-vit-tiny" and distill_module._model_key(tiny) == tiny.name
+
+
+def test_a_second_distill_into_a_folder_in_use_is_refused(tmp_path, tiny, photos):
+    """Two runs into one --out at once: the second is refused (before: both ran, sharing one checkpoint)."""
+    from sinkless._tempfiles import lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)  # what a running distill holds
+    try:
+        assert lock(held, block=False)
+        with pytest.raises(SinklessError, match="another `sinkless distill` is writing into"):
+            distill(tiny, photos, out, PLAIN, progress=False)
+    finally:
+        os.close(held)
+    assert distill(tiny, photos, out, PLAIN, progress=False).student is not None  # free again: it runs

@@ -382,6 +382,19 @@ def _check_out(out: Path, resume: bool) -> bool:
     return finished
 
 
+def _claim(out: Path) -> int:
+    """``out`` made if missing and held by an exclusive lock on it (the returned fd): one distillation per folder."""
+    from sinkless._tempfiles import lock
+
+    out.mkdir(parents=True, exist_ok=True)
+    guard = os.open(out, os.O_RDONLY)
+    if not lock(guard, block=False):
+        os.close(guard)
+        raise SinklessError(f"another `sinkless distill` is writing into {out} right now",
+                            fix="wait for it to finish (or --resume it afterwards), or choose another --out folder")
+    return guard
+
+
 def _read_log(out: Path) -> dict:
     try:
         logged = json.loads((out / LOG_NAME).read_text(encoding="utf-8"))
@@ -532,6 +545,7 @@ def distill(
     }
 
     created = not out.exists()
+    guard = _claim(out)  # a second distill into the same --out is refused while this one trains
     try:
         # teacher targets for the pool: deterministic from the seed, so a resumed run rebuilds the same ones
         t0 = time.perf_counter()
@@ -584,6 +598,7 @@ def distill(
         raise
     finally:
         teacher.to(home).train(was_training)
+        os.close(guard)  # released before the final write, which locks the folder itself while it moves the files in
 
     student.eval().requires_grad_(False).to("cpu")
     log_data = {
