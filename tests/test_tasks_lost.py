@@ -340,3 +340,19 @@ def test_component_steps_one_patch_at_a_time():
     up = torch.tensor([[1], [1], [0], [1]], dtype=torch.bool)
     assert component(up, 1).nonzero().tolist() == [[0, 0], [1, 0]]  # up one, never across the gap
     assert component(up, 3).nonzero().tolist() == [[3, 0]]
+
+
+def test_a_downscaled_image_keeps_truth_and_prediction_in_one_frame():
+    """900 x 600 at max_side 224 is 224 x 149 (a rounded side): the box is scaled per axis, so a whole-image box stays
+    inside the image (was y1 600.7: truth scaled by 448/900 against a prediction clipped to 299 px)."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from sinkless.tasks.compare import compare
+    from sinkless.tasks.dataset import Dataset, Sample
+
+    image = PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (600, 900, 3), dtype=np.uint8))
+    data = Dataset("big", "folder", ["big"], [lambda: Sample("big", image, np.asarray([[0.0, 0.0, 900.0, 600.0]]))], ["background", "x"])
+    comparison, _ = compare("planted-vit-tiny", "lost", data, ["none"], progress=False, resamples=0, overrides={"max_side": 224})
+    box = comparison.results[0].per_image[0]["box"]  # 224 x 149.3 -> 149 px
+    assert 0 <= box[0] <= box[2] <= 900 and 0 <= box[1] <= box[3] <= 600

@@ -260,8 +260,8 @@ class Stage1Result:
         raw_norm = self.raw.norm(dim=-1)  # (h, w)
         return {
             "grid": list(self.grid),
-            "raw_norm_median": float(raw_norm.median()),
-            "clean_norm_median": float(self.clean.norm(dim=-1).median()),
+            "raw_norm_median": float(raw_norm.float().quantile(0.5)),  # the middle two's mean on an even grid (torch's median: the lower)
+            "clean_norm_median": float(self.clean.norm(dim=-1).float().quantile(0.5)),
             "artifact_norm_mean": float(self.artifact.norm(dim=-1).mean()),
             "artifact_relative": float(self.artifact.norm(dim=-1).mean() / raw_norm.mean()),
             "residual_norm_mean": float(self.residual.norm(dim=-1).mean()),

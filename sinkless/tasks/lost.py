@@ -144,14 +144,16 @@ def evaluate(loaded, dataset, protocol: LostProtocol = LostProtocol(), *, progre
         height, width = prepared.image_hw
         x0, y0, x1, y1 = (v * patch for v in result.box)
         pred = np.asarray([x0, y0, min(x1, width), min(y1, height)], dtype=np.float64)
-        truth = sample.boxes * prepared.scale
+        # the resized image's own factor per axis (its sides are rounded to whole pixels): truth and prediction in one frame
+        factor = np.asarray([width / sample.image.width, height / sample.image.height] * 2)
+        truth = sample.boxes * factor
         best = float(box_iou(pred, truth).max())
         hit = best >= protocol.iou_threshold
         record = {
-            "name": sample.name, "box": (pred / prepared.scale).round(1).tolist(), "iou": round(best, 4), "hit": hit,
+            "name": sample.name, "box": (pred / factor).round(1).tolist(), "iou": round(best, 4), "hit": hit,
             "seed": divmod(result.seed, out.layout.grid[1]), "expansion": len(result.expansion),
         }
-        picture = _draw(sample.image, pred / prepared.scale, sample.boxes, result, patch / prepared.scale, hit) if visuals else None
+        picture = _draw(sample.image, pred / factor, sample.boxes, result, patch / prepared.scale, hit) if visuals else None
         return record, picture
 
     # data parallel under torchrun / accelerate launch: each process its share of the images, all get every result
