@@ -131,3 +131,18 @@ def test_bad_settings_are_user_errors():
         Stage1Settings(lr=float("nan"))
     with pytest.raises(SinklessError):
         Stage1Settings(scale=(0.6, 0.2))
+
+
+def test_the_summary_medians_are_the_usual_median():
+    """An 8 x 8 grid has an even number of patches: the median is the middle two's mean (torch.median gives the lower)."""
+    import numpy as np
+
+    from sinkless import zoo
+    from sinkless.denoise import Stage1Settings, denoise_image
+    from sinkless.images import natural_crops
+
+    result = denoise_image(zoo.load("planted-vit-tiny"), natural_crops(1)[0], Stage1Settings(views=2, steps=3))
+    summary = result.summary()
+    assert result.raw.shape[0] * result.raw.shape[1] % 2 == 0
+    assert summary["raw_norm_median"] == pytest.approx(float(np.median(result.raw.norm(dim=-1).numpy())), rel=1e-6)
+    assert summary["clean_norm_median"] == pytest.approx(float(np.median(result.clean.norm(dim=-1).numpy())), rel=1e-6)
