@@ -87,7 +87,7 @@ def read_utf8(path: Path) -> str:
     if path.is_dir():
         raise SinklessError(f"{str(path)!r} is a folder, not a text file", fix="pass a text file (or the files inside the folder)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text: it would be token 0
     except UnicodeDecodeError:
         raise SinklessError(f"{str(path)!r} is not UTF-8 text", fix="convert it with `iconv -t utf-8`, or pass a plain-text file") from None
     except OSError as error:

@@ -73,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except SinklessError as error:
-        print(f"sinkless {args.verb}: error: {error.problem}", file=sys.stderr)
-        if error.fix:
-            print(f"  fix: {error.fix}", file=sys.stderr)
+        from sinkless import distributed
+
+        rank = distributed.rank() if distributed.active() else int(os.environ.get("RANK", "0") or 0)  # torchrun sets RANK
+        if rank == 0:  # under a launcher every process meets the same bad input: one of them says so
+            print(f"sinkless {args.verb}: error: {error.problem}", file=sys.stderr)
+            if error.fix:
+                print(f"  fix: {error.fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

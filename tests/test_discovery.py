@@ -540,3 +540,23 @@ def test_padding_never_sets_a_peak():
     peaks = {(n["layer"], n["neuron"]): n["peak"] for n in found.neurons}
     assert found.settings["outlier_fraction_per_layer"] == [0.0, 1 / 12, 1 / 12]  # 12 real patches
     assert (peaks[(0, 7)], peaks[(0, 30)], peaks[(0, 31)]) == (10.0, 1.0, 3.0)
+
+
+def test_held_out_inputs_without_outliers_do_not_choose_top_k(monkeypatch, caplog):
+    """k=1 "passed" on held-out images with no outliers and made the model worse: the sweep checks the discovery inputs."""
+    import logging
+
+    from sinkless.registers import discovery
+
+    real = discovery._outlier_count
+
+    def held_out_clean(loaded, inputs, settings, intervention=None, **kwargs):  # the held-out image shows no outliers
+        result = real(loaded, inputs, settings, intervention=intervention, **kwargs)
+        return {**result, "outlier_tokens": 0, "has_artifacts": False} if all(i.name.startswith("held") for i in inputs) else result
+
+    monkeypatch.setattr(discovery, "_outlier_count", held_out_clean)
+    with caplog.at_level(logging.WARNING):
+        found = _discover(DiscoverySettings(max_k=4))
+    assert "cannot check the choice of top_k" in caplog.text
+    assert found.heldout["checked_on"].startswith("discovery inputs") and found.heldout["before"]["outlier_tokens"] > 0
+    assert found.sweep and found.sweep[0]["outlier_tokens"] > 0  # k=1 is judged where there is something to remove

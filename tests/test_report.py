@@ -260,7 +260,8 @@ def test_summary_lines_state_the_verdict_and_its_numbers():
     assert "outlier tokens from layer 1 (layers 1-2), 6.25 % of patches, up to 9.0x the median norm" in lines[1]
     assert "on the border: 100 % (a random patch: 75 %)" in lines[2]
     clean = summary_lines(vision_report([vision_record()]))
-    assert clean == ["hand-vit (vision, 1 inputs): no artifacts found", "  max/median token norm at most 1.00x (outlier floor 3x)"]
+    assert clean == ["hand-vit (vision, 1 inputs): no artifacts found",
+                     "  max/median token norm at most 1.00x in any image and layer (typical image: 1.00x; outlier floor 3x)"]
     text = summary_lines(text_report([text_record(first_token=torch.tensor([0.1, 0.5, 0.6]))]))
     assert text[0] == "hand-lm (text, 1 inputs): ARTIFACTS FOUND"
     assert "first-token attention: mean 40 %, max 60 %; >= 30 % in layers 1-2" in text[1]

@@ -428,3 +428,11 @@ def test_a_dangling_link_as_the_output_folder(tmp_path, capsys):
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
     expect_error(["scan", str(tmp_path / "imgs"), "--model", "planted-vit-tiny", "--out", str(tmp_path / "link")], capsys,
                  contains=f"is a link to {tmp_path / 'nowhere'}, which does not exist", root=tmp_path)
+
+
+def test_fix_out_never_replaces_a_file_of_the_model(tmp_path, capsys, text_model):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(text_model, folder)
+    expect_error(["fix", "--model", str(folder), "--out", str(folder / "config.json")], capsys, contains="is one of the inputs", root=tmp_path)

@@ -181,3 +181,30 @@ def test_stream_past_the_context_prints_no_transformers_reminder(tmp_path, capsy
     folder = tiny_text_model_dir(tmp_path / "lm", context=32)
     assert main(["stream", "--model", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "40", "--window", "8"]) == 0
     assert "predefined maximum length" not in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_not_token_0(tmp_path, capsys):
+    folder = tiny_text_model_dir(tmp_path / "lm")
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("w1 w2 w3 w4 w5 w6 w7 w8")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    reports = []
+    for path in (plain, marked):
+        assert main(["-q", "scan", str(path), "--model", str(folder), "--out", str(tmp_path / path.stem)]) == 0
+        reports.append(json.loads((tmp_path / path.stem / "report.json").read_text())["inputs"][0]["text_tokens"])
+    assert reports[0] == reports[1]
+    (tmp_path / "only.txt").write_bytes(b"\xef\xbb\xbf")
+    expect_error(["scan", str(tmp_path / "only.txt"), "--model", str(folder), "--out", str(tmp_path / "o")], capsys, contains="is empty",
+                 root=tmp_path)
+
+
+def test_text_with_no_tokens_is_one_error(tmp_path):
+    from sinkless.errors import SinklessError
+    from sinkless.scan.inputs import _text_batch
+
+    class Nothing:  # a tokenizer whose vocabulary covers none of the text
+        def __call__(self, text, **kwargs):
+            return {"input_ids": []}
+
+    with pytest.raises(SinklessError, match="gives no tokens with this model's tokenizer"):
+        _text_batch(zoo.Loaded("m", None, None, tokenizer=Nothing()), [TextInput("t", "w1 w2")], 512)

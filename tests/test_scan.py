@@ -814,12 +814,14 @@ def test_summary_lines_edge_cases():
         "n_inputs": 1, "has_artifacts": None, "first_outlier_layer": None, "max_ratio": 1.5, "notes": ["too few patches", "another"]})
     assert summary_lines(unknown) == [
         "m (vision, 1 inputs): no verdict (too little was measured, see the notes)",
-        "  max/median token norm at most 1.50x (outlier floor 3x)",
+        "  max/median token norm at most 1.50x in any image and layer (typical image: 1.50x; outlier floor 3x)",
         "  note: too few patches",
         "  note: another",
     ]
     unknown.settings["rule"] = {"floor": 3.0, "absolute": 5.0}
-    assert summary_lines(unknown)[1] == "  max/median token norm at most 1.50x (outlier threshold: norm > 5)"
+    assert summary_lines(unknown)[1] == "  max/median token norm at most 1.50x in any image and layer (typical image: 1.50x; outlier threshold: norm > 5)"
+    unknown.layers.append({"layer": 0, "max_ratio_worst": 1.77})  # the worst image of a layer: what "at most" means
+    assert summary_lines(unknown)[1].startswith("  max/median token norm at most 1.77x in any image and layer (typical image: 1.50x")
     vision = Report("m", "vision", {"rule": {"floor": 3.0}}, [], [], [], [], {
         "n_inputs": 4, "has_artifacts": True, "first_outlier_layer": 2, "outlier_layers": [2], "outlier_fraction": 0.01, "max_ratio": 6.0,
         "border_fraction": 0.5, "border_fraction_expected": 0.25, "neighbor_similarity": {}, "sink_share": 0.42, "sink_share_cls": None})

@@ -9,6 +9,7 @@ passages of the bundled Hamlet; held-out inputs never overlap the discovery inpu
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sinkless import distributed, zoo
 from sinkless._cli import _args
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     _args.positive_int(args.n_heldout, "--n-heldout", fix="pass --n-heldout N >= 1 (default 16): the fix is checked on held-out inputs")
     _args.positive_int(args.batch_size, "--batch-size")
     _args.output_file(args.out, "--out")
-    _args.not_an_input(args.out, args.inputs, "--out")
+    model_folder = [args.model] if isinstance(args.model, str) and Path(args.model).expanduser().is_dir() else []
+    _args.not_an_input(args.out, [*(args.inputs or []), *model_folder], "--out")  # an input, or a file of the model's folder
     device, dtype = distributed.placement(args.device, args.dtype)
     loaded = zoo.load(args.model, device=device, dtype=dtype)
     detection = _args.layer_index(args.detection_layer, "--detection-layer", loaded.num_layers, model=loaded.name)

@@ -287,6 +287,15 @@ def discover(
     found = replace(base, neurons=ranked, detection_layer=detection, highest_layer=highest)
 
     before = _outlier_count(loaded, heldout, settings)
+    if settings.top_k is None and not before["outlier_tokens"] and len(inputs) > 0:
+        # nothing on the held-out inputs to remove: any k would "pass" there, unchecked (k=1 can make things worse);
+        # the sweep checks the discovery inputs instead, where the outliers were seen, and says so
+        log.warning("the %d held-out input(s) have no outlier tokens, so they cannot check the choice of top_k: it is chosen "
+                    "on the discovery inputs instead (pass more inputs, or --n-heldout, for a held-out check)", len(heldout))
+        heldout, checked_on = list(inputs), "discovery inputs (the held-out ones had no outlier tokens)"
+        before = _outlier_count(loaded, heldout, settings)
+    else:
+        checked_on = "held-out inputs"
     after = None
     if settings.top_k is not None:
         chosen = min(settings.top_k, len(ranked))
@@ -312,5 +321,5 @@ def discover(
     found.sweep = sweep
     if after is None:  # the sweep's last try is the chosen k: its held-out counts are the answer already
         after = _outlier_count(loaded, heldout, settings, intervention=TestTimeRegisters(loaded, found, n_registers=settings.n_registers))
-    found.heldout = {"before": before, "after": after}
+    found.heldout = {"before": before, "after": after, "checked_on": checked_on}
     return found

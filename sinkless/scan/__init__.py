@@ -138,7 +138,8 @@ def summary_lines(report: Report) -> list[str]:
         else:
             rule = report.settings["rule"]
             bar = f"outlier threshold: norm > {rule['absolute']:g}" if rule.get("absolute") is not None else f"outlier floor {rule['floor']:g}x"
-            lines.append(f"  max/median token norm at most {s['max_ratio']:.2f}x ({bar})")
+            worst = max((row.get("max_ratio_worst") or 0 for row in report.layers), default=0) or s["max_ratio"]
+            lines.append(f"  max/median token norm at most {worst:.2f}x in any image and layer (typical image: {s['max_ratio']:.2f}x; {bar})")
     else:
         sinks = [row["layer"] for row in report.layers if (row["first_token_attention"] or 0) >= 0.3]
         if s["sink_share"] is None:

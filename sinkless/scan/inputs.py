@@ -135,6 +135,10 @@ def _text_batch(loaded, items: Sequence[TextInput], max_tokens: int) -> Batch:
     tok = loaded.tokenizer
     encoded = [tok(item.text, truncation=True, max_length=max_tokens)["input_ids"] for item in items]
     lengths = [len(ids) for ids in encoded]
+    empty = [item.name for item, n in zip(items, lengths) if n == 0]
+    if empty:
+        raise SinklessError(f"text {empty[0]!r} gives no tokens with this model's tokenizer",
+                            fix="check that the tokenizer belongs to the model (its vocabulary must cover the text)")
     width = max(lengths)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(items), width), pad, dtype=torch.long)
