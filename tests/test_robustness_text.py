@@ -208,3 +208,20 @@ def test_text_with_no_tokens_is_one_error(tmp_path):
 
     with pytest.raises(SinklessError, match="gives no tokens with this model's tokenizer"):
         _text_batch(zoo.Loaded("m", None, None, tokenizer=Nothing()), [TextInput("t", "w1 w2")], 512)
+
+
+def test_an_encoder_whose_attention_is_not_a_probability_is_refused(tmp_path, capsys):
+    """A T5 encoder's captured attention read as shares gave "first-token attention: mean -9 %": refused, --no-attention works."""
+    import shutil
+
+    import transformers
+
+    folder = tiny_text_model_dir(tmp_path / "lm")
+    t5 = tmp_path / "t5"
+    transformers.T5EncoderModel(transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=64)).save_pretrained(t5)
+    for f in folder.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, t5 / f.name)
+    expect_error(["scan", "--text", "w1 w2 w3 w4 w5 w6", "--model", str(t5), "--out", str(tmp_path / "o")], capsys,
+                 contains="is not a probability", root=tmp_path)
+    assert main(["-q", "scan", "--text", "w1 w2 w3 w4 w5 w6", "--model", str(t5), "--no-attention", "--out", str(tmp_path / "o2")]) == 0

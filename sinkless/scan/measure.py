@@ -388,6 +388,14 @@ def measure_batch(
                 shares.append(_share_of(collector.mass[layer][i, :n], collector.keys[layer][i, :n], layout, body))
                 if not vision:  # the first real token (after any prepended register) is the sink
                     column = collector.first_col[layer][i, :, :n]  # (H, n)
+                    if bool(((column < -0.02) | (column > 1.02)).any()):  # e.g. a T5 encoder: not softmax probabilities (bf16 rounding allowed)
+                        from sinkless.errors import SinklessError
+
+                        raise SinklessError(
+                            f"the attention read at layer {layer} is not a probability (values {float(column.min()):.3g} to "
+                            f"{float(column.max()):.3g}): sinkless cannot measure this architecture's attention",
+                            fix="scan it with --no-attention (token norms and massive activations only)",
+                        )
                     f = first_token(layout)
                     warm = f + settings.warmup
                     # defined only with queries past the warm-up: early tokens can attend to little but the
