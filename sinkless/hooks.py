@@ -275,6 +275,11 @@ class Hooks(Mapping[str, torch.Tensor]):
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def hook_ids(self) -> set[int]:
+        """The ids of the hooks this holds on the model (keys of the modules' hook dicts)."""
+        return {handle.id for handle in self._handles}
+
     def __enter__(self) -> Hooks:
         return self
 

@@ -33,7 +33,7 @@ LOG_NAME = "denoise.json"
 def _load(model, device, dtype):
     from sinkless import zoo
 
-    loaded = zoo.load(model, dtype=resolve_dtype(dtype), device=resolve_device(device)) if isinstance(model, str) else model
+    loaded = zoo.loaded_from(model, dtype=resolve_dtype(dtype), device=resolve_device(device))
     check_model(loaded)
     return loaded
 

@@ -202,7 +202,7 @@ def register_hook_ids(model: nn.Module) -> set[int]:
     """The ids of the hooks that insert ``model``'s added registers (ViT/CLIP/SigLIP; empty otherwise): what code
     that strips a copy's hooks must keep."""
     handle = getattr(model, _HANDLE, None)
-    return {h.id for h in handle._handles} if handle is not None else set()
+    return handle.hook_ids if handle is not None else set()
 
 
 def remove_registers(model: nn.Module) -> None:

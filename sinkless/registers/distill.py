@@ -57,7 +57,7 @@ from sinkless.adapters import Adapter, adapter_for
 from sinkless.devices import autocast, resolve_amp, resolve_device
 from sinkless.errors import SinklessError
 from sinkless.images import IMAGE_SUFFIXES, ImageSpec, expand_paths, load_image, to_pixels
-from sinkless.pretrained import _image_spec_from, as_loaded
+from sinkless.pretrained import _image_spec_from
 from sinkless.registers.add import add_registers, register_parameter_name
 from sinkless.registers.multiview import ViewSettings, denoise_views, final_patch_features
 from sinkless.training import TrainSettings, train
@@ -395,13 +395,15 @@ def _claim(out: Path) -> int:
     return guard
 
 
-def _read_log(out: Path) -> dict:
+def read_log(folder: Path, fix: str = "choose a new --out folder (this one's log is damaged)") -> dict:
+    """The ``distill_log.json`` of a distilled model folder; one clear error (with ``fix``) when it is not a JSON object."""
+    path = Path(folder) / LOG_NAME
     try:
-        logged = json.loads((out / LOG_NAME).read_text(encoding="utf-8"))
+        logged = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SinklessError(f"cannot read {out / LOG_NAME}: {error}", fix="choose a new --out folder (this one's log is damaged)") from None
+        raise SinklessError(f"cannot read {path}: {error}", fix=fix) from None
     if not isinstance(logged, dict):
-        raise SinklessError(f"{out / LOG_NAME} is not a distillation log (a JSON object)", fix="choose a new --out folder")
+        raise SinklessError(f"{path} is not a distillation log (a JSON object)", fix=fix)
     return logged
 
 
@@ -423,9 +425,9 @@ def _model_key(model) -> str:
 def _check_finished_job(out: Path, logged: dict, model, pictures: Sequence[Image.Image]) -> None:
     """``--resume`` on a finished run with the same settings: refused when the model or the images differ (the finished
     model is of other ones), as a checkpoint is."""
-    changed = []
-    if "model_key" in logged and logged["model_key"] != _model_key(model):
-        changed.append(f"model {logged['model_key']} -> {_model_key(model)}")
+    changed, key = [], _model_key(model)
+    if "model_key" in logged and logged["model_key"] != key:
+        changed.append(f"model {logged['model_key']} -> {key}")
     data = logged.get("data")
     digest = data.get("digest") if isinstance(data, dict) else None
     if digest is not None and digest != _identity(pictures):
@@ -496,7 +498,7 @@ def distill(
     out = Path(out).expanduser()
     finished = _check_out(out, resume)
     if finished:
-        logged = _read_log(out)
+        logged = read_log(out)
         _check_finished_settings(out, logged, settings)
     device = resolve_device(device)
     pictures, names = load_images(images)
@@ -505,7 +507,7 @@ def distill(
         log.warning("%s already holds this distillation, finished: nothing to do", out)
         return DistillResult(out, logged)
     held = load_images(heldout)[0] if heldout is not None else []
-    loaded = zoo.load(model) if isinstance(model, str) else as_loaded(model)  # a name / folder, a Loaded or a model object
+    loaded = zoo.loaded_from(model)  # a name / folder, a Loaded or a model object
     teacher, adapter, spec = loaded.model, loaded.adapter, loaded.image_spec
     student = add_registers(teacher, settings.registers, std=_register_std(settings, teacher), seed=settings.seed)  # checks the family
     if spec is None:  # wrapped with processor=False: the config's size and ImageNet statistics, as denoise_views does
@@ -535,12 +537,13 @@ def distill(
     if settings.augment:
         pictures = augmented(pictures)
         data["n_augmented"] = len(pictures)
+    model_key = _model_key(model)
     meta = {
         "job": "distill", "model": loaded.name, "student": type(student).__name__, "data": data,
         "distill_settings": settings.to_dict(), "teacher": teacher_info, "trainable": {"parts": list(settings.train), "parameters": sum(p.numel() for p in params.values())},
         # what a checkpoint must match to be resumed (the step budget and bookkeeping may change, as in training.py)
-        "model_key": _model_key(model),
-        "job_key": {"model": _model_key(model), "data": {k: v for k, v in data.items() if k != "images"},
+        "model_key": model_key,
+        "job_key": {"model": model_key, "data": {k: v for k, v in data.items() if k != "images"},
                     "settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "log_every")}},
     }
 

@@ -101,20 +101,6 @@ def _with_registers(path: str, flag: str, loaded):
     return other
 
 
-def _distill_log(folder: Path) -> dict | None:
-    """The ``distill_log.json`` of a distilled model folder (None: there is none); a clear error when it is not a JSON object."""
-    log_file = folder / "distill_log.json"
-    if not log_file.exists():
-        return None
-    try:
-        record = json.loads(log_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SinklessError(f"cannot read {log_file}: {error}", fix="restore the folder `sinkless distill` wrote, or distil again") from None
-    if not isinstance(record, dict):
-        raise SinklessError(f"{log_file} is not a distillation log (a JSON object)", fix="restore the folder `sinkless distill` wrote, or distil again")
-    return record
-
-
 def _registers(loaded, images, registers_model: str | None = None) -> AbstractContextManager:
     """Trained registers (Darcet et al. 2024): evaluate a model that has them (`--registers-model PATH`)."""
     if not registers_model:
@@ -136,7 +122,11 @@ def _distilled(loaded, images, distilled: str | None = None) -> AbstractContextM
     else:
         other, source = _distill_cached(loaded, images)
     info = {"distilled": source, "architecture": type(other.model).__name__, "n_registers": other.adapter.n_registers(other.model)}
-    record = _distill_log(Path(other.source)) if other.source else None
+    from sinkless.registers.distill import LOG_NAME, read_log
+
+    record = None
+    if other.source and (Path(other.source) / LOG_NAME).exists():
+        record = read_log(Path(other.source), fix="restore the folder `sinkless distill` wrote, or distil again")
     if record is not None:
         info.update(teacher=record.get("model"), steps=record.get("steps_done"), training_images=record.get("data", {}).get("images"),
                     targets_from=(record.get("teacher") or {"kind": "original"}).get("kind"))  # original (PH-Reg) or ttr
