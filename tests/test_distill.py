@@ -528,6 +528,16 @@ def test_cli_end_to_end_and_compare(tmp_path, capsys, photos):
                              "--steps", "3", "--views", "3", "--pool", "4", "--batch-size", "2", "--device", "cpu",
                              "--part-lr", "positions=0.1", "--part-lr", "blocks=0.5", "--register-std", "1e-6", "--resume")
     assert code == 0 and "nothing written" in stdout and "wrote" not in stdout  # the same job, finished
+    second = tmp_path / "second"  # a second stage from the first: --init, and the last block after its attention
+    code, stdout, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(second), "--registers", "4",
+                             "--steps", "2", "--views", "3", "--pool", "4", "--batch-size", "2", "--init", str(out),
+                             "--train", "last_block_out,final_norm")
+    assert code == 0, err
+    logged = json.loads((second / "distill_log.json").read_text())
+    assert logged["distill_settings"]["init"] == str(out) and logged["trainable"]["parts"] == ["last_block_out", "final_norm"]
+    code, _, err = _cli(capsys, "--model", "planted-vit-tiny", "--images", str(photos), "--out", str(tmp_path / "third"),
+                        "--init", str(out), "--steps", "1")  # the first stage had 4 registers, this run 16
+    assert code == 2 and "--init" in err and "4 registers" in err and not (tmp_path / "third").exists()
     result = tmp_path / "cmp.json"
     code = cli.main(["compare", "--model", "planted-vit-tiny", "--data", "synthetic", "--limit", "2", "--task", "lost",
                      "--fix", "none", "--fix", "distilled", "--distilled", str(out),
@@ -834,6 +844,75 @@ def test_trainable_parameters_of_each_part(tiny):
         distill_module.trainable_parameters(student, adapter, ["blocks"], 5)
 
 
+@pytest.mark.parametrize("family", ["dinov2_with_registers", "vit", "clip_vision", "siglip_vision"])
+def test_last_block_out_leaves_what_the_last_attention_reads_frozen(family):
+    """last_block_out: the last block except the pre-attention norm and q/k/v; training it moves the features but not
+    the last layer's queries, keys or values (so neither its attention)."""
+    from conftest import tiny_model as make_tiny
+    from sinkless.hooks import hooks
+    from sinkless.registers.add import add_registers
+
+    torch.manual_seed(0)
+    student = add_registers(make_tiny(family), 2, std=0.02, seed=0)
+    adapter = adapter_for(student)
+    last = adapter.num_layers(student) - 1
+    block = adapter.block(last)
+    chosen = set(distill_module.trainable_parameters(student, adapter, ["last_block_out"]))
+    reads = {n for n in dict(student.named_parameters()) if n.startswith(block + ".")} - chosen
+    assert len(reads) == 8 and all(any(f".{q}." in n for q in (*adapter.qkv, *distill_module.PRE_ATTENTION_NORMS)) for n in reads)
+    assert any("fc1" in n for n in chosen) and all(n.startswith(block + ".") for n in chosen)
+    sites = [adapter.query_site(last), adapter.key_site(last), adapter.value_site(last), adapter.residual_site(last)]
+    size = getattr(student.config, "vision_config", student.config).image_size
+    pixels = torch.randn(2, 3, size, size)
+
+    def seen():
+        with torch.no_grad(), hooks(student, capture=sites) as rec:
+            student(pixel_values=pixels)
+        return [rec[s].clone() for s in sites]
+
+    before = seen()
+    with torch.no_grad():
+        for name in chosen:
+            dict(student.named_parameters())[name].add_(0.5)
+    after = seen()
+    for a, b in zip(before[:3], after[:3]):
+        assert torch.equal(a, b)
+    assert not torch.allclose(before[3], after[3])
+
+
+def test_init_starts_the_student_from_a_finished_folder(tmp_path, tiny, photos):
+    first = tmp_path / "first"
+    distill(tiny, photos, first, DistillSettings(**FAST), progress=False)
+    settings = DistillSettings(**{**FAST, "steps": 2}, train=("last_block_out", "final_norm"), init=str(first))
+    result = distill(tiny, photos, tmp_path / "second", settings, progress=False)
+    a, b = _weights(first), _weights(tmp_path / "second")
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.startswith("encoder.layer.3.") or k.startswith("layernorm.") for k in moved)
+    assert not any(re.search(r"attention\.(query|key|value)\.|\.norm1\.", k) for k in moved)  # saved under HF's names
+    assert any("output.dense" in k for k in moved) and any("fc1" in k for k in moved)
+    assert result.log["distill_settings"]["init"] == str(first)
+    # the student really started from the folder: everything frozen is the first stage's, not the model's
+    assert torch.equal(b["embeddings.register_tokens"], a["embeddings.register_tokens"])
+    plain = tiny.model.state_dict()["encoder.layer.3.attention.k_proj.weight"]
+    stage2 = zoo.load(str(tmp_path / "second")).model.state_dict()["encoder.layer.3.attention.k_proj.weight"]
+    assert torch.equal(stage2, zoo.load(str(first)).model.state_dict()["encoder.layer.3.attention.k_proj.weight"])
+    assert not torch.equal(stage2, plain)  # the first stage's keys, kept
+
+
+def test_init_of_another_shape_is_refused_before_anything_is_written(tmp_path, tiny, photos):
+    first = tmp_path / "first"
+    distill(tiny, photos, first, DistillSettings(**{**FAST, "steps": 1}), progress=False)
+    out = tmp_path / "second"
+    with pytest.raises(SinklessError, match="4 registers that does not fit this run's student.*3 registers") as error:
+        distill(tiny, photos, out, DistillSettings(**{**FAST, "registers": 3}, init=str(first)), progress=False)
+    assert "same --model" in error.value.fix and not out.exists()
+    with pytest.raises(SinklessError, match="^--init: .*not a model folder"):
+        distill(tiny, photos, out, DistillSettings(**FAST, init=str(tmp_path / "missing")), progress=False)
+    assert not out.exists()
+    with pytest.raises(SinklessError, match="init must be the path"):
+        DistillSettings(init="  ")
+
+
 def test_feature_loss_is_one_minus_cosine_plus_weighted_mse():
     """Cosine over the feature dimension per patch (tiny vectors too), averaged; MSE over every element."""
     student = torch.tensor([[[3.0, 4.0], [0.01, 0.0]], [[0.0, 2.0], [1.0, 1.0]]], requires_grad=True)  # (B=2, P=2, D=2)
@@ -922,11 +1001,11 @@ def test_each_refused_setting_names_itself_and_the_boundaries_pass():
     DistillSettings(crop_scale=(0.5, 0.5))
     DistillSettings(crop_scale=(1.0, 1.0))
     DistillSettings(register_std=None)
-    parts = "choose from registers, positions, patch_embed, blocks, last_block, final_norm, all"
+    parts = "choose from registers, positions, patch_embed, blocks, last_block, last_block_out, final_norm, all"
     _refused("unknown trainable parts ['wings']", parts, train=("registers", "wings"))
     _refused("unknown trainable parts (none given)", parts, train=())
     _refused("part_lr names 'all', which is not among the trained parts ['all']",
-             "--part-lr takes a part's name (registers, positions, patch_embed, blocks, last_block, final_norm), not all",
+             "--part-lr takes a part's name (registers, positions, patch_embed, blocks, last_block, last_block_out, final_norm), not all",
              train=("all",), part_lr=(("all", 0.5),))
     _refused("part_lr names 'positions', which is not among the trained parts ['registers']",
              "add positions to --train, or give --part-lr only for registers", train=("registers",), part_lr=(("positions", 0.5),))

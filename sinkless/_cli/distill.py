@@ -43,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-blocks", type=int, default=1, metavar="K", help="train the last K blocks (default 1)")
     parser.add_argument("--train", metavar="PARTS", default=None,
                         help="comma-separated parts to train, from registers, positions, patch_embed, blocks (the last --train-blocks), "
-                             "last_block (the last block as a part of its own, for its own --part-lr), final_norm, all "
+                             "last_block (the last block as a part of its own, for its own --part-lr), last_block_out (the last block "
+                             "except the norm and query/key/value projections its attention reads: attention maps, keys and values "
+                             "stay), final_norm, all "
                              "(default: PH-Reg's registers,positions,patch_embed,blocks)")
     parser.add_argument("--train-all", action="store_true", help="train every weight (same as --train all)")
     parser.add_argument("--part-lr", action="append", default=None, metavar="PART=MULT",
@@ -68,6 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--augment", action="store_true",
                         help="also train on each photo turned 90 and 180 degrees and colour-jittered (4x the images; "
                              "for a few dozen photos, measured in docs/RESULTS.md)")
+    parser.add_argument("--init", metavar="DIR",
+                        help="start the student from this finished distill folder of the same --model (a second stage, e.g. "
+                             "--train last_block_out,final_norm on other targets) instead of fresh registers")
     parser.add_argument("--image-size", type=int, metavar="PX", help="side of the square training crops (default: the model's input size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
@@ -121,5 +126,5 @@ def _settings(args: argparse.Namespace, part_lr: list | None):
         registers=args.registers, steps=args.steps, views=args.views, max_shift=args.max_shift, batch_size=args.batch_size,
         pool=args.pool, lr=args.lr, train_blocks=args.train_blocks, image_size=args.image_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every, amp=args.amp, part_lr=None if part_lr is None else tuple(part_lr), register_std=args.register_std,
-        mse_weight=args.mse_weight, key_weight=args.key_weight, teacher=args.teacher, teacher_neurons=args.teacher_neurons, augment=args.augment, train=("all",) if args.train_all else tuple(p.strip() for p in (args.train or DEFAULT_TRAIN).split(",") if p.strip()),
+        mse_weight=args.mse_weight, key_weight=args.key_weight, teacher=args.teacher, teacher_neurons=args.teacher_neurons, augment=args.augment, init=args.init, train=("all",) if args.train_all else tuple(p.strip() for p in (args.train or DEFAULT_TRAIN).split(",") if p.strip()),
     )

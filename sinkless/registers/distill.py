@@ -17,6 +17,10 @@ on the training images) instead of the plain model, so the student learns the tr
 carries them in ordinary trained registers that plain transformers loads (with ``views=1`` the fixed model's own
 features, no averaging). PH-Reg's teacher (``"original"``) stays the default.
 
+Ours, optional: ``init`` starts the student from a finished distill folder (a second stage), and the part
+``last_block_out`` trains the last block except what its attention reads (pre-attention norm, query/key/value
+projections), so the last layer's attention maps, keys and values stay as the first stage left them.
+
 Unlike PH-Reg, which recomputes the 10-view teacher target for every training crop, the default here
 computes targets once for a pool of ``pool`` random crops and trains over it for several epochs: on a
 CPU the teacher's views would otherwise cost 10x the student's forward at every step. ``pool=0`` gives
@@ -71,7 +75,9 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "distill_log.json"
 STATE_DIR = ".training"
-PARTS = ("registers", "positions", "patch_embed", "blocks", "last_block", "final_norm", "all")
+PARTS = ("registers", "positions", "patch_embed", "blocks", "last_block", "last_block_out", "final_norm", "all")
+# in a block: the norm whose output feeds the query/key/value projections (DINOv2, ViT, CLIP / SigLIP)
+PRE_ATTENTION_NORMS = ("norm1", "layernorm_before", "layer_norm1")
 TEACHERS = ("original", "ttr")
 
 
@@ -112,6 +118,9 @@ class DistillSettings:
     teacher: str = "original"
     teacher_neurons: str | None = None
     augment: bool = False  # ours: each photo also turned 90° and 180° and colour-jittered (4x the images, ``augmented``)
+    # ours: the student starts from this finished distill folder (same model, same number of registers) instead of the
+    # model with fresh registers: a second stage, e.g. ``train=("last_block_out", "final_norm")`` on other targets
+    init: str | None = None
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
@@ -140,6 +149,8 @@ class DistillSettings:
             raise SinklessError(f"unknown teacher {self.teacher!r}", fix=f"choose from {', '.join(TEACHERS)}")
         if self.teacher_neurons is not None and self.teacher != "ttr":
             raise SinklessError("teacher_neurons is given but the teacher is not 'ttr'", fix="set teacher='ttr' (--teacher ttr), or drop the neurons file")
+        if self.init is not None and not (isinstance(self.init, (str, os.PathLike)) and os.fspath(self.init).strip()):
+            raise SinklessError(f"init must be the path of a finished distill folder, got {self.init!r}")
         if not isinstance(self.augment, bool):
             raise SinklessError(f"augment must be True or False, got {self.augment!r}")
         for name in ("mse_weight", "key_weight"):
@@ -331,12 +342,15 @@ def _trainable(student: nn.Module, adapter: Adapter, parts: Sequence[str], train
     blocks = tuple(adapter.block(i) + "." for i in range(n_layers - train_blocks, n_layers))
     last = adapter.block(n_layers - 1) + "."
     register = register_parameter_name(student)
+    attention_inputs = _attention_inputs(student, adapter, n_layers - 1) if "last_block_out" in parts else ()
 
     def part(name: str) -> str | None:
         checks = (
             ("registers", name == register),
             ("positions", name.startswith(embeddings + ".") and "position_embedding" in name),
             ("patch_embed", name.startswith(adapter.patch_embed + ".")),
+            # the last block after its attention weights: what the last layer's queries, keys and values depend on stays
+            ("last_block_out", name.startswith(last) and not name.startswith(attention_inputs)),
             ("last_block", name.startswith(last)),  # before "blocks": the last block as a part of its own (its own lr)
             ("blocks", name.startswith(blocks)),
             ("final_norm", adapter.final_norm is not None and name.startswith(adapter.final_norm + ".")),
@@ -350,6 +364,16 @@ def _trainable(student: nn.Module, adapter: Adapter, parts: Sequence[str], train
         p.requires_grad_(True)
     assert register in chosen or "registers" not in parts, register
     return chosen
+
+
+def _attention_inputs(model: nn.Module, adapter: Adapter, layer: int) -> tuple[str, ...]:
+    """Parameter-name prefixes of block ``layer``'s query, key and value projections and the norm before them."""
+    block = adapter.block(layer)
+    norms = [f"{block}.{name}." for name in PRE_ATTENTION_NORMS if hasattr(model.get_submodule(block), name)]
+    if adapter.qkv is None or len(norms) != 1:
+        raise SinklessError(f"the {adapter.family} adapter does not say which weights feed the last layer's attention",
+                            fix="train last_block instead of last_block_out")
+    return (*norms, *(f"{block}.{name}." for name in adapter.qkv))
 
 
 def _feature_loss(student_features: torch.Tensor, target: torch.Tensor, mse_weight: float,
@@ -510,6 +534,8 @@ def distill(
     loaded = zoo.loaded_from(model)  # a name / folder, a Loaded or a model object
     teacher, adapter, spec = loaded.model, loaded.adapter, loaded.image_spec
     student = add_registers(teacher, settings.registers, std=_register_std(settings, teacher), seed=settings.seed)  # checks the family
+    if settings.init is not None:
+        _start_from(student, settings.init)
     if spec is None:  # wrapped with processor=False: the config's size and ImageNet statistics, as denoise_views does
         spec = _image_spec_from(None, teacher.config, adapter)
         log.warning("%s came without image preprocessing: crops of %d px normalised with ImageNet statistics (pass its "
@@ -543,7 +569,7 @@ def distill(
         "distill_settings": settings.to_dict(), "teacher": teacher_info, "trainable": {"parts": list(settings.train), "parameters": sum(p.numel() for p in params.values())},
         # what a checkpoint must match to be resumed (the step budget and bookkeeping may change, as in training.py)
         "model_key": model_key,
-        "job_key": {"model": model_key, "data": {k: v for k, v in data.items() if k != "images"},
+        "job_key": {"model": model_key, **({"init": _model_key(settings.init)} if settings.init is not None else {}), "data": {k: v for k, v in data.items() if k != "images"},
                     "settings": {k: v for k, v in settings.to_dict().items() if k not in ("steps", "checkpoint_every", "log_every")}},
     }
 
@@ -619,6 +645,28 @@ def distill(
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     log.info("wrote the distilled model to %s (%.0f s)", out, time.perf_counter() - started)
     return DistillResult(out, log_data, student)
+
+
+def _start_from(student: nn.Module, init: str | os.PathLike) -> None:
+    """``student`` (the model with fresh registers) given the weights of ``init``: a model of the same architecture,
+    width, depth and number of registers, e.g. an earlier `sinkless distill` folder of the same model."""
+    from sinkless import zoo
+
+    try:
+        source = zoo.load(os.path.expanduser(os.fspath(init))).model
+    except SinklessError as error:
+        raise SinklessError(f"--init: {error.problem}", fix=error.fix) from None
+    mine, theirs = student.state_dict(), source.state_dict()
+    wrong = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k].shape != theirs[k].shape]
+    if type(source) is not type(student) or wrong:
+        n = getattr(source.config, "num_register_tokens", 0)
+        raise SinklessError(
+            f"--init {init} is a {type(source).__name__} with {n} registers that does not fit this run's student, a "
+            f"{type(student).__name__} with {student.config.num_register_tokens} registers"
+            + (f" ({len(wrong)} weights differ in name or shape, e.g. {wrong[0]})" if wrong else ""),
+            fix="pass a distill folder of the same --model, with --registers as it had",
+        )
+    student.load_state_dict(theirs)
 
 
 DISCOVERY_IMAGES = 64  # training images the test-time-register teacher's neurons are found on (every 4th held out)
