@@ -388,6 +388,12 @@ def test_distill_a_model_object_of_each_hooked_family_with_the_ttr_teacher(tmp_p
         assert run.log["teacher"]["neurons"] == {"0": [1]} and math.isfinite(run.log["loss_curve"][-1]["loss"])
         student = zoo.load(str(tmp_path / f"out{i}"))
         assert type(student.model).__name__ == type(model).__name__ and student.adapter.n_registers(student.model) == 2
+    # a second stage from the first folder: its registers and weights carried over, only the last block's output trains
+    second = distill(model, photos, tmp_path / "second", dataclasses.replace(settings, init=str(tmp_path / "out0"),
+                     train=("last_block_out",)), progress=False)
+    first, after = zoo.load(str(tmp_path / "out0")).model.state_dict(), second.student.state_dict()
+    moved = {k for k in first if not torch.equal(first[k], after[k])}
+    assert moved and all(k.startswith(adapter_for(model).block(adapter_for(model).num_layers(model) - 1) + ".") for k in moved)
     assert _hook_count(model) == hooks_before and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
