@@ -289,14 +289,16 @@ def _relative_files(root: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive lock on a folder while outputs are moved in (two runs into one folder take turns)."""
+def folder_lock(folder: Path, busy: Exception | None = None) -> Iterator[None]:
+    """Exclusive lock on ``folder`` for the ``with`` block: two runs into one folder take turns, or with ``busy`` the
+    second does not wait and ``busy`` is raised (e.g. while one run trains into it)."""
     if fcntl is None:
         yield
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        lock(fd, block=True)
+        if not lock(fd, block=busy is None):
+            raise busy
         yield
     finally:
         os.close(fd)
@@ -339,7 +341,7 @@ def staged_dir(out: str | os.PathLike, *, kind: str = "outputs") -> Iterator[Pat
         with deferred_signals():
             created = ([out] if not out.exists() else []) + created
             out.mkdir(exist_ok=True)
-            with _folder_lock(out):
+            with folder_lock(out):
                 _merge(stage, out, kind)
         succeeded = True
     except Exception as error:  # a full disk says so through OSError, or through a writer's own error type

@@ -55,7 +55,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from sinkless._io import atomic_write_json, check_writable, staged_dir, to_jsonable
+from sinkless._io import atomic_write_json, check_writable, folder_lock, staged_dir, to_jsonable
 from sinkless._version import __version__
 from sinkless.adapters import Adapter, adapter_for
 from sinkless.devices import autocast, resolve_amp, resolve_device
@@ -406,19 +406,6 @@ def _check_out(out: Path, resume: bool) -> bool:
     return finished
 
 
-def _claim(out: Path) -> int:
-    """``out`` made if missing and held by an exclusive lock on it (the returned fd): one distillation per folder."""
-    from sinkless._tempfiles import lock
-
-    out.mkdir(parents=True, exist_ok=True)
-    guard = os.open(out, os.O_RDONLY)
-    if not lock(guard, block=False):
-        os.close(guard)
-        raise SinklessError(f"another `sinkless distill` is writing into {out} right now",
-                            fix="wait for it to finish (or --resume it afterwards), or choose another --out folder")
-    return guard
-
-
 def read_log(folder: Path, fix: str = "choose a new --out folder (this one's log is damaged)") -> dict:
     """The ``distill_log.json`` of a distilled model folder; one clear error (with ``fix``) when it is not a JSON object."""
     path = Path(folder) / LOG_NAME
@@ -574,60 +561,64 @@ def distill(
     }
 
     created = not out.exists()
-    guard = _claim(out)  # a second distill into the same --out is refused while this one trains
-    try:
-        # teacher targets for the pool: deterministic from the seed, so a resumed run rebuilds the same ones
-        t0 = time.perf_counter()
-        pool_pixels = pool_targets = pool_keys = None
-        with_keys = settings.key_weight > 0
-        held_pixels = to_pixels(held, spec, size=size) if held else None  # (H, 3, S, S)
-        held_targets = None
-        with teacher_fix:
-            if settings.pool:
-                generator = torch.Generator().manual_seed(settings.seed * 7_919 + 1)
-                pool_pixels = _crops(pictures, settings.pool, settings, spec, size, generator)  # (M, 3, S, S)
-                pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp, keys=with_keys)
-                if with_keys:
-                    pool_targets, pool_keys = pool_targets  # (M, P, D) each, on CPU
-            if held_pixels is not None:
-                held_targets = _teacher_targets(loaded, held_pixels, views, torch.Generator().manual_seed(12_345), device, False, use_amp)
-        teacher_seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    busy = SinklessError(f"another `sinkless distill` is writing into {out} right now",
+                         fix="wait for it to finish (or --resume it afterwards), or choose another --out folder")
+    # held while this one trains, so a second distill into the same --out is refused; released before the final
+    # write, which locks the folder itself while it moves the files in
+    with folder_lock(out, busy):
+        try:
+            # teacher targets for the pool: deterministic from the seed, so a resumed run rebuilds the same ones
+            t0 = time.perf_counter()
+            pool_pixels = pool_targets = pool_keys = None
+            with_keys = settings.key_weight > 0
+            held_pixels = to_pixels(held, spec, size=size) if held else None  # (H, 3, S, S)
+            held_targets = None
+            with teacher_fix:
+                if settings.pool:
+                    generator = torch.Generator().manual_seed(settings.seed * 7_919 + 1)
+                    pool_pixels = _crops(pictures, settings.pool, settings, spec, size, generator)  # (M, 3, S, S)
+                    pool_targets = _teacher_targets(loaded, pool_pixels, views, generator, device, progress, use_amp, keys=with_keys)
+                    if with_keys:
+                        pool_targets, pool_keys = pool_targets  # (M, P, D) each, on CPU
+                if held_pixels is not None:
+                    held_targets = _teacher_targets(loaded, held_pixels, views, torch.Generator().manual_seed(12_345), device, False, use_amp)
+            teacher_seconds = time.perf_counter() - t0
 
-        def evaluate(t: int, row: dict) -> dict | None:
-            if held_pixels is None or (t % heldout_every and t != train_settings.steps):
-                return None
-            with torch.no_grad():
-                student.eval()
-                features = final_patch_features(student, held_pixels.to(device), s_adapter).float().cpu()
-                student.train()
-            return {"heldout_cosine": float(F.cosine_similarity(features, held_targets, dim=-1).mean())}
+            def evaluate(t: int, row: dict) -> dict | None:
+                if held_pixels is None or (t % heldout_every and t != train_settings.steps):
+                    return None
+                with torch.no_grad():
+                    student.eval()
+                    features = final_patch_features(student, held_pixels.to(device), s_adapter).float().cpu()
+                    student.train()
+                return {"heldout_cosine": float(F.cosine_similarity(features, held_targets, dim=-1).mean())}
 
-        def batch(t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            if pool_pixels is None:  # PH-Reg: fresh crops, fresh views, teacher every step
-                pixels = _crops(pictures, settings.batch_size, settings, spec, size, generator)
-                with torch.no_grad(), autocast(device, use_amp, cpu=True), teacher_fix:
-                    target = denoise_views(loaded, pixels.to(device), views, generator=generator, image_spec=spec, keys=with_keys)
-                target, key_target = target if with_keys else (target, None)
-                return pixels, target.float(), None if key_target is None else key_target.float()
-            index = _epoch_indices(t, settings)
-            return pool_pixels[index], pool_targets[index], None if pool_keys is None else pool_keys[index]
+            def batch(t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                if pool_pixels is None:  # PH-Reg: fresh crops, fresh views, teacher every step
+                    pixels = _crops(pictures, settings.batch_size, settings, spec, size, generator)
+                    with torch.no_grad(), autocast(device, use_amp, cpu=True), teacher_fix:
+                        target = denoise_views(loaded, pixels.to(device), views, generator=generator, image_spec=spec, keys=with_keys)
+                    target, key_target = target if with_keys else (target, None)
+                    return pixels, target.float(), None if key_target is None else key_target.float()
+                index = _epoch_indices(t, settings)
+                return pool_pixels[index], pool_targets[index], None if pool_keys is None else pool_keys[index]
 
-        def step(t: int, generator: torch.Generator) -> dict:
-            pixels, target, key_target = batch(t, generator)
-            features = final_patch_features(student, pixels.to(device), s_adapter, keys=with_keys)  # (B, P, D), with keys a pair
-            features, keys = features if with_keys else (features, None)
-            return _feature_loss(features, target.to(device).float(), settings.mse_weight, student_keys=keys,
-                                 key_target=None if key_target is None else key_target.to(device).float(), key_weight=settings.key_weight)
+            def step(t: int, generator: torch.Generator) -> dict:
+                pixels, target, key_target = batch(t, generator)
+                features = final_patch_features(student, pixels.to(device), s_adapter, keys=with_keys)  # (B, P, D), with keys a pair
+                features, keys = features if with_keys else (features, None)
+                return _feature_loss(features, target.to(device).float(), settings.mse_weight, student_keys=keys,
+                                     key_target=None if key_target is None else key_target.to(device).float(), key_weight=settings.key_weight)
 
-        result = train(params, step, train_settings, out / STATE_DIR, meta=meta, resume=resume, progress=progress,
-                       desc=f"distill {loaded.name}", on_log=evaluate, lr_scale=lr_scale or None)
-    except BaseException:
-        if not (out / STATE_DIR / "checkpoint.pt").exists():  # nothing worth keeping: leave no trace
-            shutil.rmtree(out if created else out / STATE_DIR, ignore_errors=True)
-        raise
-    finally:
-        teacher.to(home).train(was_training)
-        os.close(guard)  # released before the final write, which locks the folder itself while it moves the files in
+            result = train(params, step, train_settings, out / STATE_DIR, meta=meta, resume=resume, progress=progress,
+                           desc=f"distill {loaded.name}", on_log=evaluate, lr_scale=lr_scale or None)
+        except BaseException:
+            if not (out / STATE_DIR / "checkpoint.pt").exists():  # nothing worth keeping: leave no trace
+                shutil.rmtree(out if created else out / STATE_DIR, ignore_errors=True)
+            raise
+        finally:
+            teacher.to(home).train(was_training)
 
     student.eval().requires_grad_(False).to("cpu")
     log_data = {
